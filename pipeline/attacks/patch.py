@@ -1,0 +1,256 @@
+"""The universal adversarial patch, AdvP (Brown et al., "Adversarial Patch", 2017),
+in the form the FNC paper uses (Yu et al., ICCV 2021, Section 3, Eq. 1-2).
+
+Patched input ``x_hat = (1 - M) * x + M * A(p, t)``: ``A`` places the square
+patch ``p`` under a random transform ``t`` (location; optionally rotation and
+scale: expectation over transformation, EOT) and ``M`` is the binary mask of the
+pixels it covers. The patch maximises ``E_{x,t} log Pr(y_target | x_hat)``
+(targeted) or the loss of the true class (untargeted), by signed-gradient
+steps as in the FNC authors' CIFAR-10 code (jschenthu/FNS,
+CIFAR10/patchattack_exp.py: zero initialisation, step 2/255 halved at
+mid-training, batch 80).
+
+Everything is batched: one ``grid_sample`` places a patch in every image of a
+batch under its own transform; only the patch gets gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def patch_side(area_fraction: float, height: int, width: int) -> int:
+    """Side in pixels of a square patch covering ``area_fraction`` of an H x W image:
+    ``floor(sqrt(f * H * W))`` as in the FNC authors' code (10 % of 32 x 32 -> 10).
+
+    Raises:
+        ValueError: the fraction is outside (0, 1) or the side rounds to 0.
+    """
+    if not 0 < area_fraction < 1:
+        raise ValueError(f"patch.area_fraction must be in (0, 1), got {area_fraction}")
+    side = math.floor(math.sqrt(area_fraction * height * width))
+    if side < 1:
+        raise ValueError(f"patch.area_fraction {area_fraction} gives a 0-pixel patch on {height}x{width} images")
+    return side
+
+
+@dataclass
+class Placements:
+    """Where and how a patch is pasted in each of N images.
+
+    Attributes:
+        top, left: float32 (N,), pixel coordinates of the top-left corner of the
+            transformed patch's bounding box (integers when there is no rotation
+            or scaling, so the patch pixels land exactly on image pixels).
+        angle: float32 (N,), rotation in radians.
+        scale: float32 (N,), side of the pasted patch over its side in pixels.
+    """
+
+    top: torch.Tensor
+    left: torch.Tensor
+    angle: torch.Tensor
+    scale: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.top)
+
+    def to(self, device: torch.device | str) -> "Placements":
+        return Placements(*(t.to(device) for t in (self.top, self.left, self.angle, self.scale)))
+
+    def __getitem__(self, idx: slice | torch.Tensor) -> "Placements":
+        return Placements(self.top[idx], self.left[idx], self.angle[idx], self.scale[idx])
+
+
+def sample_placements(
+    n: int,
+    image_size: tuple[int, int],
+    side: int,
+    *,
+    rotation_deg: float = 0.0,
+    scale_range: tuple[float, float] = (1.0, 1.0),
+    generator: torch.Generator | None = None,
+) -> Placements:
+    """Draw N random placements with the whole (rotated, scaled) patch inside the image.
+
+    Args:
+        n: number of placements.
+        image_size: (H, W) in pixels.
+        side: patch side in pixels (<= min(H, W)).
+        rotation_deg: angles are uniform in [-rotation_deg, rotation_deg] degrees.
+        scale_range: scales are uniform in [min, max] (each <= 1).
+        generator: CPU generator for reproducible placements.
+
+    Returns:
+        :class:`Placements` on the CPU.
+
+    Raises:
+        ValueError: the patch does not fit in the image.
+    """
+    h, w = image_size
+    if side > min(h, w):
+        raise ValueError(f"a {side}-pixel patch does not fit in {h}x{w} images")
+    angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(rotation_deg)
+    lo, hi = scale_range
+    scale = lo + (hi - lo) * torch.rand(n, generator=generator)
+    extent = side * scale * (angle.cos().abs() + angle.sin().abs())  # bounding-box side
+    extent = torch.where((angle == 0) & (scale == 1), torch.full_like(extent, side), extent.ceil())
+    top = (torch.rand(n, generator=generator) * (h - extent + 1)).floor().clamp(min=0)
+    left = (torch.rand(n, generator=generator) * (w - extent + 1)).floor().clamp(min=0)
+    return Placements(top, left, angle, scale)
+
+
+def _patch_grid(placements: Placements, side: int, image_size: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """Sampling grid (N, H, W, 2) mapping each image pixel to patch coordinates in [-1, 1]."""
+    h, w = image_size
+    p = placements.to(device)
+    extent = side * p.scale * (p.angle.cos().abs() + p.angle.sin().abs())
+    cy = p.top + extent / 2  # centre of the bounding box, pixel units
+    cx = p.left + extent / 2
+    ys = torch.arange(h, device=device, dtype=torch.float32) + 0.5
+    xs = torch.arange(w, device=device, dtype=torch.float32) + 0.5
+    dy = ys.view(1, h, 1) - cy.view(-1, 1, 1)  # (N, H, 1)
+    dx = xs.view(1, 1, w) - cx.view(-1, 1, 1)  # (N, 1, W)
+    cos, sin = p.angle.cos().view(-1, 1, 1), p.angle.sin().view(-1, 1, 1)
+    half = (side * p.scale / 2).view(-1, 1, 1)
+    gx = (cos * dx + sin * dy) / half  # inverse rotation, then to [-1, 1]
+    gy = (-sin * dx + cos * dy) / half
+    return torch.stack([gx, gy], dim=-1)
+
+
+def apply_patch(images: torch.Tensor, patch: torch.Tensor, placements: Placements) -> torch.Tensor:
+    """Paste ``patch`` into every image: ``(1 - M) * x + M * A(p, t)``.
+
+    Args:
+        images: float (N, 3, H, W) in [0, 1].
+        patch: float (3, s, s) in [0, 1], or (N, 3, s, s) for one patch per image;
+            gradients flow to it.
+        placements: N placements (:func:`sample_placements`).
+
+    Returns:
+        Float (N, 3, H, W) in [0, 1]; pixels outside the patch are the input's, bit for bit.
+
+    Raises:
+        ValueError: mismatched batch sizes or a non-square patch.
+    """
+    n, c, h, w = images.shape
+    if len(placements) != n:
+        raise ValueError(f"{len(placements)} placements for {n} images")
+    if patch.shape[-1] != patch.shape[-2]:
+        raise ValueError(f"patch must be square, got {tuple(patch.shape)}")
+    side = patch.shape[-1]
+    grid = _patch_grid(placements, side, (h, w), images.device)
+    src = patch.to(images.dtype).expand(n, c, side, side) if patch.ndim == 3 else patch.to(images.dtype)
+    ones = torch.ones(n, 1, side, side, device=images.device, dtype=images.dtype)
+    pasted = F.grid_sample(src, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    mask = F.grid_sample(ones, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return torch.where(mask.bool(), pasted, images)
+
+
+def patch_loss(logits: torch.Tensor, labels: torch.Tensor, target: int | None) -> torch.Tensor:
+    """The AdvP objective to minimise (scalar): cross-entropy to ``target``
+    (targeted), or minus the cross-entropy of the true labels (untargeted)."""
+    if target is None:
+        return -F.cross_entropy(logits, labels)
+    return F.cross_entropy(logits, torch.full_like(labels, target))
+
+
+@dataclass
+class PatchTrainingConfig:
+    """Settings of :func:`train_universal_patch` (mirrors ``patch`` in params).
+
+    ``step_size`` is in pixel units of [0, 1]; ``decay_epochs`` halve it.
+    """
+
+    side: int
+    target: int | None = 5
+    epochs: int = 10
+    step_size: float = 2 / 255
+    decay_epochs: tuple[int, ...] = (5,)
+    batch_size: int = 80
+    rotation_deg: float = 0.0
+    scale_range: tuple[float, float] = (1.0, 1.0)
+
+
+def train_universal_patch(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: PatchTrainingConfig,
+    seed: int,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, list[float]]:
+    """Optimise one universal patch against ``model`` by signed-gradient descent on
+    :func:`patch_loss`, a fresh random placement (EOT) per image per step.
+
+    Args:
+        model: maps float (N, 3, H, W) in [0, 1] to logits; used in eval mode,
+            its parameters get no gradients.
+        images: uint8 (N, 3, H, W), 0-255 (the training images; for a targeted
+            patch pass only images whose label is not the target).
+        labels: int64 (N,).
+        cfg: patch settings.
+        seed: seeds the placements and the image order.
+        device: where to compute.
+
+    Returns:
+        ``(patch, history)``: float32 (3, s, s) in [0, 1] on the CPU, and the
+        mean loss of every epoch (floats).
+    """
+    from tqdm.auto import tqdm
+
+    model = model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    gen = torch.Generator().manual_seed(seed)
+    patch = torch.zeros(3, cfg.side, cfg.side, device=device)  # zero start, as the authors
+    n, _, h, w = images.shape
+    history = []
+    step = cfg.step_size
+    for epoch in tqdm(range(cfg.epochs), desc=f"patch seed {seed}", leave=False, disable=None):
+        if epoch in cfg.decay_epochs:
+            step /= 2
+        order = torch.randperm(n, generator=gen)
+        total = torch.zeros((), device=device)
+        for start in range(0, n, cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            x = images[idx].to(device, non_blocking=True).float().div_(255)
+            y = labels[idx].to(device, non_blocking=True)
+            pl = sample_placements(
+                len(idx), (h, w), cfg.side, rotation_deg=cfg.rotation_deg, scale_range=cfg.scale_range, generator=gen
+            )
+            patch.requires_grad_(True)
+            loss = patch_loss(model(apply_patch(x, patch, pl)), y, cfg.target)
+            (grad,) = torch.autograd.grad(loss, patch)
+            with torch.no_grad():
+                patch = (patch - step * grad.sign()).clamp_(0, 1)
+            total += loss.detach() * len(idx)
+        history.append(float(total) / n)
+    return patch.detach().cpu(), history
+
+
+@torch.no_grad()
+def patch_objective(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    patch: torch.Tensor,
+    placements: Placements,
+    target: int | None,
+    batch_size: int = 500,
+) -> float:
+    """Mean :func:`patch_loss` of ``patch`` over uint8 ``images`` at fixed ``placements``
+    (the quantity the optimisation lowers; lower is a stronger attack)."""
+    model.eval()
+    device = patch.device
+    total, n = 0.0, len(images)
+    for s in range(0, n, batch_size):
+        x = images[s : s + batch_size].to(device).float().div_(255)
+        y = labels[s : s + batch_size].to(device)
+        logits = model(apply_patch(x, patch, placements[slice(s, s + batch_size)]))
+        total += float(patch_loss(logits, y, target)) * len(x)
+    return total / n

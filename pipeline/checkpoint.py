@@ -1,0 +1,92 @@
+"""Self-describing model checkpoints, the format every stage writes and reads.
+
+A checkpoint is a dict of plain values and tensors (so ``torch.load`` with
+``weights_only=True`` reads it):
+
+    {"arch": "resnet20", "num_classes": 10, "mean": [...], "std": [...],
+     "state_dict": {...},                      # of the Normalized model
+     "defenses": [{"name": "fnc", "alpha": 1.0, "eps": 1e-6}, ...]}
+
+so a defended model is rebuilt from its file alone: the registered
+architecture, its weights, then each defense re-inserted in order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.io import load_torch, save_torch
+from pipeline.models import build_model
+
+
+def model_spec(
+    arch: str,
+    num_classes: int,
+    mean: list[float],
+    std: list[float],
+    state_dict: dict[str, torch.Tensor] | None,
+    defenses: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """A checkpoint dict (see module docstring); tensors are moved to the CPU."""
+    return {
+        "arch": arch,
+        "num_classes": int(num_classes),
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+        "state_dict": None if state_dict is None else {k: v.detach().cpu() for k, v in state_dict.items()},
+        "defenses": list(defenses or []),
+    }
+
+
+def apply_defenses(model: nn.Module, defenses: list[dict[str, Any]]) -> nn.Module:
+    """Insert each defense of a checkpoint's ``defenses`` list into ``model`` (in place).
+
+    Raises:
+        ValueError: an unknown defense name.
+    """
+    from pipeline.defenses.fnc import insert_fnc
+
+    for d in defenses:
+        if d["name"] == "fnc":
+            insert_fnc(model, alpha=d["alpha"], eps=d.get("eps", 1e-6))
+        else:
+            raise ValueError(f"unknown defense {d['name']!r} in checkpoint; known: fnc")
+    return model
+
+
+def build_from_spec(spec: dict[str, Any]) -> nn.Module:
+    """The model a checkpoint dict describes, in eval mode, on the CPU.
+
+    Raises:
+        ValueError: unknown architecture or defense, or weights that do not fit.
+    """
+    model = build_model(spec["arch"], spec["num_classes"], spec["mean"], spec["std"])
+    if spec.get("state_dict") is not None:
+        model.load_state_dict(spec["state_dict"], strict=True)
+    apply_defenses(model, spec.get("defenses", []))
+    return model.eval()
+
+
+def save_checkpoint(spec: dict[str, Any], path: str | Path) -> Path:
+    """Write a checkpoint dict atomically."""
+    return save_torch(spec, path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint dict with ``weights_only=True``.
+
+    Raises:
+        FileNotFoundError: no such file (run the stage that writes it).
+        ValueError: the file is not a checkpoint of this format.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint missing; run the stage that writes it (dvc repro)")
+    spec = load_torch(path)
+    if not isinstance(spec, dict) or "arch" not in spec or "state_dict" not in spec:
+        raise ValueError(f"{path}: not a pipeline checkpoint (expected keys arch, state_dict, ...)")
+    return spec

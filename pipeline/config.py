@@ -1,0 +1,266 @@
+"""Typed, bounded schema of ``params.yaml`` (and the profiles in ``params/``).
+
+Every stage validates the whole params file with :func:`load_params` before it
+does any work, so a typo or an out-of-range value stops the run with a one-line
+message naming the key and the fix, instead of failing an hour later.
+
+Units used throughout the params files:
+
+* pixel values and perturbation budgets are in [0, 1] (``2/255`` is written as
+  ``0.00784``); the schema accepts the string form ``"2/255"`` too;
+* ``patch.area_fraction`` is a fraction of the image area in (0, 1);
+* ``fnc.alpha`` is the feature norm clipping factor of Yu et al., ICCV 2021,
+  Eq. (4): positive, the authors use 1.0 to 1.2.
+"""
+
+from __future__ import annotations
+
+import fractions
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from pipeline.models import list_models
+
+DATASETS = ("cifar10",)
+"""Datasets the prepare stage knows (class names, normalisation constants)."""
+
+DEFENSES = ("none", "fnc")
+"""Defense names accepted by ``evaluate.defenses``."""
+
+ATTACKS = ("none", "advp", "occlusion")
+"""Attack names accepted by ``evaluate.attacks`` (``occlusion``: the control of
+a same-size uniform-noise patch at the same placements, DESIGN.md)."""
+
+
+class ParamsError(ValueError):
+    """A params file is missing, unreadable or invalid; the message is one line."""
+
+
+def _parse_fraction(value: Any) -> Any:
+    """Accept ``"8/255"`` style strings for budgets written as fractions."""
+    if isinstance(value, str) and "/" in value:
+        try:
+            return float(fractions.Fraction(value.replace(" ", "")))
+        except (ValueError, ZeroDivisionError) as exc:
+            raise ValueError(f"cannot read {value!r} as a number") from exc
+    return value
+
+
+Budget = Annotated[float, BeforeValidator(_parse_fraction)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
+
+
+class DataConfig(_Strict):
+    """``data``: where the dataset is and how much of it to prepare."""
+
+    dataset: Literal["cifar10"] = "cifar10"
+    root: str = Field(description="folder holding the dataset (any accepted layout)")
+    download: bool = Field(False, description="use torchvision's download when root holds nothing")
+    train_per_class: int | None = Field(None, gt=0, description="keep this many training images a class")
+    test_per_class: int | None = Field(None, gt=0, description="keep this many test images a class")
+    num_shards: int = Field(8, ge=1, le=1024, description="decoding tasks (Ray) per split")
+    lazy_threshold_mb: float = Field(
+        4096.0, gt=0, description="datasets larger than this when decoded are indexed, not decoded"
+    )
+
+
+class ModelConfig(_Strict):
+    """``model``: architecture from the registry, optionally the user's own weights."""
+
+    name: str = "resnet20"
+    checkpoint: str | None = Field(
+        None, description="a state dict for this architecture; skips baseline training"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        names = list_models()
+        if v not in names:
+            raise ValueError(f"unknown model {v!r}; choose one of: {', '.join(sorted(names))}")
+        return v
+
+
+class TrainConfig(_Strict):
+    """``train``: SGD with momentum, weight decay and a one-cycle schedule."""
+
+    epochs: int = Field(40, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.1, gt=0, description="peak learning rate of the one-cycle schedule")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0)
+    pct_start: float = Field(0.25, gt=0, lt=1, description="fraction of steps spent warming up")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    channels_last: bool = True
+    eval_batch_size: int = Field(500, ge=1)
+
+
+class ResourcesConfig(_Strict):
+    """``resources``: what each Ray task asks for (GPUs fall back to 0 without one)."""
+
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per patch / evaluation task")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per patch / evaluation task (fractional allowed)")
+    train_num_cpus: float = Field(2.0, gt=0, description="CPUs of the training task (its torch threads)")
+    train_num_gpus: float = Field(0.0, ge=0)
+
+
+class FNCConfig(_Strict):
+    """``fnc``: feature norm clipping (Yu et al., ICCV 2021, Eq. 4) and its adjustment."""
+
+    alpha: float = Field(1.0, gt=0, description="clip norms to alpha x the per-sample mean norm")
+    eps: float = Field(1e-6, gt=0, description="guard against zero norms")
+    adjustment: Literal["none", "bn_recalibration", "finetune_classifier"] = "bn_recalibration"
+    adjust_batches: int = Field(
+        100, ge=1, description="bn_recalibration: training batches used to re-estimate BN statistics"
+    )
+    finetune_epochs: int = Field(1, ge=1)
+    finetune_lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(128, ge=1)
+
+
+class PatchConfig(_Strict):
+    """``patch``: the universal adversarial patch, AdvP (Brown et al. 2017), as used by FNC."""
+
+    area_fraction: float = Field(0.1, gt=0, lt=1, description="patch side = floor(sqrt(f H W))")
+    target: int | None = Field(5, ge=0, description="target class; null for an untargeted patch")
+    epochs: int = Field(10, ge=1)
+    step_size: Budget = Field(2 / 255, gt=0, le=1, description="signed-gradient step, pixels in [0, 1]")
+    decay_epochs: list[int] = Field(default_factory=lambda: [5], description="halve the step at these epochs")
+    batch_size: int = Field(80, ge=1)
+    train_images: int | None = Field(10000, gt=0, description="images the patch is optimised on (null: all)")
+    train_on: Literal["train", "test"] = Field(
+        "train", description="'test' reproduces the FNC authors' CIFAR-10 code exactly"
+    )
+    rotation: float = Field(0.0, ge=0, le=180, description="EOT: max rotation in degrees")
+    scale_min: float = Field(1.0, gt=0, le=1)
+    scale_max: float = Field(1.0, gt=0, le=1)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+
+    @model_validator(mode="after")
+    def _scale_order(self) -> "PatchConfig":
+        if self.scale_min > self.scale_max:
+            raise ValueError(f"patch.scale_min ({self.scale_min}) must not exceed patch.scale_max ({self.scale_max})")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"patch.seeds must be distinct, got {self.seeds}")
+        return self
+
+
+class EvaluateConfig(_Strict):
+    """``evaluate``: the (defense x attack) matrix on the test set."""
+
+    defenses: list[str] = Field(default_factory=lambda: ["none", "fnc"], min_length=1)
+    attacks: list[str] = Field(default_factory=lambda: ["none", "advp", "occlusion"], min_length=1)
+    placements: int = Field(1, ge=1, description="fixed random patch placements per test image")
+    placement_seed: int = 1234
+    batch_size: int = Field(500, ge=1)
+    num_shards: int = Field(4, ge=1, description="Ray tasks over the test set")
+    test_images: int | None = Field(None, gt=0, description="first n test images (null: all)")
+
+    @field_validator("defenses")
+    @classmethod
+    def _known_defenses(cls, v: list[str]) -> list[str]:
+        bad = [d for d in v if d not in DEFENSES]
+        if bad:
+            raise ValueError(f"unknown defense {bad[0]!r}; choose from: {', '.join(DEFENSES)}")
+        return v
+
+    @field_validator("attacks")
+    @classmethod
+    def _known_attacks(cls, v: list[str]) -> list[str]:
+        bad = [a for a in v if a not in ATTACKS]
+        if bad:
+            raise ValueError(f"unknown attack {bad[0]!r}; choose from: {', '.join(ATTACKS)}")
+        return v
+
+
+class MLflowConfig(_Strict):
+    """``mlflow``: experiment name; the tracking URI comes from ``MLFLOW_TRACKING_URI``."""
+
+    experiment: str = "fnc-cifar10"
+
+
+class Params(_Strict):
+    """The whole params file."""
+
+    profile: str = Field("default", description="name shown in MLflow tags and the report")
+    seed: int = 0
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    fnc: FNCConfig = FNCConfig()
+    patch: PatchConfig = PatchConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    mlflow: MLflowConfig = MLflowConfig()
+
+    @model_validator(mode="after")
+    def _target_in_range(self) -> "Params":
+        if self.patch.target is not None and self.patch.target >= 10:
+            raise ValueError(f"patch.target {self.patch.target} is not a CIFAR-10 class; use 0-9 or null")
+        return self
+
+
+def _format_error(err: ValidationError, path: Path) -> str:
+    """One line: the first offending key, what is wrong, and the fix."""
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "<top level>"
+    kind = first["type"]
+    msg = first["msg"].removeprefix("Value error, ")
+    if kind == "extra_forbidden":
+        msg = "unknown key; remove it or check its spelling against params.yaml"
+    elif kind == "missing":
+        msg = "required key is missing; add it (see params.yaml for an example)"
+    else:
+        msg = f"{msg} (got {first.get('input')!r})"
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{path}: {loc}: {msg}{more}"
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file.
+
+    Args:
+        path: YAML file, by default ``params.yaml`` in the current directory.
+
+    Returns:
+        The validated, immutable :class:`Params`.
+
+    Raises:
+        ParamsError: the file is missing, is not a YAML mapping, or a key is
+            unknown, missing, of the wrong type or out of range; the message is
+            one line naming the file, the key and the fix.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: no such params file; copy one from params/ or run from the project root")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}); fix the syntax") from exc
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections (data, model, ...), got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ParamsError(_format_error(exc, path)) from None
+
+
+def params_section(params: Params, *names: str) -> dict[str, Any]:
+    """The given top-level sections as plain dicts, for hashing and MLflow logging."""
+    dumped = params.model_dump(mode="json")
+    return {name: dumped[name] for name in names}

@@ -1,0 +1,25 @@
+"""Datasets: sources (layouts on disk), preparation (decode once), prepared splits."""
+
+from pipeline.data.datasets import (
+    DATASETS,
+    DatasetInfo,
+    LazyImageDataset,
+    TensorImageDataset,
+    load_meta,
+    load_split,
+    load_tensors,
+    to_float,
+)
+from pipeline.data.sources import DatasetError
+
+__all__ = [
+    "DATASETS",
+    "DatasetError",
+    "DatasetInfo",
+    "LazyImageDataset",
+    "TensorImageDataset",
+    "load_meta",
+    "load_split",
+    "load_tensors",
+    "to_float",
+]

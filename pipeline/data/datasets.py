@@ -1,0 +1,178 @@
+"""Prepared datasets: what the prepare stage writes and every later stage reads.
+
+Two storage modes, chosen by the prepare stage from the decoded size:
+
+* ``tensor`` (CIFAR-10 and other small sets): ``<split>.pt`` holds
+  ``{"x": uint8 (N, 3, H, W), "y": int64 (N,)}``; CIFAR-10 takes 184 MB.
+* ``lazy`` (ImageNet-size folders): ``<split>_index.json`` lists the source
+  members and labels; :class:`LazyImageDataset` decodes one image at a time
+  from the archive or folder, so the set is never decoded whole.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from pipeline.io import load_torch
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Constants of a dataset: class names in label order, channel mean/std of
+    the training images in [0, 1] (used by the models' input normalisation)."""
+
+    classes: tuple[str, ...]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    image_size: int
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "cifar10": DatasetInfo(
+        classes=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2470, 0.2435, 0.2616),
+        image_size=32,
+    ),
+}
+
+
+def decode_image(blob: bytes, name: str = "<image>") -> np.ndarray:
+    """Decode PNG/JPEG bytes to a uint8 array (3, H, W), RGB.
+
+    Raises:
+        ValueError: the bytes are not a decodable image (message names ``name``).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(blob)) as im:
+            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ValueError(f"{name}: not a decodable image ({exc}); replace the file") from exc
+    return arr.transpose(2, 0, 1).copy()
+
+
+class TensorImageDataset(Dataset):
+    """Images held in memory as uint8.
+
+    Args:
+        x: uint8 tensor (N, 3, H, W), pixel values 0-255.
+        y: int64 tensor (N,), class indices.
+        transform: optional callable on one uint8 (3, H, W) tensor (for example
+            a ``torchvision.transforms.v2`` pipeline), returning uint8 (3, H, W).
+
+    Items are ``(uint8 (3, H, W), int64 scalar)``.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, transform: Any = None) -> None:
+        if x.dtype != torch.uint8 or x.ndim != 4:
+            raise ValueError(f"x must be uint8 (N, 3, H, W), got {x.dtype} {tuple(x.shape)}")
+        if len(x) != len(y):
+            raise ValueError(f"x and y differ in length: {len(x)} vs {len(y)}")
+        self.x, self.y, self.transform = x, y, transform
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        img = self.x[i]
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.y[i]
+
+
+class LazyImageDataset(Dataset):
+    """Images decoded one at a time from their source, for sets too large to hold.
+
+    Args:
+        index: the ``<split>_index.json`` content written by the prepare stage
+            (``layout`` "zip" or "folder", ``source`` path, ``members``, ``labels``).
+        transform: callable on uint8 (3, H, W) giving a fixed-size uint8 (3, S, S)
+            (for example ``v2.Compose([v2.Resize(256), v2.CenterCrop(224)])``);
+            required for batching images of different sizes.
+    """
+
+    def __init__(self, index: dict[str, Any], transform: Any = None) -> None:
+        self.layout = index["layout"]
+        self.source = Path(index["source"])
+        self.members = list(index["members"])
+        self.y = torch.tensor(index["labels"], dtype=torch.int64)
+        self.transform = transform
+        self._zip: zipfile.ZipFile | None = None
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def _read(self, name: str) -> bytes:
+        if self.layout == "zip":
+            if self._zip is None:  # opened per worker process, on first use
+                self._zip = zipfile.ZipFile(self.source)
+            return self._zip.read(name)
+        return (self.source / name).read_bytes()
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        name = self.members[i]
+        img = torch.from_numpy(decode_image(self._read(name), name))
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.y[i]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_zip"] = None
+        return state
+
+
+def load_meta(prepared_dir: str | Path) -> dict[str, Any]:
+    """The ``meta.json`` the prepare stage wrote (classes, counts, checksums, mode).
+
+    Raises:
+        FileNotFoundError: the folder was not prepared (run the prepare stage).
+    """
+    path = Path(prepared_dir) / "meta.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; run `dvc repro prepare` first")
+    return json.loads(path.read_text())
+
+
+def load_split(prepared_dir: str | Path, split: str, transform: Any = None) -> Dataset:
+    """The prepared ``split`` ("train" or "test") as a dataset of uint8 images.
+
+    Returns:
+        :class:`TensorImageDataset` (mode ``tensor``) or :class:`LazyImageDataset`
+        (mode ``lazy``); items are ``(uint8 (3, H, W), int64)``.
+    """
+    prepared_dir = Path(prepared_dir)
+    meta = load_meta(prepared_dir)
+    if meta["mode"] == "lazy":
+        index = json.loads((prepared_dir / f"{split}_index.json").read_text())
+        return LazyImageDataset(index, transform)
+    blob = load_torch(prepared_dir / f"{split}.pt")
+    return TensorImageDataset(blob["x"], blob["y"], transform)
+
+
+def load_tensors(prepared_dir: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x uint8 (N, 3, H, W), y int64 (N,))`` of a split stored in ``tensor`` mode.
+
+    Raises:
+        ValueError: the split was prepared lazily (too large to hold in memory).
+    """
+    ds = load_split(prepared_dir, split)
+    if not isinstance(ds, TensorImageDataset):
+        raise ValueError(f"{prepared_dir}: {split} was prepared lazily; iterate it with load_split()")
+    return ds.x, ds.y
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images 0-255 to float32 in [0, 1] (same shape, same device)."""
+    return x.to(torch.float32).div_(255.0)

@@ -1,0 +1,194 @@
+"""The prepare stage's work: decode a dataset once into compact uint8 tensors.
+
+Reads ``data.root`` in any layout of :mod:`pipeline.data.sources` (archives are
+read in place), optionally keeps a deterministic per-class subset, decodes the
+images in shards (one task each, fanned out by the caller's ``mapper``, Ray in
+the stage), and writes ``train.pt``, ``test.pt`` and ``meta.json`` into the
+output folder through a temporary folder, so a failed run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.config import DataConfig
+from pipeline.data.datasets import DATASETS, decode_image
+from pipeline.data.sources import (
+    SPLITS,
+    DatasetError,
+    SplitListing,
+    detect_layout,
+    list_split,
+    read_members,
+    source_checksums,
+)
+from pipeline.io import save_json, save_torch
+
+log = logging.getLogger(__name__)
+
+Mapper = Callable[[Callable[[Any], Any], Sequence[Any]], list[Any]]
+
+
+def decode_shard(shard: tuple[list[str], list[bytes]]) -> np.ndarray:
+    """Decode one shard: ``(names, encoded bytes)`` to uint8 (n, 3, H, W).
+
+    Raises:
+        ValueError: an image does not decode, or the images differ in size.
+    """
+    names, blobs = shard
+    arrays = [decode_image(b, n) for n, b in zip(names, blobs, strict=True)]
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise ValueError(f"images differ in size ({sorted(shapes)[:3]}...); such a set is prepared lazily")
+    return np.stack(arrays) if arrays else np.zeros((0, 3, 1, 1), np.uint8)
+
+
+def subset_per_class(labels: np.ndarray, per_class: int | None, seed: int) -> np.ndarray:
+    """Indices of ``per_class`` images of every class, drawn with ``seed``, sorted.
+
+    Deterministic: the same labels, count and seed give the same indices.
+    ``per_class=None`` keeps everything. A class with fewer images keeps all.
+    """
+    if per_class is None:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        keep.append(np.sort(rng.permutation(idx)[:per_class]))
+    return np.sort(np.concatenate(keep))
+
+
+def resolve_source(cfg: DataConfig) -> Path:
+    """The folder to read, downloading with torchvision when allowed and needed.
+
+    Raises:
+        DatasetError: nothing usable under ``data.root`` and ``data.download`` is false.
+    """
+    root = Path(cfg.root).expanduser()
+    if root.is_dir() and detect_layout(root):
+        return root
+    if not cfg.download:
+        what = "does not exist" if not root.exists() else "holds no accepted dataset layout"
+        raise DatasetError(
+            f"data.root {root} {what}; point it at a folder with train.zip + test.zip, "
+            "train/ + test/ class folders, or cifar-10-batches-py, or set data.download: true"
+        )
+    from torchvision.datasets import CIFAR10
+
+    log.info("downloading CIFAR-10 into %s (torchvision)", root)
+    for train in (True, False):
+        CIFAR10(str(root), train=train, download=True)
+    return root
+
+
+def prepare_dataset(cfg: DataConfig, out_dir: str | Path, seed: int, mapper: Mapper | None = None) -> dict:
+    """Decode ``cfg``'s dataset into ``out_dir``; return the meta dict written.
+
+    Args:
+        cfg: the ``data`` section of the params.
+        out_dir: output folder (replaced as a whole when done).
+        seed: seed of the per-class subsets.
+        mapper: ``mapper(fn, items) -> [fn(i) for i in items]``, e.g. a Ray
+            fan-out; the default runs in this process.
+
+    Returns:
+        The meta dict (also written to ``out_dir/meta.json``): dataset, classes,
+        per-split counts and per-class counts, image shape, storage mode,
+        source layout and checksums.
+
+    Raises:
+        DatasetError: missing, malformed or corrupt source (before any decoding).
+    """
+    mapper = mapper or (lambda fn, items: [fn(i) for i in items])
+    info = DATASETS[cfg.dataset]
+    root = resolve_source(cfg)
+    listings = {s: list_split(root, s, list(info.classes)) for s in SPLITS}
+    per_class = {"train": cfg.train_per_class, "test": cfg.test_per_class}
+    keep = {s: subset_per_class(listings[s].labels, per_class[s], seed) for s in SPLITS}
+
+    mode, shape = _storage_mode(listings["train"], keep["train"], len(keep["test"]), cfg.lazy_threshold_mb)
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        counts = {}
+        for s in SPLITS:
+            listing, idx = listings[s], keep[s]
+            y = listing.labels[idx]
+            if mode == "lazy":
+                save_json(
+                    {
+                        "layout": listing.layout,
+                        "source": str(listing.source.resolve()),
+                        "members": [listing.members[i] for i in idx],
+                        "labels": y.tolist(),
+                    },
+                    tmp / f"{s}_index.json",
+                )
+            else:
+                x = _decode_split(listing, idx, cfg.num_shards, mapper)
+                save_torch({"x": torch.from_numpy(x), "y": torch.from_numpy(y)}, tmp / f"{s}.pt")
+            counts[s] = {
+                "n_images": int(len(idx)),
+                "per_class": {info.classes[c]: int((y == c).sum()) for c in range(len(info.classes))},
+            }
+        meta = {
+            "dataset": cfg.dataset,
+            "classes": list(info.classes),
+            "mean": list(info.mean),
+            "std": list(info.std),
+            "image_shape": list(shape),
+            "mode": mode,
+            "splits": counts,
+            "source": {
+                "layout": listings["train"].layout,
+                "root": str(root),
+                "sha256": source_checksums(root),
+            },
+            "subset": {"train_per_class": cfg.train_per_class, "test_per_class": cfg.test_per_class, "seed": seed},
+        }
+        save_json(meta, tmp / "meta.json")
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def _storage_mode(
+    train: SplitListing, train_idx: np.ndarray, n_test: int, threshold_mb: float
+) -> tuple[str, tuple[int, ...]]:
+    """``("tensor" | "lazy", (3, H, W))`` from the first image's size and the image count."""
+    if train.arrays is not None:
+        return "tensor", tuple(train.arrays.shape[1:])
+    first = decode_image(read_members(train, train_idx[:1])[0], train.members[train_idx[0]])
+    decoded_mb = (len(train_idx) + n_test) * first.size / 2**20
+    return ("lazy" if decoded_mb > threshold_mb else "tensor"), tuple(first.shape)
+
+
+def _decode_split(listing: SplitListing, idx: np.ndarray, num_shards: int, mapper: Mapper) -> np.ndarray:
+    if listing.arrays is not None:
+        return np.ascontiguousarray(listing.arrays[idx])
+    shards = [s for s in np.array_split(idx, num_shards) if len(s)]
+    items = [([listing.members[i] for i in s], read_members(listing, s)) for s in shards]
+    try:
+        parts = mapper(decode_shard, items)
+    except Exception as exc:  # a Ray task error wraps the original ValueError
+        raise DatasetError(f"{listing.source}: {_root_message(exc)}") from exc
+    return np.concatenate(parts)
+
+
+def _root_message(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None) or exc
+    return str(cause).strip().splitlines()[-1]

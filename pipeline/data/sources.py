@@ -1,0 +1,237 @@
+"""Dataset sources: find which layout a folder holds and list its images.
+
+Accepted layouts under ``data.root`` (checked in this order):
+
+1. ``train.zip`` / ``test.zip`` archives holding an ImageFolder tree
+   (``train/<class>/<file>`` or ``<class>/<file>``), read in place, never
+   unpacked to disk (the layout of ``shared/datasets/cifar10-jpeg``);
+2. an ImageFolder tree ``train/<class>/*`` and ``test/<class>/*``;
+3. torchvision's ``cifar-10-batches-py`` (the folder itself or ``root/cifar-10-batches-py``).
+
+Every problem is raised as :class:`DatasetError` with a one-line message naming
+the file and the fix, before any decoding starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from pipeline.io import sha256_file
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp")
+SPLITS = ("train", "test")
+
+
+class DatasetError(ValueError):
+    """The dataset folder is missing, malformed or corrupt (one-line message)."""
+
+
+@dataclass
+class SplitListing:
+    """The images of one split: where to read each one and its label.
+
+    Attributes:
+        layout: ``"zip"``, ``"folder"`` or ``"cifar_batches"``.
+        source: the archive, the split folder, or the batches folder.
+        members: image names inside ``source`` (archive members or relative
+            paths), sorted; empty for ``cifar_batches``.
+        labels: int64 array (N,), class index of each member.
+        classes: class folder names, in label order.
+        arrays: for ``cifar_batches`` only, uint8 images (N, 3, 32, 32).
+    """
+
+    layout: str
+    source: Path
+    members: list[str]
+    labels: np.ndarray
+    classes: list[str]
+    arrays: np.ndarray | None = field(default=None, repr=False)
+
+
+def _safe_member(name: str, archive: Path) -> PurePosixPath:
+    """Reject archive member names that could point outside a folder (zip slip)."""
+    p = PurePosixPath(name)
+    if p.is_absolute() or ".." in p.parts or "\\" in name:
+        raise DatasetError(f"{archive}: unsafe member name {name!r}; the archive is malformed, re-create it")
+    return p
+
+
+def _class_order(found: list[str], expected: list[str] | None, where: Path) -> list[str]:
+    """Class names in label order: the dataset's canonical order if given."""
+    if expected is None:
+        return sorted(found)
+    if sorted(found) != sorted(expected):
+        missing = sorted(set(expected) - set(found))
+        extra = sorted(set(found) - set(expected))
+        raise DatasetError(
+            f"{where}: class folders do not match the dataset's classes "
+            f"(missing {missing}, unexpected {extra}); check data.root and data.dataset"
+        )
+    return list(expected)
+
+
+def _list_zip(archive: Path, split: str, expected: list[str] | None) -> SplitListing:
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            names = [i.filename for i in zf.infolist() if not i.is_dir()]
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise DatasetError(f"{archive}: not a readable zip archive ({exc}); replace it with an intact copy") from exc
+    entries: list[tuple[str, str]] = []
+    for name in names:
+        p = _safe_member(name, archive)
+        if p.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        parts = p.parts[1:] if p.parts[0] == split else p.parts
+        if len(parts) != 2:
+            raise DatasetError(
+                f"{archive}: member {name!r} is not <class>/<image> or {split}/<class>/<image>; "
+                "pack the archive as an ImageFolder tree"
+            )
+        entries.append((parts[0], name))
+    if not entries:
+        raise DatasetError(f"{archive}: holds no images; expected {split}/<class>/<image> members")
+    classes = _class_order(sorted({c for c, _ in entries}), expected, archive)
+    index = {c: i for i, c in enumerate(classes)}
+    entries.sort(key=lambda e: e[1])
+    return SplitListing(
+        layout="zip",
+        source=archive,
+        members=[n for _, n in entries],
+        labels=np.array([index[c] for c, _ in entries], dtype=np.int64),
+        classes=classes,
+    )
+
+
+def _list_folder(folder: Path, expected: list[str] | None) -> SplitListing:
+    class_dirs = sorted(d for d in folder.iterdir() if d.is_dir())
+    if not class_dirs:
+        raise DatasetError(f"{folder}: no class folders; expected {folder.name}/<class>/<image>")
+    classes = _class_order([d.name for d in class_dirs], expected, folder)
+    index = {c: i for i, c in enumerate(classes)}
+    entries = sorted(
+        (p.relative_to(folder).as_posix(), index[d.name])
+        for d in class_dirs
+        for p in d.iterdir()
+        if p.suffix.lower() in IMAGE_SUFFIXES
+    )
+    if not entries:
+        raise DatasetError(f"{folder}: class folders hold no images ({', '.join(IMAGE_SUFFIXES)})")
+    return SplitListing(
+        layout="folder",
+        source=folder,
+        members=[m for m, _ in entries],
+        labels=np.array([y for _, y in entries], dtype=np.int64),
+        classes=classes,
+    )
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with path.open("rb") as f:
+            return pickle.load(f, encoding="latin1")  # noqa: S301 - torchvision's own CIFAR format
+    except Exception as exc:  # noqa: BLE001 - any failure means a corrupt file
+        raise DatasetError(f"{path}: cannot read this CIFAR batch file ({exc}); re-download it") from exc
+
+
+def _list_cifar_batches(folder: Path, split: str) -> SplitListing:
+    files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    missing = [f for f in files + ["batches.meta"] if not (folder / f).is_file()]
+    if missing:
+        raise DatasetError(f"{folder}: missing {missing}; the cifar-10-batches-py folder is incomplete, re-download it")
+    xs, ys = [], []
+    for f in files:
+        d = _unpickle(folder / f)
+        xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(d["labels"], dtype=np.int64))
+    classes = list(_unpickle(folder / "batches.meta")["label_names"])
+    return SplitListing(
+        layout="cifar_batches",
+        source=folder,
+        members=[],
+        labels=np.concatenate(ys),
+        classes=classes,
+        arrays=np.concatenate(xs),
+    )
+
+
+def detect_layout(root: Path) -> str | None:
+    """Which accepted layout ``root`` holds: ``zip``, ``folder``, ``cifar_batches`` or None."""
+    if all((root / f"{s}.zip").is_file() for s in SPLITS):
+        return "zip"
+    if all((root / s).is_dir() for s in SPLITS):
+        return "folder"
+    if (root / "data_batch_1").is_file() or (root / "cifar-10-batches-py").is_dir():
+        return "cifar_batches"
+    return None
+
+
+def list_split(root: Path, split: str, expected_classes: list[str] | None = None) -> SplitListing:
+    """List the images of ``split`` ("train" or "test") under ``root``.
+
+    Args:
+        root: the folder given as ``data.root``.
+        split: ``"train"`` or ``"test"``.
+        expected_classes: the dataset's class names in label order; folder
+            names must match them (any order on disk).
+
+    Raises:
+        DatasetError: ``root`` holds no accepted layout, or the layout is
+            malformed or corrupt.
+    """
+    layout = detect_layout(root)
+    if layout == "zip":
+        return _list_zip(root / f"{split}.zip", split, expected_classes)
+    if layout == "folder":
+        return _list_folder(root / split, expected_classes)
+    if layout == "cifar_batches":
+        folder = root if (root / "data_batch_1").is_file() else root / "cifar-10-batches-py"
+        return _list_cifar_batches(folder, split)
+    raise DatasetError(
+        f"{root}: no dataset found; expected train.zip + test.zip, train/ + test/ class folders, "
+        "or cifar-10-batches-py (or set data.download: true)"
+    )
+
+
+def read_members(listing: SplitListing, indices: np.ndarray) -> list[bytes]:
+    """Raw encoded bytes of the selected images, in the order of ``indices``."""
+    names = [listing.members[i] for i in indices]
+    if listing.layout == "zip":
+        try:
+            with zipfile.ZipFile(listing.source) as zf:
+                return [zf.read(n) for n in names]
+        except (zipfile.BadZipFile, OSError, KeyError) as exc:
+            raise DatasetError(f"{listing.source}: cannot read members ({exc}); replace the archive") from exc
+    return [(listing.source / n).read_bytes() for n in names]
+
+
+def source_checksums(root: Path) -> dict[str, str]:
+    """SHA-256 of the source files the layout reads (archives or batch files).
+
+    For an ImageFolder tree, one digest over the sorted relative paths and
+    contents of every image per split.
+    """
+    layout = detect_layout(root)
+    out: dict[str, str] = {}
+    if layout == "zip":
+        for s in SPLITS:
+            out[f"{s}.zip"] = sha256_file(root / f"{s}.zip")
+    elif layout == "cifar_batches":
+        folder = root if (root / "data_batch_1").is_file() else root / "cifar-10-batches-py"
+        for f in sorted(folder.iterdir()):
+            if f.is_file():
+                out[f.name] = sha256_file(f)
+    elif layout == "folder":
+        for s in SPLITS:
+            h = hashlib.sha256()
+            for p in sorted((root / s).rglob("*")):
+                if p.is_file():
+                    h.update(p.relative_to(root).as_posix().encode())
+                    h.update(p.read_bytes())
+            out[s] = h.hexdigest()
+    return out

@@ -1,0 +1,142 @@
+"""Feature norm clipping (FNC).
+
+Yu, Chen, Xue, Liu, Wan, Bao, Ma, "Defending Against Universal Adversarial
+Patches by Clipping Feature Norms", ICCV 2021, Section 4, Eq. (4): for the
+output ``f`` (N, C, H, W) of every cascaded block, at each spatial position
+(i, j) of each sample,
+
+    g_ij = f_ij / ||f_ij|| * min(||f_ij||, alpha * mean_ij ||f_ij||)
+
+where ``||.||`` is the L2 norm over channels and the mean is over the H x W
+positions of that sample's feature map (per sample, as in the authors' code,
+so a prediction never depends on the other images in its batch).
+
+A universal patch makes a few feature vectors far larger than the rest, and
+global average pooling lets them dominate the logits; clipping caps them
+without retraining. Inserting it shifts the feature statistics, so the
+authors adjust the model afterwards (:mod:`pipeline.defenses.adjust`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from pipeline.models import fnc_block_types
+
+
+def feature_norm_clip(f: torch.Tensor, alpha: float, eps: float = 1e-6) -> torch.Tensor:
+    """Clip the channel L2 norm at every position to ``alpha`` x the sample's mean norm.
+
+    Args:
+        f: float feature map (N, C, H, W), any device and float dtype.
+        alpha: clipping factor, > 0 (the authors use 1.0 to 1.2).
+        eps: added to norms before dividing, so all-zero vectors (common after
+            ReLU) stay zero instead of becoming NaN.
+
+    Returns:
+        Tensor of the same shape, dtype and device: vectors whose norm is at most
+        the threshold are unchanged; longer ones are rescaled to the threshold.
+
+    Raises:
+        ValueError: ``f`` is not 4-D or ``alpha`` is not positive.
+    """
+    if f.ndim != 4:
+        raise ValueError(f"feature_norm_clip expects (N, C, H, W) features, got shape {tuple(f.shape)}")
+    if alpha <= 0:
+        raise ValueError(f"fnc.alpha must be > 0, got {alpha}")
+    norm = torch.linalg.vector_norm(f, ord=2, dim=1, keepdim=True)  # (N, 1, H, W)
+    threshold = alpha * norm.mean(dim=(2, 3), keepdim=True)  # (N, 1, 1, 1), per sample
+    scale = torch.clamp(threshold / (norm + eps), max=1.0)
+    return f * scale
+
+
+class FeatureNormClipping(nn.Module):
+    """:func:`feature_norm_clip` as a module (no parameters, no buffers).
+
+    Args:
+        alpha: clipping factor ``fnc.alpha`` (> 0).
+        eps: zero-norm guard.
+    """
+
+    def __init__(self, alpha: float, eps: float = 1e-6) -> None:
+        super().__init__()
+        if alpha <= 0:
+            raise ValueError(f"fnc.alpha must be > 0, got {alpha}")
+        self.alpha, self.eps = float(alpha), float(eps)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, C, H, W), see :func:`feature_norm_clip`."""
+        return feature_norm_clip(f, self.alpha, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, eps={self.eps}"
+
+
+def _clip_output_hook(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    return module.fnc(output)
+
+
+def insert_fnc(
+    model: nn.Module, alpha: float, eps: float = 1e-6, block_types: Iterable[type] | None = None
+) -> list[str]:
+    """Insert feature norm clipping after every cascaded block of ``model``, in place.
+
+    The generic mechanism: every submodule that is an instance of one of
+    ``block_types`` (by default :func:`pipeline.models.fnc_block_types`: residual
+    blocks of the CIFAR ResNets and torchvision ResNets, inverted residual blocks
+    of MobileNet-V2, Inception blocks A-E of Inception-V3) gets a
+    :class:`FeatureNormClipping` child named ``fnc`` and a forward hook that
+    replaces the block's output by the clipped one. The state dict is unchanged
+    (the clipping has no parameters), so a baseline checkpoint loads as is.
+
+    Args:
+        model: any network; modified in place.
+        alpha: ``fnc.alpha``, > 0.
+        eps: zero-norm guard.
+        block_types: classes counted as blocks; default per the registry.
+
+    Returns:
+        Qualified names of the blocks clipped, in forward-registration order.
+
+    Raises:
+        ValueError: no block of the given types in ``model``, or FNC already
+            inserted (use :func:`set_fnc_alpha` to change alpha).
+    """
+    types = tuple(block_types) if block_types is not None else fnc_block_types()
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, types):
+            if hasattr(module, "fnc"):
+                raise ValueError(f"{name}: feature norm clipping is already inserted")
+            module.add_module("fnc", FeatureNormClipping(alpha, eps))
+            module.register_forward_hook(_clip_output_hook)
+            names.append(name)
+    if not names:
+        raise ValueError(
+            f"{type(model).__name__} has no block of types {[t.__name__ for t in types]}; "
+            "pass block_types for a custom architecture"
+        )
+    return names
+
+
+def fnc_modules(model: nn.Module) -> list[FeatureNormClipping]:
+    """The :class:`FeatureNormClipping` modules inserted in ``model``."""
+    return [m for m in model.modules() if isinstance(m, FeatureNormClipping)]
+
+
+def set_fnc_alpha(model: nn.Module, alpha: float) -> None:
+    """Change ``alpha`` of every inserted clipping.
+
+    Raises:
+        ValueError: ``alpha`` <= 0 or no FNC inserted.
+    """
+    mods = fnc_modules(model)
+    if not mods:
+        raise ValueError("no feature norm clipping inserted; call insert_fnc first")
+    if alpha <= 0:
+        raise ValueError(f"fnc.alpha must be > 0, got {alpha}")
+    for m in mods:
+        m.alpha = float(alpha)

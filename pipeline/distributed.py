@@ -1,0 +1,125 @@
+"""Ray plumbing shared by every stage: start or join a cluster, fan tasks out.
+
+A stage calls :func:`init_ray` once, then :func:`ray_map` for each batch of
+independent tasks. ``RAY_ADDRESS`` (an existing cluster, ``auto``, or a
+``ray://`` client address) is honoured; without it a local Ray instance is
+started with all CPU cores of this machine and stopped when the stage exits.
+Tasks return their results through Ray's object store, and only the stage
+process (the driver) writes files or logs to MLflow.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+import ray  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def init_ray() -> dict[str, float]:
+    """Connect to ``RAY_ADDRESS`` if set, else start a local Ray instance.
+
+    The local instance binds to 127.0.0.1, has no dashboard, and keeps its
+    session files under ``RAY_TMPDIR`` when that is set. Calling it twice is
+    harmless.
+
+    Returns:
+        The cluster's total resources (``{"CPU": 2.0, ...}``).
+    """
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        if address:
+            log.info("joining Ray cluster at %s", address)
+            ray.init(address=address, log_to_driver=True)
+        else:
+            kwargs: dict[str, Any] = {}
+            if os.environ.get("RAY_TMPDIR"):
+                kwargs["_temp_dir"] = os.environ["RAY_TMPDIR"]
+            ray.init(
+                num_cpus=os.cpu_count(),
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                log_to_driver=True,
+                logging_level=logging.WARNING,
+                **kwargs,
+            )
+    return dict(ray.cluster_resources())
+
+
+def effective_gpus(requested: float) -> float:
+    """``requested`` GPUs per task, or 0 with a warning when the cluster has none."""
+    if requested <= 0:
+        return 0.0
+    available = ray.cluster_resources().get("GPU", 0.0) if ray.is_initialized() else 0.0
+    if available <= 0:
+        warnings.warn(
+            f"num_gpus={requested} requested but the Ray cluster has no GPU; running on CPU",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return 0.0
+    return requested
+
+
+def ray_map(
+    fn: Callable[..., R],
+    items: Sequence[Any],
+    *,
+    num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+    desc: str = "tasks",
+    max_retries: int = 3,
+) -> list[R]:
+    """Run ``fn(item)`` for every item as a Ray task; results in input order.
+
+    Args:
+        fn: a picklable, module-level function; each call must be independent.
+        items: the arguments, one task each (put large shared inputs in the
+            object store with ``ray.put`` and pass the references inside items:
+            Ray resolves top-level ``ObjectRef`` arguments only).
+        num_cpus, num_gpus: resources of each task (GPUs fall back to 0 on a
+            cluster without one).
+        desc: label of the progress bar.
+        max_retries: retries of a task whose worker died.
+
+    Returns:
+        ``[fn(item) for item in items]``, computed in parallel.
+
+    Raises:
+        Whatever ``fn`` raised, re-raised in the driver (as ``ray.exceptions.RayTaskError``).
+    """
+    init_ray()
+    remote = ray.remote(fn).options(
+        num_cpus=num_cpus, num_gpus=effective_gpus(num_gpus), max_retries=max_retries
+    )
+    refs = [remote.remote(item) for item in items]
+    index = {ref: i for i, ref in enumerate(refs)}
+    results: list[Any] = [None] * len(refs)
+    pending = list(refs)
+    with tqdm(total=len(refs), desc=desc, unit="task", dynamic_ncols=True) as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            for ref in done:
+                results[index[ref]] = ray.get(ref)
+                bar.update(1)
+    return results
+
+
+def torch_threads(num_cpus: float) -> int:
+    """Set torch's intra-op threads to the CPUs a task was given (at least 1)."""
+    import torch
+
+    n = max(1, int(num_cpus))
+    torch.set_num_threads(n)
+    return n

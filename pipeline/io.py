@@ -1,0 +1,83 @@
+"""Atomic file output: write to a temporary file beside the target, then rename.
+
+A killed stage never leaves a half-written checkpoint, patch or metrics file:
+either the old file (or none) is there, or the complete new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
+    """Call ``write(fileobj)`` on a temporary file, fsync it, rename it to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_torch(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` atomically (tensors and plain containers only, so that
+    ``torch.load(weights_only=True)`` can read it back)."""
+    import torch
+
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_torch(path: str | Path) -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)``."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def save_json(obj: Any, path: str | Path) -> Path:
+    """Write JSON (indented, keys in insertion order) atomically."""
+    data = (json.dumps(obj, indent=2) + "\n").encode()
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def save_png(image_chw: Any, path: str | Path, upscale: int = 1) -> Path:
+    """Save a float image in [0, 1], shape (3, H, W), as an 8-bit PNG.
+
+    ``upscale`` repeats pixels (nearest neighbour) so small patches are visible.
+    """
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    arr = (image_chw.detach().cpu().clamp(0, 1) * 255).round().to(dtype=torch.uint8)
+    arr = arr.permute(1, 2, 0).numpy()
+    if upscale > 1:
+        arr = np.repeat(np.repeat(arr, upscale, axis=0), upscale, axis=1)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB chunks)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,32 @@
+"""Image classifiers selected by name, wrapped so that they take images in ``[0, 1]``.
+
+``build_model("resnet20", num_classes=10, mean=..., std=...)`` returns a
+:class:`Normalized` module mapping ``float32`` ``(N, 3, H, W)`` images in ``[0, 1]`` to
+``(N, num_classes)`` logits. See :mod:`pipeline.models.registry` for the registry,
+:mod:`pipeline.models.cifar_resnet` for the CIFAR ResNets (He et al. 2016, Section 4.2)
+and :mod:`pipeline.models.imagenet` for the torchvision models.
+"""
+
+from .registry import (
+    MODEL_NAMES,
+    ModelInfo,
+    Normalized,
+    build_model,
+    fnc_block_types,
+    list_models,
+    load_state_dict_file,
+    model_info,
+    register_model,
+)
+
+__all__ = [
+    "MODEL_NAMES",
+    "ModelInfo",
+    "Normalized",
+    "build_model",
+    "fnc_block_types",
+    "list_models",
+    "load_state_dict_file",
+    "model_info",
+    "register_model",
+]

@@ -1,0 +1,98 @@
+"""Functions run as Ray tasks (and the training actor), one per unit of work.
+
+Each takes one picklable ``item`` dict, resolves the ``ObjectRef``s inside it
+(large inputs shared by many tasks are put in the object store once), sets the
+torch threads to the CPUs the task was given, and returns plain results
+(tensors, floats) to the stage process, which writes files and logs to MLflow.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import ray
+import torch
+
+from pipeline.attacks.patch import PatchTrainingConfig, train_universal_patch
+from pipeline.checkpoint import apply_defenses, build_from_spec
+from pipeline.defenses.adjust import finetune_classifier, recalibrate_batchnorm
+from pipeline.evaluation import predict_shard
+from pipeline.train import Trainer, accuracy, default_device, iterate_batches
+
+
+def _get(value: Any) -> Any:
+    return ray.get(value) if isinstance(value, ray.ObjectRef) else value
+
+
+def node_id() -> str:
+    """The Ray node this task runs on ("local" outside Ray)."""
+    try:
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - outside a Ray worker
+        return "local"
+
+
+def patch_task(item: dict[str, Any]) -> dict[str, Any]:
+    """Train one universal patch. ``item``: spec, data (ref to (x, y) uint8/int64),
+    cfg (:class:`PatchTrainingConfig`), seed, num_threads."""
+    torch.set_num_threads(max(1, int(item["num_threads"])))
+    x, y = _get(item["data"])
+    start = time.perf_counter()
+    patch, history = train_universal_patch(
+        build_from_spec(item["spec"]), x, y, item["cfg"], item["seed"], default_device()
+    )
+    return {"patch": patch, "history": history, "seconds": time.perf_counter() - start, "node_id": node_id()}
+
+
+def evaluate_task(item: dict[str, Any]) -> dict[str, Any]:
+    """Predictions of one model on one test shard. ``item``: spec, x, placements,
+    patches, batch_size, num_threads (see :func:`predict_shard`)."""
+    preds = predict_shard(
+        _get(item["spec"]), item["x"], item["placements"], _get(item["patches"]), item["batch_size"], item["num_threads"]
+    )
+    return {"preds": preds, "node_id": node_id()}
+
+
+def defend_task(item: dict[str, Any]) -> dict[str, Any]:
+    """Insert the defenses of ``item["defenses"]`` into the baseline ``item["spec"]``,
+    adjust the model as ``item["adjustment"]`` says, and measure clean accuracy
+    before and after the adjustment. Returns the adjusted state dict."""
+    torch.set_num_threads(max(1, int(item["num_threads"])))
+    device = default_device()
+    (x_train, y_train), (x_test, y_test) = _get(item["train"]), _get(item["test"])
+    spec = item["spec"]
+    model = build_from_spec({**spec, "defenses": []})
+    apply_defenses(model, item["defenses"])
+    model.to(device).eval()
+    bs = item["batch_size"]
+    out: dict[str, Any] = {"node_id": node_id()}
+    start = time.perf_counter()
+    out["clean_accuracy_unadjusted"] = accuracy(model, x_test, y_test, bs, device)
+    adjustment = item["adjustment"]
+    gen = torch.Generator().manual_seed(item["seed"])
+    if adjustment == "bn_recalibration":
+        idx = torch.randperm(len(x_train), generator=gen)[: item["adjust_batches"] * bs]
+        out["adjust_images"] = recalibrate_batchnorm(model, iterate_batches(x_train[idx], None, bs, device), device)
+    elif adjustment == "finetune_classifier":
+        for _ in range(item["finetune_epochs"]):
+            idx = torch.randperm(len(x_train), generator=gen)
+            out["finetune_loss"] = finetune_classifier(
+                model, iterate_batches(x_train[idx], y_train[idx], bs, device), lr=item["finetune_lr"], device=device
+            )
+    out["clean_accuracy"] = accuracy(model, x_test, y_test, bs, device)
+    out["baseline_clean_accuracy"] = accuracy(
+        build_from_spec(spec).to(device), x_test, y_test, bs, device
+    )
+    out["seconds"] = time.perf_counter() - start
+    out["state_dict"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return out
+
+
+@ray.remote
+class TrainingActor(Trainer):
+    """:class:`pipeline.train.Trainer` as a Ray actor: the data stays in the
+    worker, the stage process calls ``run_epoch`` and checkpoints between calls."""
+
+    def node_id(self) -> str:
+        return node_id()

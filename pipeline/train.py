@@ -1,0 +1,179 @@
+"""Standard training and batched inference.
+
+:class:`Trainer` trains a registered model with SGD (momentum, Nesterov, weight
+decay) under a one-cycle learning-rate schedule (Smith and Topin 2019) and the
+standard CIFAR augmentation (random crop with 4-pixel zero padding, horizontal
+flip; He et al. 2016, Section 4.2) done with ``torchvision.transforms.v2`` on
+uint8 tensors. It runs one epoch per call so that the caller (the stage,
+through a Ray actor) can checkpoint, log and resume between epochs; each epoch
+is seeded by ``(seed, epoch)``, so a resumed run repeats exactly what an
+uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from pipeline.checkpoint import build_from_spec
+from pipeline.data.datasets import TensorImageDataset
+
+
+def default_device() -> torch.device:
+    """``cuda`` when a GPU is visible, else ``cpu``."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cifar_augmentation(image_size: int = 32, padding: int = 4) -> v2.Compose:
+    """Random crop with zero padding and horizontal flip, on one uint8 (3, H, W) tensor."""
+    return v2.Compose([v2.RandomCrop(image_size, padding=padding), v2.RandomHorizontalFlip()])
+
+
+def iterate_batches(
+    x: torch.Tensor, y: torch.Tensor | None, batch_size: int, device: torch.device | str, channels_last: bool = False
+):
+    """Yield float batches in [0, 1] on ``device`` (with labels if ``y`` is given), in order."""
+    for s in range(0, len(x), batch_size):
+        xb = x[s : s + batch_size].to(device, non_blocking=True).float().div_(255)
+        if channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        yield xb if y is None else (xb, y[s : s + batch_size].to(device, non_blocking=True))
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, x: torch.Tensor, batch_size: int = 500, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Predicted classes, int64 (N,) on the CPU, for uint8 images (N, 3, H, W)."""
+    model.eval()
+    preds = [model(xb).argmax(1) for xb in iterate_batches(x, None, batch_size, device)]
+    return torch.cat(preds).cpu() if preds else torch.zeros(0, dtype=torch.int64)
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500, device: Any = "cpu") -> float:
+    """Clean top-1 accuracy in [0, 1] on uint8 images (N, 3, H, W) and labels (N,)."""
+    return float((predict(model, x, batch_size, device) == y).float().mean())
+
+
+class Trainer:
+    """Train one model, an epoch per :meth:`run_epoch` call.
+
+    Args:
+        spec: checkpoint dict (:mod:`pipeline.checkpoint`) of the untrained model.
+        train: uint8 images (N, 3, H, W) and int64 labels (N,).
+        test: same, evaluated after every epoch.
+        cfg: the ``train`` params section as a dict (epochs, batch_size, lr,
+            momentum, nesterov, weight_decay, pct_start, label_smoothing,
+            channels_last, eval_batch_size).
+        seed: seeds initialisation and every epoch's order and augmentation.
+        num_threads: torch intra-op threads (the CPUs this task was given).
+    """
+
+    def __init__(
+        self,
+        spec: dict[str, Any],
+        train: tuple[torch.Tensor, torch.Tensor],
+        test: tuple[torch.Tensor, torch.Tensor],
+        cfg: dict[str, Any],
+        seed: int,
+        num_threads: int = 1,
+    ) -> None:
+        torch.set_num_threads(max(1, num_threads))
+        torch.manual_seed(seed)
+        self.device = default_device()
+        self.cfg, self.seed = cfg, seed
+        self.memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
+        self.model = build_from_spec(spec).to(self.device, memory_format=self.memory_format)
+        self.spec = spec
+        image_size = train[0].shape[-1]
+        self.train_set: Dataset = TensorImageDataset(*train, transform=cifar_augmentation(image_size))
+        self.test = test
+        steps_per_epoch = -(-len(self.train_set) // cfg["batch_size"])
+        self.opt = torch.optim.SGD(
+            self.model.parameters(),
+            lr=cfg["lr"],
+            momentum=cfg["momentum"],
+            nesterov=cfg["nesterov"] and cfg["momentum"] > 0,
+            weight_decay=cfg["weight_decay"],
+        )
+        self.sched = torch.optim.lr_scheduler.OneCycleLR(
+            self.opt,
+            max_lr=cfg["lr"],
+            epochs=cfg["epochs"],
+            steps_per_epoch=steps_per_epoch,
+            pct_start=cfg["pct_start"],
+        )
+
+    def run_epoch(self, epoch: int) -> dict[str, float]:
+        """Train one epoch, then evaluate on the test split.
+
+        Returns:
+            ``{"train_loss", "train_accuracy", "test_accuracy", "lr"}`` (floats;
+            accuracies in [0, 1], ``lr`` the last learning rate used).
+        """
+        torch.manual_seed(self.seed * 100_003 + epoch)  # augmentation RNG of this epoch
+        loader = DataLoader(
+            self.train_set,
+            batch_size=self.cfg["batch_size"],
+            shuffle=True,
+            drop_last=False,
+            generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch),
+        )
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.int64)
+        seen = 0
+        lr = self.sched.get_last_lr()[0]
+        for xb, yb in loader:
+            x = xb.to(self.device, non_blocking=True).float().div_(255).contiguous(memory_format=self.memory_format)
+            y = yb.to(self.device, non_blocking=True)
+            logits = self.model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=self.cfg["label_smoothing"])
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            lr = self.sched.get_last_lr()[0]
+            self.sched.step()
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += len(y)
+        test_acc = accuracy(self.model, *self.test, batch_size=self.cfg["eval_batch_size"], device=self.device)
+        return {
+            "train_loss": float(loss_sum) / seen,
+            "train_accuracy": float(correct) / seen,
+            "test_accuracy": test_acc,
+            "lr": float(lr),
+        }
+
+    def state(self) -> dict[str, Any]:
+        """Model, optimiser and schedule state (CPU tensors) for a resume checkpoint."""
+        return {
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": _to_cpu(self.opt.state_dict()),
+            "scheduler": self.sched.state_dict(),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state` returned."""
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained weights (of the ``Normalized`` model), CPU tensors."""
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_cpu(v) for v in obj]
+    return obj

@@ -1,0 +1,1 @@
+"""One thin entry point per DVC stage: read params, fan out Ray tasks, write outs."""

@@ -1,0 +1,141 @@
+"""DVC stage ``generate_patches``: universal adversarial patches (AdvP) against the baseline.
+
+One Ray task per seed in ``patch.seeds``. Writes, under
+``patches/<model>/advp/``: ``seed_<k>.pt`` (float32 (3, s, s) in [0, 1]),
+``seed_<k>.png`` (8x upscaled), ``patches.png`` (all seeds and a patched
+example), plus ``metrics/generate_patches.json`` and ``plots/patch_loss.csv``.
+A finished seed is cached under ``.cache/generate_patches/``, so a killed run
+redoes only the seeds that had not finished.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
+import pandas as pd  # noqa: E402
+import ray  # noqa: E402
+import torch  # noqa: E402
+
+from pipeline.attacks.patch import PatchTrainingConfig, apply_patch, patch_side, sample_placements  # noqa: E402
+from pipeline.checkpoint import load_checkpoint  # noqa: E402
+from pipeline.cli import resume_dir, run_stage  # noqa: E402
+from pipeline.config import Params  # noqa: E402
+from pipeline.data import load_meta, load_tensors  # noqa: E402
+from pipeline.distributed import init_ray, ray_map  # noqa: E402
+from pipeline.io import atomic_write, load_torch, save_json, save_png, save_torch, sha256_file  # noqa: E402
+from pipeline.tasks import patch_task  # noqa: E402
+from pipeline.tracking import log_metrics, stage_run  # noqa: E402
+
+log = logging.getLogger("generate_patches")
+PREPARED = Path("data/prepared")
+ATTACK = "advp"
+
+
+def training_images(params: Params) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images the patch is optimised on: the chosen split, without the target
+    class, a seeded subset of ``patch.train_images``."""
+    x, y = load_tensors(PREPARED / params.data.dataset, params.patch.train_on)
+    if params.patch.target is not None:
+        keep = y != params.patch.target
+        x, y = x[keep], y[keep]
+    n = params.patch.train_images
+    if n is not None and n < len(x):
+        idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(params.seed))[:n].sort().values
+        x, y = x[idx], y[idx]
+    return x.contiguous(), y.contiguous()
+
+
+def main(params: Params) -> None:
+    name = params.model.name
+    spec = load_checkpoint(Path("models") / name / "baseline.pt")
+    meta = load_meta(PREPARED / params.data.dataset)
+    _, h, w = meta["image_shape"]
+    p = params.patch
+    side = patch_side(p.area_fraction, h, w)
+    cfg = PatchTrainingConfig(
+        side=side, target=p.target, epochs=p.epochs, step_size=p.step_size, decay_epochs=tuple(p.decay_epochs),
+        batch_size=p.batch_size, rotation_deg=p.rotation, scale_range=(p.scale_min, p.scale_max),
+    )
+    x, y = training_images(params)
+    log.info("patch %dx%d px (%.1f%% of %dx%d), target %s, %d training images, seeds %s",
+             side, side, 100 * side * side / (h * w), h, w, p.target, len(x), p.seeds)
+
+    ckpt_hash = sha256_file(Path("models") / name / "baseline.pt")
+    base_key = {"patch": p.model_dump(), "model": name, "weights": ckpt_hash, "seed": params.seed,
+                "n_train": len(x)}
+    cached, todo = {}, []
+    for seed in p.seeds:
+        f = resume_dir("generate_patches", {**base_key, "patch_seed": seed}) / "result.pt"
+        if f.is_file():
+            cached[seed] = load_torch(f)
+            log.info("seed %d: reusing finished patch from %s", seed, f)
+        else:
+            todo.append(seed)
+    if todo:
+        init_ray()
+        data = ray.put((x, y))
+        items = [{"spec": spec, "data": data, "cfg": cfg, "seed": s, "num_threads": params.resources.num_cpus}
+                 for s in todo]
+        results = ray_map(patch_task, items, num_cpus=params.resources.num_cpus,
+                          num_gpus=params.resources.num_gpus, desc="patches (one task per seed)")
+        for seed, r in zip(todo, results, strict=True):
+            cached[seed] = r
+            save_torch(r, resume_dir("generate_patches", {**base_key, "patch_seed": seed}) / "result.pt")
+
+    out_dir = Path("patches") / name / ATTACK
+    rows, summary = [], {"side": side, "area_fraction": side * side / (h * w), "target": p.target, "seeds": {}}
+    for seed in p.seeds:
+        r = cached[seed]
+        save_torch(r["patch"], out_dir / f"seed_{seed}.pt")
+        save_png(r["patch"], out_dir / f"seed_{seed}.png", upscale=8)
+        rows += [{"seed": seed, "epoch": e, "loss": v} for e, v in enumerate(r["history"])]
+        summary["seeds"][str(seed)] = {"final_loss": r["history"][-1], "seconds": round(r["seconds"], 1)}
+    figure = out_dir / "patches.png"
+    _figure([cached[s]["patch"] for s in p.seeds], p.seeds, x[:1], meta["classes"], p.target, figure)
+    save_json(summary, "metrics/generate_patches.json")
+    loss_csv = pd.DataFrame(rows).to_csv(index=False).encode()
+    atomic_write("plots/patch_loss.csv", lambda f: f.write(loss_csv))
+
+    section = {"model": params.model.model_dump(), "patch": p.model_dump(), "seed": params.seed}
+    tags = {"profile": params.profile, "model": name, "attack": ATTACK, "defense": "none",
+            "node_ids": ",".join(sorted({cached[s].get("node_id", "?") for s in p.seeds}))}
+    with stage_run("generate_patches", params.mlflow.experiment, section, tags):
+        for row in rows:
+            mlflow.log_metric(f"patch_loss.seed_{row['seed']}", row["loss"], step=row["epoch"])
+        log_metrics({f"seconds.seed_{s}": v["seconds"] for s, v in summary["seeds"].items()})
+        mlflow.log_artifacts(str(out_dir), artifact_path="patches")
+
+
+def _figure(patches, seeds, example, classes, target, path: Path) -> None:
+    """The patches side by side, and one training image with the first patch pasted."""
+    n = len(patches)
+    fig, axes = plt.subplots(1, n + 1, figsize=(2.2 * (n + 1), 2.6))
+    for ax, patch, seed in zip(axes, patches, seeds, strict=False):
+        ax.imshow(patch.permute(1, 2, 0).numpy(), interpolation="nearest")
+        ax.set_title(f"seed {seed}", fontsize=9)
+        ax.axis("off")
+    img = example.float() / 255
+    side = patches[0].shape[-1]
+    pl = sample_placements(1, img.shape[-2:], side, generator=torch.Generator().manual_seed(0))
+    axes[-1].imshow(apply_patch(img, patches[0], pl)[0].permute(1, 2, 0).numpy(), interpolation="nearest")
+    axes[-1].set_title("pasted", fontsize=9)
+    axes[-1].axis("off")
+    goal = f"target: {classes[target]}" if target is not None else "untargeted"
+    fig.suptitle(f"universal adversarial patches (AdvP), {goal}", fontsize=10)
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+if __name__ == "__main__":
+    run_stage("generate_patches", main)
