@@ -1,0 +1,75 @@
+"""Shared fixtures. Nothing here reaches the network: DVC analytics and Ray
+usage stats are off, Ray binds to 127.0.0.1 with its own temporary folder,
+MLflow writes to a SQLite file in a temporary folder."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ["DVC_NO_ANALYTICS"] = "1"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg"
+
+
+def _copy_project(dst: Path) -> None:
+    """Copy the tracked and untracked-but-not-ignored project files into ``dst``."""
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout.split("\n")
+    for rel in filter(None, files):
+        src = ROOT / rel
+        if src.is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / rel)
+
+
+def git(cwd: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True,
+                   env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+                        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"})
+
+
+def stage_env(workdir: Path) -> dict[str, str]:
+    """Environment of a pipeline run inside ``workdir``: its own MLflow store and Ray folder."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths are length-limited
+    return {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow-test.db'}",
+        "RAY_TMPDIR": str(ray_tmp),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+        "PYTHONPATH": str(workdir),
+    }
+
+
+@pytest.fixture(scope="session")
+def smoke_project(tmp_path_factory) -> dict:
+    """One ``dvc repro`` of the smoke profile on the shared CIFAR-10 archives,
+    in a copy of the project, shared by every test that needs a finished run."""
+    if not (SHARED_CIFAR / "train.zip").is_file():
+        pytest.skip(f"{SHARED_CIFAR} not found (the shared CIFAR-10 archives)")
+    work = tmp_path_factory.mktemp("smoke")
+    _copy_project(work)
+    params = yaml.safe_load((work / "params" / "smoke.yaml").read_text())
+    params["data"]["root"] = str(SHARED_CIFAR)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git(work, "init", "-q")
+    git(work, "add", "-A")
+    git(work, "commit", "-qm", "smoke")
+    env = stage_env(work)
+    proc = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    log = proc.stdout + proc.stderr
+    (work / "repro.log").write_text(log)
+    assert proc.returncode == 0, f"dvc repro failed:\n{log[-5000:]}"
+    return {"dir": work, "env": env, "params": params, "log": log}

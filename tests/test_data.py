@@ -1,0 +1,172 @@
+"""Dataset preparation from every accepted layout, deterministic subsets, bad input."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.config import DataConfig
+from pipeline.data import DatasetError, LazyImageDataset, load_meta, load_split, load_tensors
+from pipeline.data.prepare import prepare_dataset, subset_per_class
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+PER_CLASS = {"train": 4, "test": 2}
+
+
+def fake_images(split: str) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0 if split == "train" else 1)
+    n = PER_CLASS[split] * 10
+    return rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8), np.repeat(np.arange(10), PER_CLASS[split])
+
+
+def png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr.transpose(1, 2, 0)).save(buf, format="PNG")  # lossless: pixels survive exactly
+    return buf.getvalue()
+
+
+def make_zip(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "test"):
+        x, y = fake_images(split)
+        with zipfile.ZipFile(root / f"{split}.zip", "w", zipfile.ZIP_STORED) as zf:
+            for i, (img, label) in enumerate(zip(x, y, strict=True)):
+                zf.writestr(f"{split}/{CLASSES[label]}/{i:04d}.png", png(img))
+    return root
+
+
+def make_folder(root: Path) -> Path:
+    for split in ("train", "test"):
+        x, y = fake_images(split)
+        for i, (img, label) in enumerate(zip(x, y, strict=True)):
+            d = root / split / CLASSES[label]
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"{i:04d}.png").write_bytes(png(img))
+    return root
+
+
+def make_batches(root: Path) -> Path:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    x, y = fake_images("train")
+    parts = np.array_split(np.arange(len(x)), 5)
+    for k, idx in enumerate(parts, start=1):
+        with (folder / f"data_batch_{k}").open("wb") as f:
+            pickle.dump({"data": x[idx].reshape(len(idx), -1), "labels": y[idx].tolist()}, f)
+    xt, yt = fake_images("test")
+    with (folder / "test_batch").open("wb") as f:
+        pickle.dump({"data": xt.reshape(len(xt), -1), "labels": yt.tolist()}, f)
+    with (folder / "batches.meta").open("wb") as f:
+        pickle.dump({"label_names": CLASSES}, f)
+    return root
+
+
+def cfg(root: Path, **kw) -> DataConfig:
+    return DataConfig(root=str(root), num_shards=3, **kw)
+
+
+def sorted_pairs(x: torch.Tensor, y: torch.Tensor) -> list:
+    return sorted((int(label), img.numpy().tobytes()) for img, label in zip(x, y, strict=True))
+
+
+@pytest.mark.parametrize("make", [make_zip, make_folder, make_batches])
+def test_every_layout_gives_the_same_pixels(tmp_path, make):
+    root = make(tmp_path / "src")
+    meta = prepare_dataset(cfg(root), tmp_path / "out", seed=0)
+    assert meta["classes"] == CLASSES and meta["mode"] == "tensor"
+    assert meta["splits"]["train"]["n_images"] == 40 and meta["splits"]["test"]["per_class"]["dog"] == 2
+    assert meta["source"]["sha256"]
+    for split in ("train", "test"):
+        x, y = load_tensors(tmp_path / "out", split)
+        assert x.dtype == torch.uint8 and x.shape[1:] == (3, 32, 32) and y.dtype == torch.int64
+        ex, ey = fake_images(split)
+        assert sorted_pairs(x, y) == sorted_pairs(torch.from_numpy(ex), torch.from_numpy(ey))
+
+
+def test_subsets_are_per_class_and_deterministic(tmp_path):
+    root = make_zip(tmp_path / "src")
+    a = prepare_dataset(cfg(root, train_per_class=3, test_per_class=1), tmp_path / "a", seed=7)
+    prepare_dataset(cfg(root, train_per_class=3, test_per_class=1), tmp_path / "b", seed=7)
+    assert set(a["splits"]["train"]["per_class"].values()) == {3}
+    assert torch.equal(load_tensors(tmp_path / "a", "train")[0], load_tensors(tmp_path / "b", "train")[0])
+    labels = np.repeat(np.arange(3), 10)
+    assert not np.array_equal(subset_per_class(labels, 4, 0), subset_per_class(labels, 4, 1))
+
+
+def test_ray_style_mapper_is_used_for_decoding(tmp_path):
+    root = make_zip(tmp_path / "src")
+    calls = []
+
+    def mapper(fn, items):
+        calls.append(len(items))
+        return [fn(i) for i in items]
+
+    prepare_dataset(cfg(root), tmp_path / "out", seed=0, mapper=mapper)
+    assert calls == [3, 3]  # num_shards tasks per split
+
+
+def test_large_sets_are_indexed_not_decoded(tmp_path):
+    root = make_zip(tmp_path / "src")
+    meta = prepare_dataset(cfg(root, lazy_threshold_mb=0.01), tmp_path / "out", seed=0)
+    assert meta["mode"] == "lazy"
+    assert not (tmp_path / "out" / "train.pt").exists()
+    ds = load_split(tmp_path / "out", "train")
+    assert isinstance(ds, LazyImageDataset) and len(ds) == 40
+    eager_root = tmp_path / "eager"
+    prepare_dataset(cfg(root), eager_root, seed=0)
+    x, y = load_tensors(eager_root, "train")
+    img, label = ds[5]
+    assert torch.equal(img, x[5]) and int(label) == int(y[5])
+
+
+def test_missing_root_names_the_fix(tmp_path):
+    with pytest.raises(DatasetError, match="data.root .* does not exist.*data.download"):
+        prepare_dataset(cfg(tmp_path / "nowhere"), tmp_path / "out", seed=0)
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_archive_is_reported(tmp_path):
+    root = make_zip(tmp_path / "src")
+    (root / "train.zip").write_bytes(b"this is not a zip file")
+    with pytest.raises(DatasetError, match="train.zip: not a readable zip archive"):
+        prepare_dataset(cfg(root), tmp_path / "out", seed=0)
+    assert not (tmp_path / "out").exists()
+
+
+def test_undecodable_image_leaves_no_output(tmp_path):
+    root = make_zip(tmp_path / "src")
+    with zipfile.ZipFile(root / "test.zip", "a") as zf:
+        zf.writestr("test/dog/broken.png", b"not a png")
+    with pytest.raises(DatasetError, match="broken.png"):
+        prepare_dataset(cfg(root), tmp_path / "out", seed=0)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
+
+
+def test_zip_slip_member_is_refused(tmp_path):
+    root = make_zip(tmp_path / "src")
+    with zipfile.ZipFile(root / "train.zip", "a") as zf:
+        zf.writestr("../../evil/dog/x.png", png(fake_images("train")[0][0]))
+    with pytest.raises(DatasetError, match="unsafe member name"):
+        prepare_dataset(cfg(root), tmp_path / "out", seed=0)
+
+
+def test_wrong_class_folders_are_reported(tmp_path):
+    root = tmp_path / "src"
+    for split in ("train", "test"):
+        (root / split / "cats").mkdir(parents=True)
+        (root / split / "cats" / "0.png").write_bytes(png(fake_images("train")[0][0]))
+    with pytest.raises(DatasetError, match="class folders do not match"):
+        prepare_dataset(cfg(root), tmp_path / "out", seed=0)
+
+
+def test_meta_is_written_last_and_loadable(tmp_path):
+    root = make_folder(tmp_path / "src")
+    prepare_dataset(cfg(root), tmp_path / "out", seed=0)
+    assert load_meta(tmp_path / "out")["source"]["layout"] == "folder"

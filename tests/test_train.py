@@ -1,0 +1,70 @@
+"""Training: a resumed run repeats an uninterrupted one exactly; FNC adjustments do their job."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.checkpoint import build_from_spec, model_spec
+from pipeline.defenses.adjust import finetune_classifier, final_linear, recalibrate_batchnorm
+from pipeline.defenses.fnc import insert_fnc
+from pipeline.io import load_torch, save_torch
+from pipeline.train import Trainer, iterate_batches
+
+CFG = {"epochs": 3, "batch_size": 32, "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
+       "pct_start": 0.3, "label_smoothing": 0.0, "channels_last": True, "eval_batch_size": 64}
+
+
+def data(n=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 10, (n,), generator=g)
+    x = (torch.rand(n, 3, 32, 32, generator=g) * 60).to(torch.uint8)
+    x[torch.arange(n), y % 3] += 150  # a learnable colour cue
+    return x, y
+
+
+def spec():
+    return model_spec("resnet20", 10, [0.5] * 3, [0.25] * 3, None)
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    train, test = data(), data(32, seed=1)
+    straight = Trainer(spec(), train, test, CFG, seed=0)
+    hist = [straight.run_epoch(e) for e in range(3)]
+    first = Trainer(spec(), train, test, CFG, seed=0)
+    first.run_epoch(0)
+    save_torch(first.state(), tmp_path / "last.pt")
+    resumed = Trainer(spec(), train, test, CFG, seed=0)
+    resumed.load_state(load_torch(tmp_path / "last.pt"))
+    resumed.run_epoch(1)
+    resumed.run_epoch(2)
+    a, b = straight.model_state_dict(), resumed.model_state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+
+
+def test_bn_recalibration_sets_exact_batch_statistics():
+    model = build_from_spec(spec())
+    insert_fnc(model, 1.0)
+    x, _ = data(64)
+    seen = recalibrate_batchnorm(model, iterate_batches(x, None, 16, "cpu"))
+    assert seen == 64 and not model.training
+    bn = model.net.bn1
+    feats = []
+    h = model.net.conv1.register_forward_hook(lambda m, i, o: feats.append(o))
+    with torch.no_grad():
+        model(x.float() / 255)
+    h.remove()
+    f = feats[0]
+    assert torch.allclose(bn.running_mean, f.mean(dim=(0, 2, 3)), atol=1e-4)
+    assert bn.momentum == 0.1  # restored
+
+
+def test_finetune_classifier_changes_only_the_classifier():
+    model = build_from_spec(spec())
+    x, y = data(64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    finetune_classifier(model, iterate_batches(x, y, 16, "cpu"), lr=0.01)
+    head = {f"net.fc.{k}" for k in dict(final_linear(model).named_parameters())}
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == head  # BatchNorm statistics frozen, features frozen
