@@ -116,6 +116,14 @@ def ray_map(
     return results
 
 
+def node_id() -> str:
+    """The Ray node the caller runs on ("local" outside a Ray worker)."""
+    try:
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - not connected to Ray
+        return "local"
+
+
 def torch_threads(num_cpus: float) -> int:
     """Set torch's intra-op threads to the CPUs a task was given (at least 1)."""
     import torch

@@ -14,23 +14,16 @@ from typing import Any
 import ray
 import torch
 
-from pipeline.attacks.patch import PatchTrainingConfig, train_universal_patch
+from pipeline.attacks.patch import train_universal_patch
 from pipeline.checkpoint import apply_defenses, build_from_spec
 from pipeline.defenses.adjust import finetune_classifier, recalibrate_batchnorm
+from pipeline.distributed import node_id
 from pipeline.evaluation import predict_shard
-from pipeline.train import Trainer, accuracy, default_device, iterate_batches
+from pipeline.train import accuracy, default_device, iterate_batches
 
 
 def _get(value: Any) -> Any:
     return ray.get(value) if isinstance(value, ray.ObjectRef) else value
-
-
-def node_id() -> str:
-    """The Ray node this task runs on ("local" outside Ray)."""
-    try:
-        return ray.get_runtime_context().get_node_id()
-    except Exception:  # noqa: BLE001 - outside a Ray worker
-        return "local"
 
 
 def patch_task(item: dict[str, Any]) -> dict[str, Any]:
@@ -87,12 +80,3 @@ def defend_task(item: dict[str, Any]) -> dict[str, Any]:
     out["seconds"] = time.perf_counter() - start
     out["state_dict"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return out
-
-
-@ray.remote
-class TrainingActor(Trainer):
-    """:class:`pipeline.train.Trainer` as a Ray actor: the data stays in the
-    worker, the stage process calls ``run_epoch`` and checkpoints between calls."""
-
-    def node_id(self) -> str:
-        return node_id()

@@ -18,6 +18,9 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+
 log = logging.getLogger(__name__)
 
 PACKAGES = ("torch", "torchvision", "ray", "dvc", "mlflow", "pandas", "numpy", "pipeline")

@@ -22,15 +22,23 @@ from pipeline.checkpoint import model_spec, save_checkpoint
 from pipeline.cli import resume_dir, run_stage
 from pipeline.config import Params, ParamsError
 from pipeline.data import load_meta, load_tensors
-from pipeline.distributed import effective_gpus, init_ray
+from pipeline.distributed import effective_gpus, init_ray, node_id
 from pipeline.io import atomic_write, load_torch, save_json, save_torch
 from pipeline.models import build_model
-from pipeline.tasks import TrainingActor
 from pipeline.tracking import log_metrics, stage_run
-from pipeline.train import accuracy
+from pipeline.train import Trainer, accuracy
 
 log = logging.getLogger("train_baseline")
 PREPARED = Path("data/prepared")
+
+
+@ray.remote
+class TrainingActor(Trainer):
+    """:class:`pipeline.train.Trainer` in a Ray actor: the data stays in the worker,
+    this process calls ``run_epoch`` and checkpoints between calls."""
+
+    def node_id(self) -> str:
+        return node_id()
 
 
 def main(params: Params) -> None:

@@ -16,6 +16,7 @@ import yaml
 
 os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg"

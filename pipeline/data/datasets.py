@@ -165,11 +165,16 @@ def load_tensors(prepared_dir: str | Path, split: str) -> tuple[torch.Tensor, to
     """``(x uint8 (N, 3, H, W), y int64 (N,))`` of a split stored in ``tensor`` mode.
 
     Raises:
-        ValueError: the split was prepared lazily (too large to hold in memory).
+        DatasetError: the split was prepared lazily (too large to hold in memory).
     """
+    from pipeline.data.sources import DatasetError
+
     ds = load_split(prepared_dir, split)
     if not isinstance(ds, TensorImageDataset):
-        raise ValueError(f"{prepared_dir}: {split} was prepared lazily; iterate it with load_split()")
+        raise DatasetError(
+            f"{prepared_dir}: {split} was prepared lazily (larger than data.lazy_threshold_mb); this stage needs "
+            "it in memory: raise data.lazy_threshold_mb or use per-class subsets"
+        )
     return ds.x, ds.y
 
 
