@@ -152,7 +152,7 @@ class PatchConfig(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
 
     @model_validator(mode="after")
-    def _scale_order(self) -> "PatchConfig":
+    def _scale_order(self) -> PatchConfig:
         if self.scale_min > self.scale_max:
             raise ValueError(f"patch.scale_min ({self.scale_min}) must not exceed patch.scale_max ({self.scale_max})")
         if len(set(self.seeds)) != len(self.seeds):
@@ -171,20 +171,16 @@ class EvaluateConfig(_Strict):
     num_shards: int = Field(4, ge=1, description="Ray tasks over the test set")
     test_images: int | None = Field(None, gt=0, description="first n test images (null: all)")
 
-    @field_validator("defenses")
+    @field_validator("defenses", "attacks")
     @classmethod
-    def _known_defenses(cls, v: list[str]) -> list[str]:
-        bad = [d for d in v if d not in DEFENSES]
+    def _known_names(cls, v: list[str], info) -> list[str]:
+        allowed = DEFENSES if info.field_name == "defenses" else ATTACKS
+        bad = [name for name in v if name not in allowed]
         if bad:
-            raise ValueError(f"unknown defense {bad[0]!r}; choose from: {', '.join(DEFENSES)}")
-        return v
-
-    @field_validator("attacks")
-    @classmethod
-    def _known_attacks(cls, v: list[str]) -> list[str]:
-        bad = [a for a in v if a not in ATTACKS]
-        if bad:
-            raise ValueError(f"unknown attack {bad[0]!r}; choose from: {', '.join(ATTACKS)}")
+            what = info.field_name.removesuffix("s")
+            raise ValueError(f"unknown {what} {bad[0]!r}; choose from: {', '.join(allowed)}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"evaluate.{info.field_name} lists a name twice: {v}")
         return v
 
 
@@ -209,7 +205,7 @@ class Params(_Strict):
     mlflow: MLflowConfig = MLflowConfig()
 
     @model_validator(mode="after")
-    def _target_in_range(self) -> "Params":
+    def _target_in_range(self) -> Params:
         if self.patch.target is not None and self.patch.target >= 10:
             raise ValueError(f"patch.target {self.patch.target} is not a CIFAR-10 class; use 0-9 or null")
         return self

@@ -30,7 +30,7 @@ R = TypeVar("R")
 def init_ray() -> dict[str, float]:
     """Connect to ``RAY_ADDRESS`` if set, else start a local Ray instance.
 
-    The local instance binds to 127.0.0.1, has no dashboard, and keeps its
+    The local instance binds to 127.0.0.1, has the dashboard UI off, and keeps its
     session files under ``RAY_TMPDIR`` when that is set. Calling it twice is
     harmless.
 

@@ -29,7 +29,7 @@ class Metric:
     n_images: int
 
     @staticmethod
-    def of(hits: torch.Tensor, over: torch.Tensor) -> "Metric":
+    def of(hits: torch.Tensor, over: torch.Tensor) -> Metric:
         """``sum(hits & over) / sum(over)`` for boolean tensors (N,)."""
         n = int(over.sum())
         return Metric(float((hits & over).sum()) / n if n else math.nan, n)

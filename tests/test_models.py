@@ -12,13 +12,14 @@ from pipeline.models import (
     MODEL_NAMES,
     Normalized,
     build_model,
+    cifar_resnet,
     fnc_block_types,
     list_models,
     load_state_dict_file,
     model_info,
     register_model,
+    registry,
 )
-from pipeline.models import cifar_resnet, registry
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -135,7 +136,7 @@ def test_cifar_parameter_counts():
     assert n_params(build_model("resnet110", 10, CIFAR_MEAN, CIFAR_STD)) == 1_727_962
     counts = [n_params(build_model(n, 10, CIFAR_MEAN, CIFAR_STD)) for n in CIFAR_NAMES]
     assert counts == sorted(counts)
-    for got, paper in zip(counts, (0.27e6, 0.46e6, 0.66e6, 0.85e6, 1.7e6)):
+    for got, paper in zip(counts, (0.27e6, 0.46e6, 0.66e6, 0.85e6, 1.7e6), strict=False):
         assert abs(got - paper) / paper < 0.03
     # The Normalized buffers are not parameters; only the classifier depends on num_classes.
     assert n_params(build_model("resnet20", 100, CIFAR_MEAN, CIFAR_STD)) == 269_722 + 90 * 65

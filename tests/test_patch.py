@@ -35,8 +35,8 @@ def test_pasting_matches_slicing_and_leaves_other_pixels_alone():
     out = apply_patch(x, p, pl)
     ref = x.clone()
     for i in range(200):
-        t, l = int(pl.top[i]), int(pl.left[i])
-        ref[i, :, t : t + 10, l : l + 10] = p
+        top, left = int(pl.top[i]), int(pl.left[i])
+        ref[i, :, top : top + 10, left : left + 10] = p
     assert torch.equal(out, ref)
     # locations cover the whole valid range and never leave the image
     assert pl.top.min() == 0 and pl.top.max() == 22 and pl.left.min() == 0 and pl.left.max() == 22

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.checkpoint import build_from_spec, model_spec
-from pipeline.defenses.adjust import finetune_classifier, final_linear, recalibrate_batchnorm
+from pipeline.defenses.adjust import final_linear, finetune_classifier, recalibrate_batchnorm
 from pipeline.defenses.fnc import insert_fnc
 from pipeline.io import load_torch, save_torch
 from pipeline.train import Trainer, iterate_batches

@@ -59,10 +59,10 @@ class Placements:
     def __len__(self) -> int:
         return len(self.top)
 
-    def to(self, device: torch.device | str) -> "Placements":
+    def to(self, device: torch.device | str) -> Placements:
         return Placements(*(t.to(device) for t in (self.top, self.left, self.angle, self.scale)))
 
-    def __getitem__(self, idx: slice | torch.Tensor) -> "Placements":
+    def __getitem__(self, idx: slice | torch.Tensor) -> Placements:
         return Placements(self.top[idx], self.left[idx], self.angle[idx], self.scale[idx])
 
 
