@@ -30,6 +30,7 @@ from pipeline.train import Trainer, accuracy
 
 log = logging.getLogger("train_baseline")
 PREPARED = Path("data/prepared")
+MAX_ACTOR_RESTARTS = 2
 
 
 @ray.remote
@@ -77,11 +78,18 @@ def main(params: Params) -> None:
 
     init_ray()
     cpus = params.resources.train_num_cpus
-    actor = TrainingActor.options(num_cpus=cpus, num_gpus=effective_gpus(params.resources.train_num_gpus)).remote(
-        spec, ray.put((x_train, y_train)), ray.put((x_test, y_test)), params.train.model_dump(), params.seed, int(cpus)
-    )
-    if state:
-        ray.get(actor.load_state.remote(state["trainer"]))
+    data_refs = ray.put((x_train, y_train)), ray.put((x_test, y_test))
+
+    def start_actor(trainer_state):
+        """A fresh training actor, restored to ``trainer_state`` (None: epoch 0)."""
+        new = TrainingActor.options(num_cpus=cpus, num_gpus=effective_gpus(params.resources.train_num_gpus)).remote(
+            spec, *data_refs, params.train.model_dump(), params.seed, int(cpus)
+        )
+        if trainer_state is not None:
+            ray.get(new.load_state.remote(trainer_state))
+        return new
+
+    actor = start_actor(state["trainer"] if state else None)
     node = ray.get(actor.node_id.remote())
 
     with stage_run("train_baseline", params.mlflow.experiment, section, {**tags, "node_id": node},
@@ -90,7 +98,20 @@ def main(params: Params) -> None:
                    desc=f"train {name}", unit="epoch", dynamic_ncols=True)
         for epoch in bar:
             t0 = time.perf_counter()
-            m = ray.get(actor.run_epoch.remote(epoch))
+            for attempt in range(MAX_ACTOR_RESTARTS + 1):
+                try:
+                    m = ray.get(actor.run_epoch.remote(epoch))
+                    break
+                except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError) as exc:
+                    if attempt == MAX_ACTOR_RESTARTS:
+                        raise
+                    # the worker died: restart from the last finished epoch; epochs are seeded by
+                    # (seed, epoch), so the retried epoch gives what an uninterrupted run would have
+                    log.warning("training actor lost during epoch %d (%s); restarting it from the last checkpoint",
+                                epoch + 1, type(exc).__name__)
+                    ray.kill(actor, no_restart=True)
+                    last = load_torch(state_path)["trainer"] if state_path.is_file() else None
+                    actor = start_actor(last)
             m["epoch_seconds"] = time.perf_counter() - t0
             history.append({"epoch": epoch, **m})
             save_torch({"epoch": epoch, "trainer": ray.get(actor.state.remote()), "history": history,
