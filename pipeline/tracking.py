@@ -107,6 +107,12 @@ def stage_run(
     logging.getLogger("alembic").setLevel(logging.WARNING)
     mlflow.set_tracking_uri(tracking_uri())
     mlflow.set_experiment(experiment)
+    if run_id is not None:
+        try:
+            mlflow.get_run(run_id)
+        except mlflow.exceptions.MlflowException:
+            log.warning("MLflow run %s of the resumed stage is not in %s; opening a new run", run_id, tracking_uri())
+            run_id = None
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else stage) as run:
         if run_id is None:
             mlflow.set_tags(
