@@ -86,6 +86,13 @@ class ModelConfig(_Strict):
         None, description="a state dict for this architecture; skips baseline training"
     )
 
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint_exists(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).expanduser().is_file():
+            raise ValueError(f"no such file {v!r}; give the path of a state dict for model.name, or null to train")
+        return v
+
     @field_validator("name")
     @classmethod
     def _known_model(cls, v: str) -> str:

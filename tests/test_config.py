@@ -86,3 +86,8 @@ def test_missing_dataset_is_reported_before_any_work(tmp_path):
     assert proc.returncode == 2
     assert "data.root" in proc.stderr and "does not exist" in proc.stderr
     assert not (tmp_path / "data").exists()
+
+
+def test_missing_user_checkpoint_is_a_params_error(tmp_path):
+    with pytest.raises(ParamsError, match="model.checkpoint: no such file"):
+        load_params(write(tmp_path, lambda p: p["model"].update(checkpoint=str(tmp_path / "mine.pt"))))
