@@ -54,7 +54,7 @@ def stage_env(workdir: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def smoke_project(tmp_path_factory) -> dict:
+def smoke_project(tmp_path_factory):
     """One ``dvc repro`` of the smoke profile on the shared CIFAR-10 archives,
     in a copy of the project, shared by every test that needs a finished run."""
     if not (SHARED_CIFAR / "train.zip").is_file():
@@ -73,4 +73,5 @@ def smoke_project(tmp_path_factory) -> dict:
     log = proc.stdout + proc.stderr
     (work / "repro.log").write_text(log)
     assert proc.returncode == 0, f"dvc repro failed:\n{log[-5000:]}"
-    return {"dir": work, "env": env, "params": params, "log": log}
+    yield {"dir": work, "env": env, "params": params, "log": log}
+    shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)  # the Ray session folder this fixture made
