@@ -40,6 +40,7 @@ PREPARED = Path("data/prepared")
 
 
 def main(params: Params) -> None:
+    """Evaluate every (defense, attack) cell of ``params.evaluate`` on the prepared test set."""
     name = params.model.name
     ev = params.evaluate
     specs = {d: load_checkpoint(Path("models") / name / ("baseline.pt" if d == "none" else f"{d}.pt"))

@@ -52,6 +52,7 @@ def training_images(params: Params) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def main(params: Params) -> None:
+    """Train one AdvP patch per seed against the baseline (cached per seed) and write them."""
     name = params.model.name
     spec = load_checkpoint(Path("models") / name / "baseline.pt")
     meta = load_meta(PREPARED / params.data.dataset)

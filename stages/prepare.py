@@ -21,6 +21,7 @@ log = logging.getLogger("prepare")
 
 
 def main(params: Params) -> None:
+    """Check ``data.root``, then decode the dataset with Ray tasks into ``data/prepared/<dataset>``."""
     cfg = params.data
     resolve_source(cfg)  # fail on a bad data.root before starting Ray
     out_dir = Path("data/prepared") / cfg.dataset

@@ -39,10 +39,12 @@ class TrainingActor(Trainer):
     this process calls ``run_epoch`` and checkpoints between calls."""
 
     def node_id(self) -> str:
+        """The Ray node this actor runs on (an MLflow tag of the run)."""
         return node_id()
 
 
 def main(params: Params) -> None:
+    """Train (resuming if a checkpoint exists) or adopt ``model.checkpoint``; write baseline.pt."""
     meta = load_meta(PREPARED / params.data.dataset)
     x_train, y_train = load_tensors(PREPARED / params.data.dataset, "train")
     x_test, y_test = load_tensors(PREPARED / params.data.dataset, "test")

@@ -30,6 +30,7 @@ TRAINABLE = ("fnc",)
 
 
 def main(params: Params, defense: str) -> None:
+    """Insert ``defense`` into the baseline, adjust it, write ``models/<model>/<defense>.pt``."""
     if defense not in TRAINABLE:
         raise ParamsError(f"train_defended: unknown defense {defense!r}; choose from {', '.join(TRAINABLE)}")
     name = params.model.name
