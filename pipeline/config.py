@@ -15,14 +15,12 @@ Units used throughout the params files:
 
 from __future__ import annotations
 
-import fractions
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -30,34 +28,31 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline.attacks.base import Budget
 from pipeline.models import list_models
 
-DATASETS = ("cifar10",)
+DATASETS = ("cifar10", "gtsrb")
 """Datasets the prepare stage knows (class names, normalisation constants)."""
 
 DEFENSES = ("none", "fnc")
 """Defense names accepted by ``evaluate.defenses``."""
 
-ATTACKS = ("none", "advp", "occlusion")
-"""Attack names accepted by ``evaluate.attacks`` (``occlusion``: the control of
-a same-size uniform-noise patch at the same placements, DESIGN.md)."""
+PATCH_ATTACKS = ("advp", "lavan")
+"""Universal patch attacks made by ``generate_patches`` (:mod:`pipeline.attacks.patch`)."""
+
+
+def evaluate_attack_names() -> tuple[str, ...]:
+    """Names ``evaluate.attacks`` accepts: ``none`` (clean), the universal patch
+    attacks, ``occlusion`` (the control of a same-size uniform-noise patch at the
+    same placements, DESIGN.md) and every registered per-image attack
+    (:func:`pipeline.attacks.base.list_attacks`)."""
+    from pipeline.attacks.base import list_attacks
+
+    return ("none", *PATCH_ATTACKS, "occlusion", *list_attacks())
 
 
 class ParamsError(ValueError):
     """A params file is missing, unreadable or invalid; the message is one line."""
-
-
-def _parse_fraction(value: Any) -> Any:
-    """Accept ``"8/255"`` style strings for budgets written as fractions."""
-    if isinstance(value, str) and "/" in value:
-        try:
-            return float(fractions.Fraction(value.replace(" ", "")))
-        except (ValueError, ZeroDivisionError) as exc:
-            raise ValueError(f"cannot read {value!r} as a number") from exc
-    return value
-
-
-Budget = Annotated[float, BeforeValidator(_parse_fraction)]
 
 
 class _Strict(BaseModel):
@@ -67,7 +62,7 @@ class _Strict(BaseModel):
 class DataConfig(_Strict):
     """``data``: where the dataset is and how much of it to prepare."""
 
-    dataset: Literal["cifar10"] = "cifar10"
+    dataset: Literal["cifar10", "gtsrb"] = "cifar10"
     root: str = Field(description="folder holding the dataset (any accepted layout)")
     download: bool = Field(False, description="use torchvision's download when root holds nothing")
     train_per_class: int | None = Field(None, gt=0, description="keep this many training images a class")
@@ -157,6 +152,13 @@ class PatchConfig(_Strict):
     scale_min: float = Field(1.0, gt=0, le=1)
     scale_max: float = Field(1.0, gt=0, le=1)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    attacks: list[Literal["advp", "lavan"]] = Field(
+        default_factory=lambda: ["advp"], min_length=1,
+        description="universal patch attacks to train: advp (cross-entropy), lavan (logit margin)",
+    )
+    location: Literal["random", "fixed"] = Field(
+        "random", description="random placement per image (EOT) or the fixed bottom-right corner"
+    )
 
     @model_validator(mode="after")
     def _scale_order(self) -> PatchConfig:
@@ -176,12 +178,18 @@ class EvaluateConfig(_Strict):
     placement_seed: int = 1234
     batch_size: int = Field(500, ge=1)
     num_shards: int = Field(4, ge=1, description="Ray tasks over the test set")
-    test_images: int | None = Field(None, gt=0, description="first n test images (null: all)")
+    test_images: int | None = Field(
+        None, gt=0, description="a fixed random subset of n test images, drawn with subset_seed (null: all)"
+    )
+    subset_seed: int = Field(0, description="seed of the test-image order that every subset is a prefix of")
+    fit_images: int = Field(
+        1000, ge=1, description="training images for attacks fitted on data (masked PGD's pixel robustness map)"
+    )
 
     @field_validator("defenses", "attacks")
     @classmethod
     def _known_names(cls, v: list[str], info) -> list[str]:
-        allowed = DEFENSES if info.field_name == "defenses" else ATTACKS
+        allowed = DEFENSES if info.field_name == "defenses" else evaluate_attack_names()
         bad = [name for name in v if name not in allowed]
         if bad:
             what = info.field_name.removesuffix("s")
@@ -209,12 +217,56 @@ class Params(_Strict):
     fnc: FNCConfig = FNCConfig()
     patch: PatchConfig = PatchConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    attacks: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="per-image attack name -> its params (threat model as data); defaults where omitted",
+    )
     mlflow: MLflowConfig = MLflowConfig()
+
+    @field_validator("attacks")
+    @classmethod
+    def _attack_params(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Validate every section with its attack's params model; store the normalised values."""
+        from pydantic import ValidationError as _VE
+
+        from pipeline.attacks.base import attack_params_class
+
+        out = {}
+        for name, section in v.items():
+            model = attack_params_class(name)  # ValueError lists the known names
+            try:
+                out[name] = model.model_validate(section or {}).model_dump(mode="json")
+            except _VE as exc:
+                first = exc.errors()[0]
+                loc = "".join(f".{p}" for p in first["loc"])
+                msg = first["msg"].removeprefix("Value error, ")
+                raise ValueError(f"attacks.{name}{loc}: {msg} (got {first.get('input')!r})") from None
+        return out
+
+    @model_validator(mode="after")
+    def _patch_attacks_generated(self) -> Params:
+        missing = [a for a in self.evaluate.attacks if a in PATCH_ATTACKS and a not in self.patch.attacks]
+        if missing:
+            raise ValueError(f"evaluate.attacks lists {missing[0]!r} but patch.attacks does not generate it; "
+                             f"add it to patch.attacks")
+        return self
+
+    def attack_params(self, name: str) -> dict[str, Any]:
+        """The validated params of per-image attack ``name`` (its defaults where ``attacks`` omits it)."""
+        from pipeline.attacks.base import attack_params_class
+
+        return self.attacks.get(name) or attack_params_class(name)().model_dump(mode="json")
 
     @model_validator(mode="after")
     def _target_in_range(self) -> Params:
-        if self.patch.target is not None and self.patch.target >= 10:
-            raise ValueError(f"patch.target {self.patch.target} is not a CIFAR-10 class; use 0-9 or null")
+        from pipeline.data.datasets import DATASETS as _INFO  # the chosen dataset's class count
+
+        k = _INFO[self.data.dataset].num_classes
+        if self.patch.target is not None and self.patch.target >= k:
+            raise ValueError(
+                f"patch.target {self.patch.target} is not a class of {self.data.dataset} ({k} classes); "
+                f"use 0-{k - 1} or null"
+            )
         return self
 
 

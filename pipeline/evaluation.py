@@ -5,14 +5,23 @@ same fixed random patch placements (drawn once from ``evaluate.placement_seed``)
 so defenses and attacks differ in nothing else. Attacks:
 
 * ``none``: clean images;
-* ``advp``: each universal patch of ``generate_patches`` (one per seed), made on
-  the undefended model and transferred to every defense (as the FNC authors
-  evaluate);
+* ``advp``, ``lavan``: each universal patch of ``generate_patches`` (one per
+  seed), made on the undefended model and transferred to every defense (as the
+  FNC authors evaluate);
 * ``occlusion``: the control of a same-size patch of uniform noise at the same
-  placements (DESIGN.md: accuracy under a patch mixes occlusion and attack).
+  placements (DESIGN.md: accuracy under a patch mixes occlusion and attack);
+  AdvP and LaVAN patches have the same size, so it serves both;
+* any registered per-image attack (:mod:`pipeline.attacks.base`: FGSM, PGD,
+  Mask-FGSM, masked PGD, DeepFool, JSMA, C&W, One Pixel), run white-box on each
+  (defended) model itself, on the first ``n_images`` of the evaluated images.
 
-Spread: each metric is computed per patch seed, then reported as the mean and
-the standard deviation over seeds (``<metric>_std``).
+Spread: each patch metric is computed per patch seed, then reported as the mean
+and the standard deviation over seeds (``<metric>_std``).
+
+Subsets: the test split is stored sorted by class, so every subset
+(``evaluate.test_images``, an attack's ``n_images``) is a prefix of one fixed
+random permutation (:func:`test_order`): all classes are represented and a
+smaller subset is contained in a larger one.
 """
 
 from __future__ import annotations
@@ -26,6 +35,11 @@ from pipeline.attacks.patch import Placements, apply_patch, sample_placements
 from pipeline.checkpoint import build_from_spec
 from pipeline.metrics import attack_success_rate, clean_accuracy, fooling_rate, robust_accuracy
 from pipeline.train import default_device
+
+
+def test_order(n: int, seed: int) -> torch.Tensor:
+    """A fixed random permutation of ``range(n)`` (int64), the order subsets are prefixes of."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
 
 def fixed_placements(n_images: int, placements: int, image_size: tuple[int, int], side: int, seed: int) -> Placements:
@@ -127,4 +141,86 @@ def cell_metrics(
     for name, values in per_seed.items():
         out[name], out[f"{name}_std"] = _mean_std(values)
     out.update({"n_images": n_counted, "n_seeds": n_seeds, "placements": n_placements})
+    return out
+
+
+def attack_shard(
+    spec: dict[str, Any],
+    attack: str,
+    attack_params: dict[str, Any],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    seed: int,
+    fit_data: tuple[torch.Tensor, torch.Tensor] | None = None,
+    num_threads: int = 1,
+) -> dict[str, Any]:
+    """Run per-image attack ``attack`` on one shard of test images.
+
+    Args:
+        spec: checkpoint dict of the (defended) model; the attack is white-box on it.
+        attack: registered attack name (:func:`pipeline.attacks.base.list_attacks`).
+        attack_params: its validated params (a dict).
+        x: uint8 (n, 3, H, W) test images; y: int64 (n,) labels.
+        seed: seeds the attack's randomness (random starts, populations).
+        fit_data: uint8 training images and labels for attacks with ``needs_fit``.
+        num_threads: torch threads of this task.
+
+    Returns:
+        ``{"pred_clean": int64 (n,), "pred_adv": int64 (n,), "sizes": {metric:
+        float (n,)}}`` (per-image perturbation sizes of
+        :func:`pipeline.metrics.perturbation_sizes`), on the CPU.
+    """
+    from pipeline.attacks.base import build_attack
+    from pipeline.metrics import perturbation_sizes
+
+    torch.set_num_threads(max(1, num_threads))
+    device = default_device()
+    model = build_from_spec(spec).to(device).eval()
+    atk = build_attack(attack, attack_params)
+    if atk.needs_fit:
+        if fit_data is None:
+            raise ValueError(f"attack {attack!r} needs training images (fit_data)")
+        fx, fy = fit_data
+        atk.fit(model, fx.to(device).float().div_(255), fy.to(device))
+    xf = x.to(device).float().div_(255)
+    yd = y.to(device)
+    x_adv = atk(model, xf, yd, torch.Generator().manual_seed(seed))
+    bs = attack_params.get("batch_size", 250)
+    with torch.no_grad():
+        pred_clean = torch.cat([model(xf[s : s + bs]).argmax(1) for s in range(0, len(xf), bs)]).cpu()
+        pred_adv = torch.cat([model(x_adv[s : s + bs]).argmax(1) for s in range(0, len(xf), bs)]).cpu()
+    sizes = {k: v.cpu() for k, v in perturbation_sizes(xf, x_adv).items()}
+    return {"pred_clean": pred_clean, "pred_adv": pred_adv, "sizes": sizes}
+
+
+def attack_cell_metrics(
+    pred_clean: torch.Tensor,
+    pred_adv: torch.Tensor,
+    labels: torch.Tensor,
+    target: int | None,
+    sizes: dict[str, torch.Tensor],
+) -> dict[str, float | int]:
+    """Metrics of a per-image attack cell.
+
+    Args:
+        pred_clean, pred_adv: int64 (n,) predictions on the clean and attacked images.
+        labels: int64 (n,).
+        target: the attack's target class, or None.
+        sizes: per-image perturbation sizes, float (n,) each.
+
+    Returns:
+        ``clean_accuracy`` (on the attacked subset), ``robust_accuracy``,
+        ``attack_success_rate``, ``fooling_rate``, ``n_images`` (images robust
+        accuracy counts over), and the mean of each perturbation size over all
+        attacked images (``l0`` fraction of values changed, ``l2``, ``linf``,
+        ``l2_dissimilarity``, ``ssim``).
+    """
+    out: dict[str, float | int] = {"clean_accuracy": clean_accuracy(pred_clean, labels).value}
+    ra = robust_accuracy(pred_adv, labels, target)
+    out["robust_accuracy"] = ra.value
+    out["attack_success_rate"] = attack_success_rate(pred_clean, pred_adv, labels, target).value
+    out["fooling_rate"] = fooling_rate(pred_clean, pred_adv).value
+    out["n_images"] = ra.n_images
+    for name, values in sizes.items():
+        out[name] = float(values.double().mean()) if len(values) else math.nan
     return out

@@ -11,6 +11,9 @@ the number of images it counts over. A metric over zero images is NaN.
 | attack_success_rate, untargeted | pred_clean == label | pred_adv != label |
 | attack_success_rate, targeted | label != target | pred_adv == target |
 | fooling_rate | all | pred_adv != pred_clean |
+
+:func:`perturbation_metrics` measures the perturbation itself (L0, L2, L-inf,
+L2 dissimilarity, SSIM) on the images, for the per-image attacks.
 """
 
 from __future__ import annotations
@@ -72,3 +75,53 @@ def fooling_rate(pred_clean: torch.Tensor, pred_adv: torch.Tensor) -> Metric:
     "attack success rate"; Moosavi-Dezfooli et al.'s fooling rate)."""
     _check(pred_clean, pred_adv)
     return Metric.of(pred_adv != pred_clean, torch.ones_like(pred_clean, dtype=torch.bool))
+
+
+def perturbation_sizes(x: torch.Tensor, x_adv: torch.Tensor, atol: float = 1e-6) -> dict[str, torch.Tensor]:
+    """Size of a perturbation, per image (Carlini et al. 2019 report these beside accuracy).
+
+    Args:
+        x: clean images, float (N, C, H, W) in [0, 1].
+        x_adv: adversarial images, same shape, in [0, 1].
+        atol: a value counts as changed (L0) when ``|x_adv - x| > atol``.
+
+    Returns:
+        float32 (N,) tensors on ``x``'s device:
+
+        * ``l0``: fraction of the image's input values (C x H x W entries, not
+          pixels) changed, in [0, 1] (seed 002 reports it as a percentage);
+        * ``l2``: ``||x_adv - x||_2`` over C x H x W, pixel units of [0, 1];
+        * ``linf``: ``max |x_adv - x|``, pixel units of [0, 1];
+        * ``l2_dissimilarity``: ``||x - x_adv||_2 / ||x_adv||_2`` (BlurNet,
+          after Eykholt et al. 2018);
+        * ``ssim``: structural similarity (Wang et al. 2004) of ``x_adv`` to
+          ``x``, Gaussian 11x11 window, data range 1, from torchmetrics.
+
+    Raises:
+        ValueError: shapes differ or are not 4-D, or there are no images.
+    """
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    if x.shape != x_adv.shape or x.ndim != 4 or len(x) == 0:
+        raise ValueError(f"expected two equal non-empty (N, C, H, W) batches, got {tuple(x.shape)}, {tuple(x_adv.shape)}")
+    x, x_adv = x.float(), x_adv.float()
+    delta = (x_adv - x).flatten(1)
+    l2 = delta.norm(dim=1)
+    ssim = structural_similarity_index_measure(x_adv, x, data_range=1.0, reduction="none")
+    return {
+        "l0": (delta.abs() > atol).float().mean(dim=1),
+        "l2": l2,
+        "linf": delta.abs().amax(dim=1),
+        "l2_dissimilarity": l2 / x_adv.flatten(1).norm(dim=1).clamp_min(1e-12),
+        "ssim": ssim.float(),
+    }
+
+
+def perturbation_metrics(x: torch.Tensor, x_adv: torch.Tensor, atol: float = 1e-6) -> dict[str, float]:
+    """Means over the N images of :func:`perturbation_sizes`, plus ``n_images``.
+
+    Raises:
+        ValueError: as :func:`perturbation_sizes`.
+    """
+    sizes = perturbation_sizes(x, x_adv, atol)
+    return {**{k: float(v.mean()) for k, v in sizes.items()}, "n_images": len(x)}

@@ -18,7 +18,7 @@ from pipeline.attacks.patch import train_universal_patch
 from pipeline.checkpoint import apply_defenses, build_from_spec
 from pipeline.defenses.adjust import finetune_classifier, recalibrate_batchnorm
 from pipeline.distributed import node_id
-from pipeline.evaluation import predict_shard
+from pipeline.evaluation import attack_shard, predict_shard
 from pipeline.train import accuracy, default_device, iterate_batches
 
 
@@ -39,12 +39,26 @@ def patch_task(item: dict[str, Any]) -> dict[str, Any]:
 
 
 def evaluate_task(item: dict[str, Any]) -> dict[str, Any]:
-    """Predictions of one model on one test shard. ``item``: spec, x, placements,
-    patches, batch_size, num_threads (see :func:`predict_shard`)."""
+    """Predictions of one model on one test shard, clean and under the patch
+    attacks named in ``item["attacks"]``. ``item``: spec, x, placements, patches
+    (ref to name -> (S, 3, s, s)), attacks, batch_size, num_threads (see
+    :func:`predict_shard`)."""
+    patches = {a: p for a, p in _get(item["patches"]).items() if a in item["attacks"]}
     preds = predict_shard(
-        _get(item["spec"]), item["x"], item["placements"], _get(item["patches"]), item["batch_size"], item["num_threads"]
+        _get(item["spec"]), item["x"], item["placements"], patches, item["batch_size"], int(item["num_threads"])
     )
     return {"preds": preds, "node_id": node_id()}
+
+
+def attack_task(item: dict[str, Any]) -> dict[str, Any]:
+    """A per-image attack on one test shard. ``item``: spec, attack, params, x,
+    y, seed, fit_data (ref or None), num_threads (see :func:`attack_shard`)."""
+    start = time.perf_counter()
+    out = attack_shard(
+        _get(item["spec"]), item["attack"], item["params"], item["x"], item["y"], item["seed"],
+        _get(item.get("fit_data")), int(item["num_threads"]),
+    )
+    return {**out, "seconds": time.perf_counter() - start, "node_id": node_id()}
 
 
 def defend_task(item: dict[str, Any]) -> dict[str, Any]:

@@ -29,9 +29,12 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def cifar_augmentation(image_size: int = 32, padding: int = 4) -> v2.Compose:
-    """Random crop with zero padding and horizontal flip, on one uint8 (3, H, W) tensor."""
-    return v2.Compose([v2.RandomCrop(image_size, padding=padding), v2.RandomHorizontalFlip()])
+def cifar_augmentation(image_size: int = 32, padding: int = 4, horizontal_flip: bool = True) -> v2.Compose:
+    """Random crop with zero padding and (unless ``horizontal_flip`` is False, as for
+    traffic signs, whose mirror image can be another class) a horizontal flip, on one
+    uint8 (3, H, W) tensor."""
+    crop = [v2.RandomCrop(image_size, padding=padding)]
+    return v2.Compose(crop + [v2.RandomHorizontalFlip()] if horizontal_flip else crop)
 
 
 def iterate_batches(
@@ -72,6 +75,7 @@ class Trainer:
             channels_last, eval_batch_size).
         seed: seeds initialisation and every epoch's order and augmentation.
         num_threads: torch intra-op threads (the CPUs this task was given).
+        horizontal_flip: use flip augmentation (the dataset's ``DatasetInfo.horizontal_flip``).
     """
 
     def __init__(
@@ -82,6 +86,7 @@ class Trainer:
         cfg: dict[str, Any],
         seed: int,
         num_threads: int = 1,
+        horizontal_flip: bool = True,
     ) -> None:
         torch.set_num_threads(max(1, num_threads))
         torch.manual_seed(seed)
@@ -91,7 +96,7 @@ class Trainer:
         self.model = build_from_spec(spec).to(self.device, memory_format=self.memory_format)
         self.spec = spec
         image_size = train[0].shape[-1]
-        self.train_set: Dataset = TensorImageDataset(*train, transform=cifar_augmentation(image_size))
+        self.train_set: Dataset = TensorImageDataset(*train, transform=cifar_augmentation(image_size, horizontal_flip=horizontal_flip))
         self.test = test
         steps_per_epoch = -(-len(self.train_set) // cfg["batch_size"])
         self.opt = torch.optim.SGD(

@@ -1,19 +1,29 @@
 """DVC stage ``evaluate``: the (model, defense, attack) matrix on the test set.
 
 Defenses from ``evaluate.defenses`` (``none``: the baseline; ``fnc``: the
-train_defended model), attacks from ``evaluate.attacks`` (``none``, ``advp``:
-the patches of generate_patches, made on the undefended model and transferred;
-``occlusion``: uniform-noise patches of the same size at the same placements).
-One Ray task per (defense, test shard). Writes ``metrics/evaluate.json``
-(nested model -> defense -> attack -> metric, fractions in [0, 1]),
+train_defended model), attacks from ``evaluate.attacks``: ``none`` (clean),
+the universal patches of generate_patches (``advp``, ``lavan``: made on the
+undefended model and transferred), ``occlusion`` (uniform-noise patches of the
+same size at the same placements), and the registered per-image attacks (run
+white-box on each model, with their params from the ``attacks`` section).
+
+One Ray task per (defense, test shard) for the clean and patch cells, and per
+(defense, attack, shard) for the per-image attacks. Every cell's raw
+predictions are cached under ``.cache/evaluate/`` by a hash of what it depends
+on (the model file, the patches, the attack's params, the test subset), so a
+rerun after adding an attack, or changing one attack's params, computes only
+those cells. Writes ``metrics/evaluate.json`` (nested model -> defense ->
+attack -> metric, fractions in [0, 1]), ``metrics/evaluate.md`` (the table),
 ``plots/evaluate.csv`` and ``plots/evaluate.png``.
 """
 
 from __future__ import annotations
 
+import inspect
 import io
 import logging
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -24,98 +34,216 @@ import pandas as pd  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.attacks.patch import patch_side  # noqa: E402
+from pipeline.attacks.base import attack_params_class, build_attack  # noqa: E402
+from pipeline.attacks.patch import corner_placements, patch_side  # noqa: E402
 from pipeline.checkpoint import load_checkpoint  # noqa: E402
-from pipeline.cli import run_stage  # noqa: E402
-from pipeline.config import Params  # noqa: E402
+from pipeline.cli import resume_dir, run_stage  # noqa: E402
+from pipeline.config import PATCH_ATTACKS, Params  # noqa: E402
 from pipeline.data import load_meta, load_tensors  # noqa: E402
 from pipeline.distributed import init_ray, ray_map  # noqa: E402
-from pipeline.evaluation import cell_metrics, fixed_placements, noise_patches  # noqa: E402
-from pipeline.io import atomic_write, load_torch, save_json  # noqa: E402
-from pipeline.tasks import evaluate_task  # noqa: E402
+from pipeline.evaluation import (  # noqa: E402
+    attack_cell_metrics,
+    cell_metrics,
+    fixed_placements,
+    noise_patches,
+    test_order,
+)
+from pipeline.io import atomic_write, load_torch, save_json, save_torch, sha256_file  # noqa: E402
+from pipeline.tasks import attack_task, evaluate_task  # noqa: E402
 from pipeline.tracking import log_metrics, stage_run  # noqa: E402
 
 log = logging.getLogger("evaluate")
 PREPARED = Path("data/prepared")
+PATCH_CELLS = ("none", *PATCH_ATTACKS, "occlusion")
+"""Cells computed from the same forward passes at fixed placements (clean, patches, control)."""
 
 
 def main(params: Params) -> None:
     """Evaluate every (defense, attack) cell of ``params.evaluate`` on the prepared test set."""
     name = params.model.name
     ev = params.evaluate
-    specs = {d: load_checkpoint(Path("models") / name / ("baseline.pt" if d == "none" else f"{d}.pt"))
-             for d in ev.defenses}
+    ckpts = {d: Path("models") / name / ("baseline.pt" if d == "none" else f"{d}.pt") for d in ev.defenses}
+    per_image = [a for a in ev.attacks if a not in PATCH_CELLS]
+    for attack in per_image:  # every attack's params validated before any work
+        attack_params_class(attack).model_validate(params.attack_params(attack))
+    specs = {d: load_checkpoint(path) for d, path in ckpts.items()}
+    weights = {d: sha256_file(path) for d, path in ckpts.items()}
     meta = load_meta(PREPARED / params.data.dataset)
     x, y = load_tensors(PREPARED / params.data.dataset, "test")
-    if ev.test_images is not None:
-        x, y = x[: ev.test_images], y[: ev.test_images]
+    order = test_order(len(x), ev.subset_seed)[: ev.test_images]
+    x, y = x[order].contiguous(), y[order].contiguous()
     _, h, w = meta["image_shape"]
     side = patch_side(params.patch.area_fraction, h, w)
     seeds = params.patch.seeds
+    subset = {"n": len(x), "subset_seed": ev.subset_seed, "data": meta["source"]["sha256"], "splits": meta["splits"]}
+
     patches: dict[str, torch.Tensor] = {}
-    if "advp" in ev.attacks:
-        patches["advp"] = torch.stack([load_torch(Path("patches") / name / "advp" / f"seed_{s}.pt") for s in seeds])
-        if patches["advp"].shape[-1] != side:
-            raise FileNotFoundError(f"patches/{name}/advp: patch side {patches['advp'].shape[-1]} != {side}; "
+    patch_ids: dict[str, Any] = {}
+    for attack in (a for a in ev.attacks if a in PATCH_ATTACKS):
+        files = [Path("patches") / name / attack / f"seed_{s}.pt" for s in seeds]
+        patches[attack] = torch.stack([load_torch(f) for f in files])
+        patch_ids[attack] = [sha256_file(f) for f in files]
+        if patches[attack].shape[-1] != side:
+            raise FileNotFoundError(f"patches/{name}/{attack}: patch side {patches[attack].shape[-1]} != {side}; "
                                     "rerun generate_patches (dvc repro)")
     if "occlusion" in ev.attacks:
         patches["occlusion"] = noise_patches(len(seeds), side, ev.placement_seed)
-    placements = fixed_placements(len(x), ev.placements, (h, w), side, ev.placement_seed)
+        patch_ids["occlusion"] = {"noise_seed": ev.placement_seed, "n": len(seeds), "side": side}
+    if params.patch.location == "fixed":
+        placements = corner_placements(len(x) * ev.placements, (h, w), side)
+    else:
+        placements = fixed_placements(len(x), ev.placements, (h, w), side, ev.placement_seed)
+    where = {"location": params.patch.location, "placements": ev.placements, "placement_seed": ev.placement_seed}
 
-    init_ray()
-    patches_ref = ray.put(patches)
-    shards = [s for s in torch.arange(len(x)).tensor_split(ev.num_shards) if len(s)]
-    items = []
+    def cell_cache(defense: str, attack: str) -> Path:
+        """Where a cell's predictions are cached: keyed by everything they depend on, its code included."""
+        code = ["pipeline/evaluation.py", "pipeline/attacks/patch.py"]
+        key = {"weights": weights[defense], "attack": attack, "subset": subset}
+        if attack in patch_ids:
+            key.update(patches=patch_ids[attack], where=where)
+        elif attack != "none":
+            key.update(params=params.attack_params(attack), seed=params.seed)
+            code += ["pipeline/attacks/base.py", inspect.getsourcefile(type(build_attack(attack)))]
+        key["code"] = [sha256_file(f) for f in code]
+        return resume_dir("evaluate", key) / "cell.pt"
+
+    cells: dict[tuple[str, str], dict] = {}
     for d in ev.defenses:
+        for a in ev.attacks:
+            if cell_cache(d, a).is_file():
+                cells[(d, a)] = load_torch(cell_cache(d, a))
+    log.info("%d of %d cells cached; computing the rest", len(cells), len(ev.defenses) * len(ev.attacks))
+
+    shards = [s for s in torch.arange(len(x)).tensor_split(ev.num_shards) if len(s)]
+    res = params.resources
+    items, meta_items = [], []
+    patches_ref = None
+    for d in ev.defenses:
+        todo = [a for a in ev.attacks if a in PATCH_CELLS and (d, a) not in cells]
+        if not todo:
+            continue
+        init_ray()
+        patches_ref = patches_ref or ray.put(patches)
         spec_ref = ray.put(specs[d])
         for idx in shards:
             pl_idx = torch.cat([idx + j * len(x) for j in range(ev.placements)])
-            items.append({"defense": d, "spec": spec_ref, "x": x[idx].clone(), "placements": placements[pl_idx],
-                          "patches": patches_ref, "batch_size": ev.batch_size,
-                          "num_threads": params.resources.num_cpus})
-    results = ray_map(evaluate_task, [{k: v for k, v in it.items() if k != "defense"} for it in items],
-                      num_cpus=params.resources.num_cpus, num_gpus=params.resources.num_gpus,
-                      desc="evaluate (defense x shard)")
+            items.append({"spec": spec_ref, "x": x[idx].clone(), "placements": placements[pl_idx],
+                          "patches": patches_ref, "attacks": [a for a in todo if a != "none"],
+                          "batch_size": ev.batch_size, "num_threads": res.num_cpus})
+            meta_items.append((d, todo))
+    if items:
+        results = ray_map(evaluate_task, items, num_cpus=res.num_cpus, num_gpus=res.num_gpus,
+                          desc="evaluate clean and patch cells (defense x shard)")
+        for d in ev.defenses:
+            parts = [r for (dd, _), r in zip(meta_items, results, strict=True) if dd == d]
+            if not parts:
+                continue
+            todo = next(t for dd, t in meta_items if dd == d)
+            for a in todo:
+                preds = torch.cat([p["preds"][a] for p in parts], dim=-1)
+                cells[(d, a)] = {"preds": preds, "node_ids": sorted({p["node_id"] for p in parts})}
+                save_torch(cells[(d, a)], cell_cache(d, a))
+
+    items, meta_items = [], []
+    fit_ref = None
+    for d in ev.defenses:
+        for a in per_image:
+            if (d, a) in cells:
+                continue
+            init_ray()
+            ap = params.attack_params(a)
+            n = min(ap.get("n_images") or len(x), len(x))
+            if fit_ref is None:
+                fit_ref = ray.put(_fit_images(params, ev.fit_images))
+            spec_ref = ray.put(specs[d])
+            for k, idx in enumerate(torch.arange(n).tensor_split(min(ev.num_shards, n))):
+                if len(idx):
+                    items.append({"spec": spec_ref, "attack": a, "params": ap, "x": x[idx].clone(), "y": y[idx].clone(),
+                                  "seed": params.seed * 1000 + k, "fit_data": fit_ref, "num_threads": res.num_cpus})
+                    meta_items.append((d, a))
+    if items:
+        results = ray_map(attack_task, items, num_cpus=res.num_cpus, num_gpus=res.num_gpus,
+                          desc="evaluate per-image attacks (defense x attack x shard)")
+        for d, a in dict.fromkeys(meta_items):
+            parts = [r for m, r in zip(meta_items, results, strict=True) if m == (d, a)]
+            cells[(d, a)] = {
+                "pred_clean": torch.cat([p["pred_clean"] for p in parts]),
+                "pred_adv": torch.cat([p["pred_adv"] for p in parts]),
+                "sizes": {k: torch.cat([p["sizes"][k] for p in parts]) for k in parts[0]["sizes"]},
+                "seconds": sum(p["seconds"] for p in parts),
+                "node_ids": sorted({p["node_id"] for p in parts}),
+            }
+            save_torch(cells[(d, a)], cell_cache(d, a))
 
     table: dict[str, dict] = {}
     for d in ev.defenses:
-        parts = [r["preds"] for it, r in zip(items, results, strict=True) if it["defense"] == d]
-        clean = torch.cat([p["none"] for p in parts])
         table[d] = {}
-        for attack in ev.attacks:
-            adv = None if attack == "none" else torch.cat([p[attack] for p in parts], dim=-1)
-            table[d][attack] = cell_metrics(clean, adv, y, params.patch.target if attack != "none" else None)
+        clean = cells[(d, "none")]["preds"] if (d, "none") in cells else None
+        for a in ev.attacks:
+            c = cells[(d, a)]
+            if a == "none":
+                table[d][a] = cell_metrics(c["preds"], None, y, None)
+            elif a in PATCH_CELLS:
+                if clean is None:
+                    raise ValueError("evaluate.attacks: patch attacks need the clean cell 'none' too; add it")
+                table[d][a] = cell_metrics(clean, c["preds"], y, params.patch.target)
+            else:
+                n = len(c["pred_adv"])
+                table[d][a] = attack_cell_metrics(c["pred_clean"], c["pred_adv"], y[:n],
+                                                  params.attack_params(a).get("target"), c["sizes"])
     metrics = {name: table}
     save_json(metrics, "metrics/evaluate.json")
 
     rows = [{"model": name, "defense": d, "attack": a, **m} for d, row in table.items() for a, m in row.items()]
     df = pd.DataFrame(rows)
     atomic_write("plots/evaluate.csv", lambda f: f.write(df.to_csv(index=False).encode()))
+    atomic_write("metrics/evaluate.md", lambda f: f.write(_markdown(df, params).encode()))
     figure = _figure(df, name, params)
     atomic_write("plots/evaluate.png", lambda f: f.write(figure))
     log.info("results (%d test images, %d placement(s), %d patch seed(s)):\n%s", len(x), ev.placements, len(seeds),
-             df[["defense", "attack", "clean_accuracy", "robust_accuracy", "attack_success_rate"]].to_string(
-                 index=False, float_format=lambda v: f"{v:.4f}"))
+             df[["defense", "attack", "n_images", "clean_accuracy", "robust_accuracy", "attack_success_rate"]]
+             .to_string(index=False, float_format=lambda v: f"{v:.4f}"))
 
     section = {"model": params.model.model_dump(), "evaluate": ev.model_dump(), "patch": params.patch.model_dump(),
-               "fnc": params.fnc.model_dump(), "seed": params.seed}
+               "fnc": params.fnc.model_dump(), "seed": params.seed,
+               "attacks": {a: params.attack_params(a) for a in per_image}}
     tags = {"profile": params.profile, "model": name, "defenses": ",".join(ev.defenses),
             "attacks": ",".join(ev.attacks),
-            "node_ids": ",".join(sorted({r["node_id"] for r in results}))}
+            "node_ids": ",".join(sorted({n for c in cells.values() for n in c.get("node_ids", [])}))}
     with stage_run("evaluate", params.mlflow.experiment, section, tags):
         log_metrics(table)
-        mlflow.log_artifact("plots/evaluate.csv", artifact_path="plots")
-        mlflow.log_artifact("plots/evaluate.png", artifact_path="plots")
-        if "advp" in ev.attacks:
+        for f in ("plots/evaluate.csv", "plots/evaluate.png", "metrics/evaluate.md"):
+            mlflow.log_artifact(f, artifact_path="evaluate")
+        for attack in (a for a in ev.attacks if a in PATCH_ATTACKS):
             for s in seeds:
-                mlflow.log_artifact(str(Path("patches") / name / "advp" / f"seed_{s}.png"), artifact_path="patches")
+                mlflow.log_artifact(str(Path("patches") / name / attack / f"seed_{s}.png"),
+                                    artifact_path=f"patches/{attack}")
+
+
+def _fit_images(params: Params, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded random subset of ``n`` training images (uint8, int64) for attacks that fit on data."""
+    x, y = load_tensors(PREPARED / params.data.dataset, "train")
+    idx = test_order(len(x), params.seed)[:n]
+    return x[idx].contiguous(), y[idx].contiguous()
+
+
+def _markdown(df: pd.DataFrame, params: Params) -> str:
+    """The matrix as a markdown table (pandas + tabulate), one row per cell."""
+    cols = [c for c in ("defense", "attack", "n_images", "clean_accuracy", "robust_accuracy", "robust_accuracy_std",
+                        "attack_success_rate", "attack_success_rate_std", "fooling_rate", "l0", "l2", "linf", "ssim")
+            if c in df]
+    head = (f"# {params.model.name}: evaluation matrix ({params.profile} profile)\n\n"
+            "Fractions in [0, 1]; `_std` is the standard deviation over patch seeds; `l0` is the fraction of input "
+            "values changed, `l2`/`linf` in pixel units of [0, 1]. Patch attacks are made on the undefended model "
+            "and transferred; per-image attacks are white-box on each model.\n\n")
+    return head + df[cols].to_markdown(index=False, floatfmt=".4f") + "\n"
 
 
 def _figure(df: pd.DataFrame, model: str, params: Params) -> bytes:
     """Grouped bars: accuracy per defense, clean and under each attack, with seed spread."""
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
     defenses = list(dict.fromkeys(df["defense"]))
     attacks = list(dict.fromkeys(df["attack"]))
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.5 + 0.45 * len(attacks) * len(defenses)), 3.8))
     width = 0.8 / len(attacks)
     for j, attack in enumerate(attacks):
         sub = df[df["attack"] == attack].set_index("defense").reindex(defenses)
@@ -128,9 +256,9 @@ def _figure(df: pd.DataFrame, model: str, params: Params) -> bytes:
     ax.set_ylim(0, 1.08)
     ax.set_ylabel("accuracy")
     target = params.patch.target
-    ax.set_title(f"{model}: accuracy clean and under a {params.patch.area_fraction:.0%} patch"
-                 + (f" (target {target})" if target is not None else ""), fontsize=10)
-    ax.legend(fontsize=8, loc="upper right")
+    ax.set_title(f"{model}: accuracy clean and under attack ({params.patch.area_fraction:.0%} patches"
+                 + (f", target {target})" if target is not None else ")"), fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)

@@ -1,11 +1,14 @@
-"""DVC stage ``generate_patches``: universal adversarial patches (AdvP) against the baseline.
+"""DVC stage ``generate_patches``: universal adversarial patches against the baseline.
 
-One Ray task per seed in ``patch.seeds``. Writes, under
-``patches/<model>/advp/``: ``seed_<k>.pt`` (float32 (3, s, s) in [0, 1]),
-``seed_<k>.png`` (8x upscaled), ``patches.png`` (all seeds and a patched
-example), plus ``metrics/generate_patches.json`` and ``plots/patch_loss.csv``.
-A finished seed is cached under ``.cache/generate_patches/``, so a killed run
-redoes only the seeds that had not finished.
+For every attack in ``patch.attacks`` (``advp``: Brown et al. 2017; ``lavan``:
+Karmon et al. 2018, the FNC authors' logit-margin loss), one Ray task per seed
+in ``patch.seeds``. Writes, under ``patches/<model>/<attack>/``:
+``seed_<k>.pt`` (float32 (3, s, s) in [0, 1]), ``seed_<k>.png`` (8x
+upscaled), ``patches.png`` (all seeds and a patched example), plus
+``metrics/generate_patches.json`` and ``plots/patch_loss.csv``. A finished
+(attack, seed) is cached under ``.cache/generate_patches/``, so a killed run
+redoes only what had not finished, and adding an attack to ``patch.attacks``
+trains only the new one.
 """
 
 from __future__ import annotations
@@ -34,7 +37,6 @@ from pipeline.tracking import log_metrics, stage_run  # noqa: E402
 
 log = logging.getLogger("generate_patches")
 PREPARED = Path("data/prepared")
-ATTACK = "advp"
 
 
 def training_images(params: Params) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,61 +61,74 @@ def main(params: Params) -> None:
     _, h, w = meta["image_shape"]
     p = params.patch
     side = patch_side(p.area_fraction, h, w)
-    cfg = PatchTrainingConfig(
-        side=side, target=p.target, epochs=p.epochs, step_size=p.step_size, decay_epochs=tuple(p.decay_epochs),
-        batch_size=p.batch_size, rotation_deg=p.rotation, scale_range=(p.scale_min, p.scale_max),
-    )
     x, y = training_images(params)
-    log.info("patch %dx%d px (%.1f%% of %dx%d), target %s, %d training images, seeds %s",
-             side, side, 100 * side * side / (h * w), h, w, p.target, len(x), p.seeds)
+    log.info("patches %dx%d px (%.1f%% of %dx%d), attacks %s, target %s, %s location, %d training images, seeds %s",
+             side, side, 100 * side * side / (h * w), h, w, p.attacks, p.target, p.location, len(x), p.seeds)
 
     ckpt_hash = sha256_file(Path("models") / name / "baseline.pt")
-    base_key = {"patch": p.model_dump(), "model": name, "weights": ckpt_hash, "seed": params.seed,
-                "n_train": len(x)}
+    shared = p.model_dump(exclude={"attacks", "seeds"})
+    base_key = {"patch": shared, "model": name, "weights": ckpt_hash, "seed": params.seed, "n_train": len(x)}
+    jobs = [(a, s) for a in p.attacks for s in p.seeds]
+
+    def cache_file(attack: str, seed: int) -> Path:
+        return resume_dir("generate_patches", {**base_key, "attack": attack, "patch_seed": seed}) / "result.pt"
+
     cached, todo = {}, []
-    for seed in p.seeds:
-        f = resume_dir("generate_patches", {**base_key, "patch_seed": seed}) / "result.pt"
-        if f.is_file():
-            cached[seed] = load_torch(f)
-            log.info("seed %d: reusing finished patch from %s", seed, f)
+    for job in jobs:
+        if cache_file(*job).is_file():
+            cached[job] = load_torch(cache_file(*job))
+            log.info("%s seed %d: reusing finished patch from %s", *job, cache_file(*job))
         else:
-            todo.append(seed)
+            todo.append(job)
     if todo:
         init_ray()
         data = ray.put((x, y))
-        items = [{"spec": spec, "data": data, "cfg": cfg, "seed": s, "num_threads": params.resources.num_cpus}
-                 for s in todo]
+        items = [{"spec": spec, "data": data, "cfg": _training_config(p, side, attack), "seed": seed,
+                  "num_threads": params.resources.num_cpus} for attack, seed in todo]
         results = ray_map(patch_task, items, num_cpus=params.resources.num_cpus,
-                          num_gpus=params.resources.num_gpus, desc="patches (one task per seed)")
-        for seed, r in zip(todo, results, strict=True):
-            cached[seed] = r
-            save_torch(r, resume_dir("generate_patches", {**base_key, "patch_seed": seed}) / "result.pt")
+                          num_gpus=params.resources.num_gpus, desc="patches (one task per attack and seed)")
+        for job, r in zip(todo, results, strict=True):
+            cached[job] = r
+            save_torch(r, cache_file(*job))
 
-    out_dir = Path("patches") / name / ATTACK
-    rows, summary = [], {"side": side, "area_fraction": side * side / (h * w), "target": p.target, "seeds": {}}
-    for seed in p.seeds:
-        r = cached[seed]
-        save_torch(r["patch"], out_dir / f"seed_{seed}.pt")
-        save_png(r["patch"], out_dir / f"seed_{seed}.png", upscale=8)
-        rows += [{"seed": seed, "epoch": e, "loss": v} for e, v in enumerate(r["history"])]
-        summary["seeds"][str(seed)] = {"final_loss": r["history"][-1], "seconds": round(r["seconds"], 1)}
-    figure = out_dir / "patches.png"
-    _figure([cached[s]["patch"] for s in p.seeds], p.seeds, x[:1], meta["classes"], p.target, figure)
+    rows = []
+    summary: dict = {"side": side, "area_fraction": side * side / (h * w), "target": p.target, "location": p.location}
+    for attack in p.attacks:
+        out_dir = Path("patches") / name / attack
+        summary[attack] = {}
+        for seed in p.seeds:
+            r = cached[(attack, seed)]
+            save_torch(r["patch"], out_dir / f"seed_{seed}.pt")
+            save_png(r["patch"], out_dir / f"seed_{seed}.png", upscale=8)
+            rows += [{"attack": attack, "seed": seed, "epoch": e, "loss": v} for e, v in enumerate(r["history"])]
+            summary[attack][str(seed)] = {"final_loss": r["history"][-1], "seconds": round(r["seconds"], 1)}
+        _figure([cached[(attack, s)]["patch"] for s in p.seeds], p.seeds, x[:1], meta["classes"], p.target,
+                out_dir / "patches.png", attack)
     save_json(summary, "metrics/generate_patches.json")
     loss_csv = pd.DataFrame(rows).to_csv(index=False).encode()
     atomic_write("plots/patch_loss.csv", lambda f: f.write(loss_csv))
 
     section = {"model": params.model.model_dump(), "patch": p.model_dump(), "seed": params.seed}
-    tags = {"profile": params.profile, "model": name, "attack": ATTACK, "defense": "none",
-            "node_ids": ",".join(sorted({cached[s].get("node_id", "?") for s in p.seeds}))}
+    tags = {"profile": params.profile, "model": name, "attack": ",".join(p.attacks), "defense": "none",
+            "node_ids": ",".join(sorted({r.get("node_id", "?") for r in cached.values()}))}
     with stage_run("generate_patches", params.mlflow.experiment, section, tags):
         for row in rows:
-            mlflow.log_metric(f"patch_loss.seed_{row['seed']}", row["loss"], step=row["epoch"])
-        log_metrics({f"seconds.seed_{s}": v["seconds"] for s, v in summary["seeds"].items()})
-        mlflow.log_artifacts(str(out_dir), artifact_path="patches")
+            mlflow.log_metric(f"patch_loss.{row['attack']}.seed_{row['seed']}", row["loss"], step=row["epoch"])
+        log_metrics({f"seconds.{a}.seed_{s}": v["seconds"] for a in p.attacks for s, v in summary[a].items()})
+        for attack in p.attacks:
+            mlflow.log_artifacts(str(Path("patches") / name / attack), artifact_path=f"patches/{attack}")
 
 
-def _figure(patches, seeds, example, classes, target, path: Path) -> None:
+def _training_config(p, side: int, attack: str) -> PatchTrainingConfig:
+    """The :class:`PatchTrainingConfig` of one patch attack from the ``patch`` params."""
+    return PatchTrainingConfig(
+        side=side, attack=attack, location=p.location, target=p.target, epochs=p.epochs, step_size=p.step_size,
+        decay_epochs=tuple(p.decay_epochs), batch_size=p.batch_size, rotation_deg=p.rotation,
+        scale_range=(p.scale_min, p.scale_max),
+    )
+
+
+def _figure(patches, seeds, example, classes, target, path: Path, attack: str) -> None:
     """The patches side by side, and one training image with the first patch pasted."""
     n = len(patches)
     fig, axes = plt.subplots(1, n + 1, figsize=(2.2 * (n + 1), 2.6))
@@ -128,7 +143,8 @@ def _figure(patches, seeds, example, classes, target, path: Path) -> None:
     axes[-1].set_title("pasted", fontsize=9)
     axes[-1].axis("off")
     goal = f"target: {classes[target]}" if target is not None else "untargeted"
-    fig.suptitle(f"universal adversarial patches (AdvP), {goal}", fontsize=10)
+    label = {"advp": "AdvP", "lavan": "LaVAN"}.get(attack, attack)
+    fig.suptitle(f"universal adversarial patches ({label}), {goal}", fontsize=10)
     fig.tight_layout()
     import io
 

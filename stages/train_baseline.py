@@ -22,6 +22,7 @@ from pipeline.checkpoint import model_spec, save_checkpoint
 from pipeline.cli import resume_dir, run_stage
 from pipeline.config import Params, ParamsError
 from pipeline.data import load_meta, load_tensors
+from pipeline.data.datasets import DATASETS
 from pipeline.distributed import effective_gpus, init_ray, node_id
 from pipeline.io import atomic_write, load_torch, save_json, save_torch
 from pipeline.models import build_model
@@ -85,7 +86,8 @@ def main(params: Params) -> None:
     def start_actor(trainer_state):
         """A fresh training actor, restored to ``trainer_state`` (None: epoch 0)."""
         new = TrainingActor.options(num_cpus=cpus, num_gpus=effective_gpus(params.resources.train_num_gpus)).remote(
-            spec, *data_refs, params.train.model_dump(), params.seed, int(cpus)
+            spec, *data_refs, params.train.model_dump(), params.seed, int(cpus),
+            DATASETS[meta["dataset"]].horizontal_flip,
         )
         if trainer_state is not None:
             ray.get(new.load_state.remote(trainer_state))

@@ -91,3 +91,31 @@ def test_missing_dataset_is_reported_before_any_work(tmp_path):
 def test_missing_user_checkpoint_is_a_params_error(tmp_path):
     with pytest.raises(ParamsError, match="model.checkpoint: no such file"):
         load_params(write(tmp_path, lambda p: p["model"].update(checkpoint=str(tmp_path / "mine.pt"))))
+
+
+def test_attack_sections_are_validated_by_their_attack(tmp_path):
+    def bad_eps(p):
+        p["attacks"] = {"pgd": {"eps": "8/0"}}
+
+    with pytest.raises(ParamsError, match=r"attacks\.pgd\.eps"):
+        load_params(write(tmp_path, bad_eps))
+
+    def unknown(p):
+        p["attacks"] = {"pgdd": {}}
+
+    with pytest.raises(ParamsError, match="unknown attack 'pgdd'.*pgd"):
+        load_params(write(tmp_path, unknown))
+
+    def fraction(p):
+        p["attacks"] = {"pgd": {"eps": "8/255", "steps": 20}}
+
+    assert load_params(write(tmp_path, fraction)).attack_params("pgd")["eps"] == pytest.approx(8 / 255)
+
+
+def test_evaluated_patch_attack_must_be_generated(tmp_path):
+    def lavan_not_made(p):
+        p["patch"]["attacks"] = ["advp"]
+        p["evaluate"]["attacks"] = ["none", "advp", "lavan"]
+
+    with pytest.raises(ParamsError, match="lavan.*patch.attacks"):
+        load_params(write(tmp_path, lavan_not_made))

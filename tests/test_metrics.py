@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from pipeline.evaluation import cell_metrics
@@ -59,3 +60,55 @@ def test_cell_metrics_pools_placements():
     adv = T([[[0, 1], [7, 1]]])  # one seed, two placements; one flip out of four cases
     m = cell_metrics(labels, adv, labels, target=None)
     assert m["robust_accuracy"] == 0.75 and m["placements"] == 2 and m["n_images"] == 2
+
+
+def test_perturbation_sizes_match_their_definitions():
+    from pipeline.metrics import perturbation_metrics, perturbation_sizes
+
+    x = torch.full((2, 3, 16, 16), 0.5)
+    x_adv = x.clone()
+    x_adv[0, 0, 0, 0] = 0.75  # one value of 768 changed by 0.25
+    x_adv[1] += 0.1  # every value changed by 0.1
+    s = perturbation_sizes(x, x_adv)
+    assert s["l0"].tolist() == pytest.approx([1 / 768, 1.0])
+    assert s["linf"].tolist() == pytest.approx([0.25, 0.1])
+    assert s["l2"].tolist() == pytest.approx([0.25, 0.1 * 768**0.5], rel=1e-5)
+    assert s["l2_dissimilarity"][1].item() == pytest.approx(0.1 / 0.6, rel=1e-5)
+    same = perturbation_metrics(x, x)
+    assert same["l0"] == 0 and same["l2"] == 0 and same["ssim"] == pytest.approx(1.0) and same["n_images"] == 2
+    with pytest.raises(ValueError, match="equal"):
+        perturbation_sizes(x, x[:1])
+
+
+def test_ssim_drops_with_noise():
+    from pipeline.metrics import perturbation_sizes
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 3, 32, 32, generator=g)
+    noise = torch.randn(1, 3, 32, 32, generator=g)
+    small = perturbation_sizes(x, (x + 0.01 * noise).clamp(0, 1))["ssim"].item()
+    large = perturbation_sizes(x, (x + 0.2 * noise).clamp(0, 1))["ssim"].item()
+    assert 1.0 >= small > large
+
+
+def test_test_order_prefixes_cover_all_classes():
+    from pipeline.evaluation import test_order
+
+    labels = torch.arange(10).repeat_interleave(100)  # stored sorted by class, as prepared
+    order = test_order(len(labels), seed=0)
+    assert sorted(order.tolist()) == list(range(1000))
+    assert set(labels[order[:100]].tolist()) == set(range(10))
+    assert torch.equal(order, test_order(1000, seed=0)) and not torch.equal(order, test_order(1000, seed=1))
+
+
+def test_attack_cell_metrics_counts():
+    from pipeline.evaluation import attack_cell_metrics
+
+    labels = torch.tensor([0, 1, 2, 3])
+    clean = torch.tensor([0, 1, 2, 0])  # 3 of 4 correct
+    adv = torch.tensor([1, 1, 0, 0])  # two of the correct ones flipped
+    sizes = {"l0": torch.tensor([0.1, 0.0, 0.3, 0.0])}
+    m = attack_cell_metrics(clean, adv, labels, None, sizes)
+    assert m["clean_accuracy"] == 0.75 and m["robust_accuracy"] == 0.25
+    assert m["attack_success_rate"] == pytest.approx(2 / 3) and m["fooling_rate"] == 0.5
+    assert m["l0"] == pytest.approx(0.1) and m["n_images"] == 4

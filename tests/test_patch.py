@@ -8,6 +8,8 @@ import torch
 from pipeline.attacks.patch import (
     PatchTrainingConfig,
     apply_patch,
+    corner_placements,
+    patch_loss,
     patch_objective,
     patch_side,
     sample_placements,
@@ -92,3 +94,38 @@ def test_same_seed_same_patch():
     b, _ = train_universal_patch(model, x, y, cfg, seed=5)
     c, _ = train_universal_patch(model, x, y, cfg, seed=6)
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_lavan_loss_is_the_logit_margin_of_the_fnc_authors():
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.0, 3.0, 1.0]])
+    labels = torch.tensor([0, 1])
+    # targeted: mean(z_true - z_target)
+    assert patch_loss(logits, labels, 2, "lavan").item() == pytest.approx(((2.0 - -1.0) + (3.0 - 1.0)) / 2)
+    # untargeted: mean(z_true - max over the other classes)
+    assert patch_loss(logits, labels, None, "lavan").item() == pytest.approx(((2.0 - 0.5) + (3.0 - 1.0)) / 2)
+    # AdvP: cross-entropy to the target
+    ce = torch.nn.functional.cross_entropy(logits, torch.tensor([2, 2]))
+    assert patch_loss(logits, labels, 2, "advp").item() == pytest.approx(ce.item())
+    with pytest.raises(ValueError, match="unknown patch attack"):
+        patch_loss(logits, labels, 2, "lavn")
+
+
+def test_corner_placement_puts_the_patch_bottom_right():
+    out = apply_patch(torch.zeros(3, 3, 32, 32), torch.ones(3, 10, 10), corner_placements(3, (32, 32), 10))
+    assert torch.equal(out[:, :, 22:, 22:], torch.ones(3, 3, 10, 10))
+    assert out.sum() == 3 * 3 * 100
+
+
+def test_lavan_at_a_fixed_location_lowers_its_margin_on_unseen_images():
+    torch.manual_seed(4)
+    model = build_model("resnet20", 10, (0.5,) * 3, (0.25,) * 3).eval()
+    images = torch.randint(0, 256, (320, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (320,))
+    cfg = PatchTrainingConfig(side=10, attack="lavan", location="fixed", target=3, epochs=3, step_size=4 / 255,
+                              decay_epochs=(), batch_size=32)
+    patch, history = train_universal_patch(model, images[:256], labels[:256], cfg, seed=0)
+    assert history[-1] < history[0]
+    pl = corner_placements(64, (32, 32), 10)
+    before = patch_objective(model, images[256:], labels[256:], torch.zeros(3, 10, 10), pl, 3, attack="lavan")
+    after = patch_objective(model, images[256:], labels[256:], patch, pl, 3, attack="lavan")
+    assert after < before

@@ -1,5 +1,14 @@
-"""The universal adversarial patch, AdvP (Brown et al., "Adversarial Patch", 2017),
-in the form the FNC paper uses (Yu et al., ICCV 2021, Section 3, Eq. 1-2).
+"""Universal adversarial patches: AdvP (Brown et al., "Adversarial Patch", 2017)
+and LaVAN (Karmon, Zoran and Goldberg, "LaVAN: Localized and Visible
+Adversarial Noise", ICML 2018), in the form the FNC paper uses (Yu et al.,
+ICCV 2021, Section 3, Eq. 1-2).
+
+The two differ only in the loss (:func:`patch_loss`): AdvP minimises the
+cross-entropy to the target class; LaVAN, as in the FNC authors' code,
+minimises the mean of (true-class logit - target logit). Both are universal
+(one patch for every image) and localized; the location is random per image
+(``location="random"``, EOT) or fixed at one corner (``location="fixed"``, as
+in the LaVAN paper's fixed-location setting).
 
 Patched input ``x_hat = (1 - M) * x + M * A(p, t)``: ``A`` places the square
 patch ``p`` under a random transform ``t`` (location; optionally rotation and
@@ -151,22 +160,66 @@ def apply_patch(images: torch.Tensor, patch: torch.Tensor, placements: Placement
     return torch.where(mask.bool(), pasted, images)
 
 
-def patch_loss(logits: torch.Tensor, labels: torch.Tensor, target: int | None) -> torch.Tensor:
-    """The AdvP objective to minimise (scalar): cross-entropy to ``target``
-    (targeted), or minus the cross-entropy of the true labels (untargeted)."""
-    if target is None:
-        return -F.cross_entropy(logits, labels)
-    return F.cross_entropy(logits, torch.full_like(labels, target))
+PATCH_ATTACKS = ("advp", "lavan")
+"""Universal patch attacks :func:`patch_loss` knows."""
+
+
+def patch_loss(logits: torch.Tensor, labels: torch.Tensor, target: int | None, attack: str = "advp") -> torch.Tensor:
+    """The objective a universal patch minimises (scalar, mean over the batch).
+
+    Args:
+        logits: float (N, K).
+        labels: int64 (N,) true classes.
+        target: target class, or None (untargeted).
+        attack: ``"advp"``: cross-entropy to ``target`` (targeted) or minus the
+            cross-entropy of the true labels (untargeted), Brown et al. 2017 as in
+            FNC Eq. 2; ``"lavan"``: ``mean(z_true - z_target)`` (targeted) or
+            ``mean(z_true - max_{k != true} z_k)`` (untargeted), the logit
+            margin of the FNC authors' LaVAN code (jschenthu/FNS).
+
+    Raises:
+        ValueError: unknown ``attack``.
+    """
+    if attack == "advp":
+        if target is None:
+            return -F.cross_entropy(logits, labels)
+        return F.cross_entropy(logits, torch.full_like(labels, target))
+    if attack == "lavan":
+        true = logits.gather(1, labels[:, None])[:, 0]
+        if target is None:
+            other = logits.scatter(1, labels[:, None], float("-inf")).amax(dim=1)
+        else:
+            other = logits[:, target]
+        return (true - other).mean()
+    raise ValueError(f"unknown patch attack {attack!r}; choose one of: {', '.join(PATCH_ATTACKS)}")
+
+
+def corner_placements(n: int, image_size: tuple[int, int], side: int) -> Placements:
+    """N identical placements with the patch in the bottom-right corner (LaVAN's
+    fixed-location setting), on the CPU.
+
+    Raises:
+        ValueError: the patch does not fit in the image.
+    """
+    h, w = image_size
+    if side > min(h, w):
+        raise ValueError(f"a {side}-pixel patch does not fit in {h}x{w} images")
+    return Placements(torch.full((n,), float(h - side)), torch.full((n,), float(w - side)), torch.zeros(n), torch.ones(n))
 
 
 @dataclass
 class PatchTrainingConfig:
     """Settings of :func:`train_universal_patch` (mirrors ``patch`` in params).
 
-    ``step_size`` is in pixel units of [0, 1]; ``decay_epochs`` halve it.
+    ``step_size`` is in pixel units of [0, 1]; ``decay_epochs`` halve it;
+    ``attack`` picks the loss (:func:`patch_loss`); ``location`` is
+    ``"random"`` (a fresh placement per image and step, EOT) or ``"fixed"``
+    (bottom-right corner, :func:`corner_placements`).
     """
 
     side: int
+    attack: str = "advp"
+    location: str = "random"
     target: int | None = 5
     epochs: int = 10
     step_size: float = 2 / 255
@@ -185,7 +238,8 @@ def train_universal_patch(
     device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, list[float]]:
     """Optimise one universal patch against ``model`` by signed-gradient descent on
-    :func:`patch_loss`, a fresh random placement (EOT) per image per step.
+    :func:`patch_loss` (AdvP or LaVAN), a fresh random placement (EOT) per image
+    per step, or the fixed corner.
 
     Args:
         model: maps float (N, 3, H, W) in [0, 1] to logits; used in eval mode,
@@ -203,6 +257,8 @@ def train_universal_patch(
     """
     from tqdm.auto import tqdm
 
+    if cfg.attack not in PATCH_ATTACKS or cfg.location not in ("random", "fixed"):
+        raise ValueError(f"attack {cfg.attack!r} / location {cfg.location!r}: use one of {PATCH_ATTACKS} / random, fixed")
     model = model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -220,11 +276,13 @@ def train_universal_patch(
             idx = order[start : start + cfg.batch_size]
             x = images[idx].to(device, non_blocking=True).float().div_(255)
             y = labels[idx].to(device, non_blocking=True)
-            pl = sample_placements(
-                len(idx), (h, w), cfg.side, rotation_deg=cfg.rotation_deg, scale_range=cfg.scale_range, generator=gen
-            )
+            if cfg.location == "fixed":
+                pl = corner_placements(len(idx), (h, w), cfg.side)
+            else:
+                pl = sample_placements(len(idx), (h, w), cfg.side, rotation_deg=cfg.rotation_deg,
+                                       scale_range=cfg.scale_range, generator=gen)
             patch.requires_grad_(True)
-            loss = patch_loss(model(apply_patch(x, patch, pl)), y, cfg.target)
+            loss = patch_loss(model(apply_patch(x, patch, pl)), y, cfg.target, cfg.attack)
             (grad,) = torch.autograd.grad(loss, patch)
             with torch.no_grad():
                 patch = (patch - step * grad.sign()).clamp_(0, 1)
@@ -242,6 +300,7 @@ def patch_objective(
     placements: Placements,
     target: int | None,
     batch_size: int = 500,
+    attack: str = "advp",
 ) -> float:
     """Mean :func:`patch_loss` of ``patch`` over uint8 ``images`` at fixed ``placements``
     (the quantity the optimisation lowers; lower is a stronger attack)."""
@@ -252,5 +311,5 @@ def patch_objective(
         x = images[s : s + batch_size].to(device).float().div_(255)
         y = labels[s : s + batch_size].to(device)
         logits = model(apply_patch(x, patch, placements[slice(s, s + batch_size)]))
-        total += float(patch_loss(logits, y, target)) * len(x)
+        total += float(patch_loss(logits, y, target, attack)) * len(x)
     return total / n

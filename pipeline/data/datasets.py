@@ -7,6 +7,10 @@ Two storage modes, chosen by the prepare stage from the decoded size:
 * ``lazy`` (ImageNet-size folders): ``<split>_index.json`` lists the source
   members and labels; :class:`LazyImageDataset` decodes one image at a time
   from the archive or folder, so the set is never decoded whole.
+
+Known datasets (:data:`DATASETS`, chosen by ``data.dataset``): ``cifar10`` and
+``gtsrb`` (43 traffic-sign classes at 32x32, Stallkamp et al., IJCNN 2011, read
+from ``train.zip`` / ``test.zip`` + ``classes.csv``).
 """
 
 from __future__ import annotations
@@ -25,15 +29,69 @@ from torch.utils.data import Dataset
 from pipeline.io import load_torch
 
 
+GTSRB_CLASSES: tuple[str, ...] = (
+    "Speed limit (20km/h)", "Speed limit (30km/h)", "Speed limit (50km/h)", "Speed limit (60km/h)",
+    "Speed limit (70km/h)", "Speed limit (80km/h)", "End of speed limit (80km/h)", "Speed limit (100km/h)",
+    "Speed limit (120km/h)", "No passing", "No passing for vehicles over 3.5 t",
+    "Right-of-way at the next intersection", "Priority road", "Yield", "Stop", "No vehicles",
+    "Vehicles over 3.5 t prohibited", "No entry", "General caution", "Dangerous curve to the left",
+    "Dangerous curve to the right", "Double curve", "Bumpy road", "Slippery road", "Road narrows on the right",
+    "Road work", "Traffic signals", "Pedestrians", "Children crossing", "Bicycles crossing", "Beware of ice/snow",
+    "Wild animals crossing", "End of all speed and passing limits", "Turn right ahead", "Turn left ahead",
+    "Ahead only", "Go straight or right", "Go straight or left", "Keep right", "Keep left",
+    "Roundabout mandatory", "End of no passing", "End of no passing by vehicles over 3.5 t",
+)
+"""The 43 GTSRB class names in ClassId order (Stallkamp et al., IJCNN 2011; the same
+names as ``classes.csv`` of ``shared/datasets/gtsrb-32``). Class 14 is the stop sign."""
+
+GTSRB_STOP = 14
+"""GTSRB ClassId of the stop sign (the RP2 victim class)."""
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
-    """Constants of a dataset: class names in label order, channel mean/std of
-    the training images in [0, 1] (used by the models' input normalisation)."""
+    """Constants of a dataset.
+
+    Attributes:
+        classes: class names in label order (built in; for a dataset with a
+            ``classes_file`` the names actually written to ``meta.json`` are read
+            from that file, which must describe the same number of classes).
+        mean: per-channel (RGB) mean of the training images, pixel values in
+            [0, 1] (used by the models' input normalisation).
+        std: per-channel (RGB) standard deviation of the training images, [0, 1] units.
+        image_size: side in pixels of the (square) images.
+        folders: class folder names on disk in label order, when they differ
+            from ``classes`` (GTSRB: ``00000`` ... ``00042``); ``None``: the
+            folders are named like the classes.
+        classes_file: name of a CSV file under ``data.root`` (columns
+            ``class_id,folder,name``) that must be present and gives the class
+            names; ``None``: no such file.
+        downloadable: ``data.download: true`` can fetch it with torchvision.
+        source_hint: where to get the data when it cannot be downloaded (one line).
+        horizontal_flip: whether a left-right mirror keeps every label valid (True
+            for CIFAR-10; False for traffic signs, where it turns "keep left" into
+            "keep right", so training must not use flip augmentation).
+    """
 
     classes: tuple[str, ...]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     image_size: int
+    folders: tuple[str, ...] | None = None
+    classes_file: str | None = None
+    downloadable: bool = False
+    source_hint: str = ""
+    horizontal_flip: bool = True
+
+    @property
+    def folder_names(self) -> tuple[str, ...]:
+        """Class folder names on disk, in label order (``folders`` or ``classes``)."""
+        return self.folders if self.folders is not None else self.classes
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (the models' number of logits)."""
+        return len(self.classes)
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -42,6 +100,27 @@ DATASETS: dict[str, DatasetInfo] = {
         mean=(0.4914, 0.4822, 0.4465),
         std=(0.2470, 0.2435, 0.2616),
         image_size=32,
+        downloadable=True,
+    ),
+    # GTSRB at 32x32 (the layout of shared/datasets/gtsrb-32: train.zip / test.zip with
+    # train/<00000..00042>/*.png, plus classes.csv). mean / std: computed here over all
+    # 39,209 training images of that set (every pixel, population std), in [0, 1] units;
+    # the values often quoted for 32x32 GTSRB, (0.3403, 0.3121, 0.3214) / (0.2724,
+    # 0.2608, 0.2669), differ by < 0.004.
+    "gtsrb": DatasetInfo(
+        classes=GTSRB_CLASSES,
+        mean=(0.3398, 0.3117, 0.3210),
+        std=(0.2755, 0.2647, 0.2712),
+        image_size=32,
+        folders=tuple(f"{i:05d}" for i in range(len(GTSRB_CLASSES))),
+        classes_file="classes.csv",
+        downloadable=False,
+        source_hint=(
+            "torchvision's GTSRB is the variable-size original, not this layout; point data.root at a folder "
+            "with train.zip, test.zip and classes.csv, such as shared/datasets/gtsrb-32 (whole images scaled "
+            "to 32x32 by hergerr/traffic-sign-recognition, see that folder's README)"
+        ),
+        horizontal_flip=False,
     ),
 }
 

@@ -27,10 +27,11 @@ from pipeline.data.sources import (
     SplitListing,
     detect_layout,
     list_split,
+    read_class_names,
     read_members,
     source_checksums,
 )
-from pipeline.io import save_json, save_torch
+from pipeline.io import save_json, save_torch, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +71,22 @@ def subset_per_class(labels: np.ndarray, per_class: int | None, seed: int) -> np
 def resolve_source(cfg: DataConfig) -> Path:
     """The folder to read, downloading with torchvision when allowed and needed.
 
+    Only CIFAR-10 can be downloaded (torchvision's ``CIFAR10``); GTSRB at 32x32
+    has no download in this layout (see ``DATASETS["gtsrb"].source_hint``).
+
     Raises:
-        DatasetError: nothing usable under ``data.root`` and ``data.download`` is false.
+        DatasetError: nothing usable under ``data.root`` and ``data.download`` is
+            false, or the dataset cannot be downloaded; the message says where
+            to get it.
     """
     root = Path(cfg.root).expanduser()
     if root.is_dir() and detect_layout(root):
         return root
+    info = DATASETS[cfg.dataset]
+    what = "does not exist" if not root.exists() else "holds no accepted dataset layout"
+    if not info.downloadable:
+        raise DatasetError(f"data.root {root} {what}; {cfg.dataset} cannot be downloaded automatically: {info.source_hint}")
     if not cfg.download:
-        what = "does not exist" if not root.exists() else "holds no accepted dataset layout"
         raise DatasetError(
             f"data.root {root} {what}; point it at a folder with train.zip + test.zip, "
             "train/ + test/ class folders, or cifar-10-batches-py, or set data.download: true"
@@ -88,6 +97,22 @@ def resolve_source(cfg: DataConfig) -> Path:
     for train in (True, False):
         CIFAR10(str(root), train=train, download=True)
     return root
+
+
+def class_names(cfg: DataConfig, root: Path) -> list[str]:
+    """The class names of ``cfg.dataset`` in label order, as written to ``meta.json``.
+
+    For a dataset with a class-list file (GTSRB: ``root/classes.csv``) the names
+    are read from it (:func:`pipeline.data.sources.read_class_names`); otherwise
+    the built-in names of :data:`pipeline.data.datasets.DATASETS`.
+
+    Raises:
+        DatasetError: the class-list file is missing, corrupt or describes other classes.
+    """
+    info = DATASETS[cfg.dataset]
+    if info.classes_file is None:
+        return list(info.classes)
+    return read_class_names(root / info.classes_file, info.folder_names)
 
 
 def prepare_dataset(cfg: DataConfig, out_dir: str | Path, seed: int, mapper: Mapper | None = None) -> dict:
@@ -101,17 +126,22 @@ def prepare_dataset(cfg: DataConfig, out_dir: str | Path, seed: int, mapper: Map
             fan-out; the default runs in this process.
 
     Returns:
-        The meta dict (also written to ``out_dir/meta.json``): dataset, classes,
+        The meta dict (also written to ``out_dir/meta.json``): dataset, classes
+        (label order; for GTSRB the names in ``classes.csv``), mean / std,
         per-split counts and per-class counts, image shape, storage mode,
-        source layout and checksums.
+        source layout and checksums (of the archives and, for GTSRB, ``classes.csv``).
 
     Raises:
-        DatasetError: missing, malformed or corrupt source (before any decoding).
+        DatasetError: missing, malformed or corrupt source or class-list file
+            (before any decoding).
     """
     mapper = mapper or (lambda fn, items: [fn(i) for i in items])
     info = DATASETS[cfg.dataset]
     root = resolve_source(cfg)
-    listings = {s: list_split(root, s, list(info.classes)) for s in SPLITS}
+    if detect_layout(root) == "cifar_batches" and cfg.dataset != "cifar10":
+        raise DatasetError(f"data.root {root} holds CIFAR-10 batch files, not {cfg.dataset}; check data.root")
+    names = class_names(cfg, root)
+    listings = {s: list_split(root, s, list(info.folder_names)) for s in SPLITS}
     per_class = {"train": cfg.train_per_class, "test": cfg.test_per_class}
     keep = {s: subset_per_class(listings[s].labels, per_class[s], seed) for s in SPLITS}
 
@@ -140,11 +170,11 @@ def prepare_dataset(cfg: DataConfig, out_dir: str | Path, seed: int, mapper: Map
                 save_torch({"x": torch.from_numpy(x), "y": torch.from_numpy(y)}, tmp / f"{s}.pt")
             counts[s] = {
                 "n_images": int(len(idx)),
-                "per_class": {info.classes[c]: int((y == c).sum()) for c in range(len(info.classes))},
+                "per_class": {names[c]: int((y == c).sum()) for c in range(len(names))},
             }
         meta = {
             "dataset": cfg.dataset,
-            "classes": list(info.classes),
+            "classes": names,
             "mean": list(info.mean),
             "std": list(info.std),
             "image_shape": list(shape),
@@ -153,7 +183,7 @@ def prepare_dataset(cfg: DataConfig, out_dir: str | Path, seed: int, mapper: Map
             "source": {
                 "layout": listings["train"].layout,
                 "root": str(root),
-                "sha256": source_checksums(root),
+                "sha256": _checksums(root, info.classes_file),
             },
             "subset": {"train_per_class": cfg.train_per_class, "test_per_class": cfg.test_per_class, "seed": seed},
         }
@@ -164,6 +194,14 @@ def prepare_dataset(cfg: DataConfig, out_dir: str | Path, seed: int, mapper: Map
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return meta
+
+
+def _checksums(root: Path, classes_file: str | None) -> dict[str, str]:
+    """:func:`source_checksums` plus the class-list file's SHA-256 when the dataset has one."""
+    out = source_checksums(root)
+    if classes_file is not None:
+        out[classes_file] = sha256_file(root / classes_file)
+    return out
 
 
 def _storage_mode(

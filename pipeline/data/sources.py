@@ -8,13 +8,18 @@ Accepted layouts under ``data.root`` (checked in this order):
 2. an ImageFolder tree ``train/<class>/*`` and ``test/<class>/*``;
 3. torchvision's ``cifar-10-batches-py`` (the folder itself or ``root/cifar-10-batches-py``).
 
+A dataset may also need a class-list file beside the archives (GTSRB's
+``classes.csv``, read by :func:`read_class_names`).
+
 Every problem is raised as :class:`DatasetError` with a one-line message naming
 the file and the fix, before any decoding starts.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import pickle
 import zipfile
 from dataclasses import dataclass, field
@@ -196,6 +201,73 @@ def list_split(root: Path, split: str, expected_classes: list[str] | None = None
         f"{root}: no dataset found; expected train.zip + test.zip, train/ + test/ class folders, "
         "or cifar-10-batches-py (or set data.download: true)"
     )
+
+
+CLASS_CSV_COLUMNS = ("class_id", "folder", "name")
+"""Columns a class-list CSV must have (any order; more columns are ignored)."""
+
+
+def read_class_names(path: Path, folders: list[str] | tuple[str, ...]) -> list[str]:
+    """Class names from a class-list CSV (GTSRB's ``classes.csv``), in label order.
+
+    The file is UTF-8 CSV with a header naming at least the columns
+    ``class_id,folder,name`` and one row per class: ``class_id`` the label
+    (0 to K-1, each once), ``folder`` the class folder inside the archives,
+    ``name`` a non-empty display name. Rows may come in any order.
+
+    Args:
+        path: the CSV file (``data.root / "classes.csv"``).
+        folders: the dataset's class folder names in label order (K entries);
+            row ``class_id = i`` must name ``folders[i]``.
+
+    Returns:
+        K class names, ``names[i]`` the name of label ``i``.
+
+    Raises:
+        DatasetError: the file is missing or unreadable, lacks a column, has a
+            row that is not ``int,folder,name``, or its ids / folders do not match
+            the K classes of the dataset (one-line message naming the file).
+    """
+    if not path.is_file():
+        raise DatasetError(
+            f"{path}: missing; this dataset needs its class list ({','.join(CLASS_CSV_COLUMNS)}, one row a class) "
+            "beside train.zip and test.zip"
+        )
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+        rows = list(csv.DictReader(io.StringIO(text)))
+        header = csv.DictReader(io.StringIO(text)).fieldnames or []
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DatasetError(f"{path}: not a readable UTF-8 CSV file ({exc}); replace it with an intact copy") from exc
+    missing = [c for c in CLASS_CSV_COLUMNS if c not in header]
+    if missing:
+        raise DatasetError(
+            f"{path}: missing column(s) {missing} (header {header}); expected a header {','.join(CLASS_CSV_COLUMNS)}"
+        )
+    k = len(folders)
+    names: dict[int, str] = {}
+    for line, row in enumerate(rows, start=2):
+        cid, folder, name = (row.get(c) for c in CLASS_CSV_COLUMNS)
+        try:
+            label = int(str(cid).strip())
+        except ValueError:
+            raise DatasetError(f"{path}: line {line}: class_id {cid!r} is not an integer; fix or replace the file") from None
+        if not 0 <= label < k:
+            raise DatasetError(f"{path}: line {line}: class_id {label} is outside 0-{k - 1}; this dataset has {k} classes")
+        if label in names:
+            raise DatasetError(f"{path}: line {line}: class_id {label} appears twice; each class needs one row")
+        if (folder or "").strip() != folders[label]:
+            raise DatasetError(
+                f"{path}: line {line}: class_id {label} names folder {folder!r}, expected {folders[label]!r}; "
+                "the file does not describe this dataset"
+            )
+        if not (name or "").strip():
+            raise DatasetError(f"{path}: line {line}: class_id {label} has an empty name; fill in the name")
+        names[label] = name.strip()
+    if len(names) != k:
+        absent = sorted(set(range(k)) - set(names))
+        raise DatasetError(f"{path}: {len(names)} classes listed, expected {k} (missing class_id {absent[:5]}...)")
+    return [names[i] for i in range(k)]
 
 
 def read_members(listing: SplitListing, indices: np.ndarray) -> list[bytes]:

@@ -3,8 +3,9 @@
 ``build_model("resnet20", num_classes=10, mean=..., std=...)`` returns a
 :class:`Normalized` module mapping ``float32`` ``(N, 3, H, W)`` images in ``[0, 1]`` to
 ``(N, num_classes)`` logits. See :mod:`pipeline.models.registry` for the registry,
-:mod:`pipeline.models.cifar_resnet` for the CIFAR ResNets (He et al. 2016, Section 4.2)
-and :mod:`pipeline.models.imagenet` for the torchvision models.
+:mod:`pipeline.models.cifar_resnet` for the CIFAR ResNets (He et al. 2016, Section 4.2),
+:mod:`pipeline.models.imagenet` for the torchvision models and
+:mod:`pipeline.models.traffic_sign` for the traffic-sign CNN (``traffic_cnn``).
 """
 
 from .registry import (

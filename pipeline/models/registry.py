@@ -14,6 +14,9 @@ Registered models (see :func:`list_models`; ``MODEL_NAMES`` is the same, as a tu
   :mod:`pipeline.models.cifar_resnet`.
 * ``resnet50`` (224), ``mobilenet_v2`` (224), ``inception_v3`` (299) from torchvision,
   randomly initialised (family ``"torchvision"``), see :mod:`pipeline.models.imagenet`.
+* ``traffic_cnn`` -- the 4-layer traffic-sign CNN of BlurNet / RP2 (LISA-CNN: 3 conv + 1
+  dense, Eykholt et al., CVPR 2018), family ``"traffic_cnn"``, input exactly 32x32 (no
+  global pooling), see :mod:`pipeline.models.traffic_sign`. It has no FNC blocks.
 
 Tensor conventions for every model built here: input ``float32`` of shape
 ``(N, 3, H, W)`` with values in ``[0, 1]`` (``H = W = model_info(name).input_size``;
@@ -55,7 +58,7 @@ class ModelInfo:
         input_size: side in pixels of the square images the model is meant for
             (32 for the CIFAR ResNets, 224 for resnet50 / mobilenet_v2, 299 for
             inception_v3).
-        family: ``"cifar_resnet"`` or ``"torchvision"``.
+        family: ``"cifar_resnet"``, ``"torchvision"`` or ``"traffic_cnn"``.
     """
 
     name: str
@@ -76,7 +79,7 @@ def register_model(name: str, *, input_size: int, family: str) -> Callable[[Mode
     Args:
         name: registry name (non-empty, unique).
         input_size: intended square input side in pixels (positive int).
-        family: model family, ``"cifar_resnet"`` or ``"torchvision"``.
+        family: model family, e.g. ``"cifar_resnet"``, ``"torchvision"``, ``"traffic_cnn"``.
 
     Raises:
         ValueError: ``name`` is empty or already registered, or ``input_size`` is not
@@ -369,6 +372,8 @@ def fnc_block_types() -> tuple[type[nn.Module], ...]:
     these classes: the CIFAR :class:`pipeline.models.cifar_resnet.BasicBlock`,
     torchvision's ``resnet.BasicBlock`` and ``resnet.Bottleneck``,
     ``mobilenetv2.InvertedResidual`` and ``inception.InceptionA`` ... ``InceptionE``.
+    The plain ``traffic_cnn`` has none of these (no cascaded blocks), so FNC's generic
+    insertion finds nothing in it and says so.
     """
     from torchvision.models import inception, mobilenetv2, resnet
 
@@ -391,6 +396,7 @@ def fnc_block_types() -> tuple[type[nn.Module], ...]:
 # from this module, which is defined above, so the circular import is safe).
 from . import cifar_resnet as _cifar_resnet  # noqa: E402,F401
 from . import imagenet as _imagenet  # noqa: E402,F401
+from . import traffic_sign as _traffic_sign  # noqa: E402,F401
 
 MODEL_NAMES: tuple[str, ...] = tuple(list_models())
 """Names of the built-in models, sorted (a snapshot taken at import; see list_models)."""

@@ -1,0 +1,133 @@
+"""Pixel robustness map and masked PGD (Hwang et al. 2019) on a model that reads a known pixel region only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.attacks.base import build_attack
+from pipeline.attacks.masked_pgd import MaskedPGDAttack, accuracy_vs_k, pixel_mask, pixel_robustness_map
+from pipeline.attacks.pgd import ThreatModel
+from pipeline.models import Normalized
+
+REGION = (slice(0, 4), slice(0, 4))  # the 16 of 64 pixels (25 %) the model reads
+
+
+class RegionModel(nn.Module):
+    """Linear: class 1 iff the mean of the top-left 4x4 region (all channels) exceeds 0.5.
+
+    The loss gradient is exactly zero outside the region, so the pixel robustness map is
+    zero there and positive inside; an image of region mean 0.5 +- m flips under an
+    L-inf perturbation of more than m on the region and never elsewhere."""
+
+    def forward(self, x):
+        s = 100 * (x[:, :, REGION[0], REGION[1]].mean(dim=(1, 2, 3)) - 0.5)
+        return torch.stack([-s, s], dim=1)
+
+
+def region_data(n=12, margin=0.02, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, 8, 8, generator=g)
+    y = torch.arange(n) % 2
+    x[:, :, REGION[0], REGION[1]] = (0.5 + torch.where(y == 1, margin, -margin)).view(-1, 1, 1, 1)
+    return x, y
+
+
+def region_mask():
+    m = torch.zeros(8, 8, dtype=torch.bool)
+    m[REGION] = True
+    return m
+
+
+def test_robustness_map_is_zero_exactly_where_the_model_does_not_look():
+    model, (x, y) = RegionModel(), region_data()
+    rmap = pixel_robustness_map(model, x, y, batch_size=5)
+    assert rmap.shape == (8, 8) and rmap.dtype == torch.float32
+    assert (rmap[~region_mask()] == 0).all() and (rmap[region_mask()] > 0).all()
+    assert torch.equal(pixel_mask(rmap, 0.25, "top"), region_mask())
+    assert not (pixel_mask(rmap, 0.25, "bottom") & region_mask()).any()
+
+
+def test_robustness_map_is_the_mean_absolute_per_image_gradient():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 3))
+    model = Normalized(net, (0.5,) * 3, (0.25,) * 3).eval()
+    x, y = torch.rand(7, 3, 6, 6), torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    grads = []
+    for xi, yi in zip(x, y, strict=True):
+        xi = xi[None].clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(F.cross_entropy(model(xi), yi[None]), xi)
+        grads.append(g.abs())
+    expected = torch.cat(grads).mean(dim=(0, 1))
+    for bs in (1, 3, 256):  # independent of the batch size
+        assert torch.allclose(pixel_robustness_map(model, x, y, batch_size=bs), expected, atol=1e-7)
+
+
+def test_pixel_mask_selects_the_largest_or_smallest_fraction():
+    rmap = torch.tensor([[5.0, 1.0, 7.0, 3.0], [0.0, 6.0, 2.0, 4.0]])
+    top = pixel_mask(rmap, 0.25, "top")
+    assert top.dtype == torch.bool and top.shape == (2, 4)
+    assert torch.equal(top, rmap >= 6)  # the 2 largest of 8
+    assert torch.equal(pixel_mask(rmap, 0.5, "bottom"), rmap <= 3)  # the 4 smallest
+    assert pixel_mask(rmap, 0.01, "top").sum() == 1 and pixel_mask(rmap, 1.0, "bottom").all()
+    ties = pixel_mask(torch.zeros(2, 2), 0.5, "top")
+    assert ties.tolist() == [[True, True], [False, False]]  # ties by position, deterministic
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        pixel_mask(rmap, 0.0)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        pixel_mask(rmap, 1.5)
+    with pytest.raises(ValueError, match="top"):
+        pixel_mask(rmap, 0.5, "middle")
+    with pytest.raises(ValueError, match=r"\(H, W\)"):
+        pixel_mask(rmap[None], 0.5)
+
+
+def test_top_k_masked_pgd_hurts_at_least_as_much_as_bottom_k():
+    model, (x, y) = RegionModel(), region_data()
+    assert (model(x).argmax(1) == y).all()
+    rmap = pixel_robustness_map(model, *region_data(seed=1))  # "training" images
+    threat = ThreatModel(norm="linf", eps=0.03, step_size=0.01, steps=5)  # eps > margin 0.02
+    ks = [0.25, 0.5, 1.0]
+    top = accuracy_vs_k(model, x, y, rmap, ks, threat, "top", batch_size=5)
+    bottom = accuracy_vs_k(model, x, y, rmap, ks, threat, "bottom", batch_size=5)
+    assert [r["n_pixels"] for r in top] == [16, 32, 64] and [r["k"] for r in bottom] == ks
+    # top-k contains the whole region: every image flips; bottom-k misses it until k = 1
+    assert [r["accuracy"] for r in top] == [0.0, 0.0, 0.0]
+    assert [r["accuracy"] for r in bottom] == [1.0, 1.0, 0.0]
+    assert all(t["accuracy"] <= b["accuracy"] for t, b in zip(top, bottom, strict=True))
+
+
+def test_masked_pgd_attack_uses_the_given_map_or_the_batch_map():
+    model, (x, y) = RegionModel(), region_data()
+    attack = build_attack("masked_pgd", {"k": 0.25, "which": "top", "eps": 0.03, "step_size": "1/100", "steps": 5})
+    assert isinstance(attack, MaskedPGDAttack) and attack.robustness_map is None
+    out = attack(model, x, y)  # map computed from the batch: the region
+    delta = out - x
+    assert (delta[..., ~region_mask()] == 0).all() and (model(out).argmax(1) != y).all()
+    other = torch.zeros(8, 8)
+    other[4:, 4:] = 1.0  # a given map that points to the bottom-right quarter instead
+    attack.robustness_map = other
+    out = attack(model, x, y)
+    assert ((out - x)[..., other == 0] == 0).all() and ((out - x)[..., other == 1] != 0).any()
+    assert (model(out).argmax(1) == y).all()  # the region was not touched
+    attack.robustness_map = torch.zeros(4, 4)
+    with pytest.raises(ValueError, match="robustness_map"):
+        attack(model, x, y)
+    assert attack.needs_fit
+    attack.fit(model, *region_data(seed=2))  # from "training" images: the region again
+    assert torch.equal(pixel_mask(attack.robustness_map, 0.25, "top"), region_mask())
+    assert ((attack(model, x, y) - x)[..., ~region_mask()] == 0).all()
+
+
+@pytest.mark.parametrize("params,message", [
+    ({"k": 0}, "greater than 0"),
+    ({"k": 1.5}, "less than or equal to 1"),
+    ({"which": "middle"}, "'top' or 'bottom'"),
+    ({"eps": 8}, "8/255"),
+    ({"K": 0.5}, "Extra inputs"),
+])
+def test_bad_masked_pgd_params_are_rejected(params, message):
+    with pytest.raises(ValueError, match=message):
+        build_attack("masked_pgd", params)
