@@ -19,6 +19,7 @@ attack -> metric, fractions in [0, 1]), ``metrics/evaluate.md`` (the table),
 
 from __future__ import annotations
 
+import importlib.metadata
 import inspect
 import io
 import logging
@@ -95,6 +96,8 @@ def main(params: Params) -> None:
         placements = fixed_placements(len(x), ev.placements, (h, w), side, ev.placement_seed)
     where = {"location": params.patch.location, "placements": ev.placements, "placement_seed": ev.placement_seed}
 
+    versions = {pkg: importlib.metadata.version(pkg) for pkg in ("torch", "adversarial-robustness-toolbox")}
+
     def cell_cache(defense: str, attack: str) -> Path:
         """Where a cell's predictions are cached: keyed by everything they depend on, its code included."""
         code = ["pipeline/evaluation.py", "pipeline/attacks/patch.py"]
@@ -104,6 +107,7 @@ def main(params: Params) -> None:
         elif attack != "none":
             key.update(params=params.attack_params(attack), seed=params.seed)
             code += ["pipeline/attacks/base.py", inspect.getsourcefile(type(build_attack(attack)))]
+            key["versions"] = versions  # the classic attacks' code lives in ART
         key["code"] = [sha256_file(f) for f in code]
         return resume_dir("evaluate", key) / "cell.pt"
 
@@ -236,7 +240,7 @@ def _markdown(df: pd.DataFrame, params: Params) -> str:
             "Fractions in [0, 1]; `_std` is the standard deviation over patch seeds; `l0` is the fraction of input "
             "values changed, `l2`/`linf` in pixel units of [0, 1]. Patch attacks are made on the undefended model "
             "and transferred; per-image attacks are white-box on each model.\n\n")
-    return head + df[cols].to_markdown(index=False, floatfmt=".4f") + "\n"
+    return head + df[cols].to_markdown(index=False, floatfmt=".4f", missingval="") + "\n"
 
 
 def _figure(df: pd.DataFrame, model: str, params: Params) -> bytes:

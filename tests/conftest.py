@@ -69,7 +69,7 @@ def smoke_project(tmp_path_factory):
     git(work, "commit", "-qm", "smoke")
     env = stage_env(work)
     proc = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=work, env=env,
-                          capture_output=True, text=True, timeout=1200)
+                          capture_output=True, text=True, timeout=2400)
     log = proc.stdout + proc.stderr
     (work / "repro.log").write_text(log)
     assert proc.returncode == 0, f"dvc repro failed:\n{log[-5000:]}"

@@ -22,7 +22,7 @@ def write(tmp_path: Path, mutate) -> Path:
     return path
 
 
-@pytest.mark.parametrize("profile", ["params.yaml", "params/smoke.yaml"])
+@pytest.mark.parametrize("profile", ["params.yaml", "params/smoke.yaml", "params/full.yaml"])
 def test_shipped_profiles_are_valid(profile):
     p = load_params(ROOT / profile)
     assert p.fnc.alpha > 0 and 0 < p.patch.area_fraction < 1

@@ -15,8 +15,10 @@ pytestmark = pytest.mark.e2e
 STAGES = ["prepare", "train_baseline", "train_defended@fnc", "generate_patches", "evaluate"]
 
 
-def dvc(project, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project["dir"], env=project["env"],
+def dvc(project, *args: str, tracking: str | None = None) -> subprocess.CompletedProcess:
+    """``dvc <args>`` in the smoke project (with another MLflow store if ``tracking`` is given)."""
+    env = project["env"] if tracking is None else {**project["env"], "MLFLOW_TRACKING_URI": tracking}
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project["dir"], env=env,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -25,13 +27,14 @@ def test_metrics_nested_model_defense_attack(smoke_project):
     cells = metrics["resnet20"]
     assert set(cells) == {"none", "fnc"}
     for defense in ("none", "fnc"):
-        assert set(cells[defense]) == {"none", "advp", "occlusion"}
+        assert list(cells[defense]) == smoke_project["params"]["evaluate"]["attacks"]
         for attack, m in cells[defense].items():
             assert 0.0 <= m["clean_accuracy"] <= 1.0
             assert m["n_images"] > 0
             if attack != "none":
                 for key in ("robust_accuracy", "attack_success_rate", "fooling_rate"):
                     assert 0.0 <= m[key] <= 1.0, (defense, attack, key)
+            if attack in ("advp", "lavan", "occlusion"):
                 assert m["n_seeds"] == len(smoke_project["params"]["patch"]["seeds"])
     # every test image counted; the targeted cells leave the target class out
     n_test = 10 * smoke_project["params"]["data"]["test_per_class"]
@@ -46,6 +49,74 @@ def test_patch_really_attacks_the_baseline(smoke_project):
     # the patch does more than occlude: the same-size noise patch costs less
     assert m["advp"]["robust_accuracy"] < m["occlusion"]["robust_accuracy"]
     assert m["advp"]["attack_success_rate"] > m["occlusion"]["attack_success_rate"]
+
+
+# Minimum accuracy drop each attack must cause on the smoke baseline (a weak, undefended ResNet-20 at ~45 %
+# clean accuracy), on the attacked subset; the smoke profile's `attacks` section sets the budgets.
+MIN_DROP = {
+    # L-inf 8/255 on an undefended CIFAR model: FGSM removes most correct predictions (Goodfellow et al. 2015),
+    # PGD-10 nearly all (Madry et al. 2018, Table 1: 3.5 % for a naturally trained model at eps 8).
+    "fgsm": 0.15,
+    "pgd": 0.25,
+    # masked PGD on the top 25 % of pixels of the robustness map still flips most predictions (Hwang et al. 2019);
+    "masked_pgd": 0.15,
+    # DeepFool runs until the boundary is crossed (Moosavi-Dezfooli et al. 2016): almost every correct image flips.
+    "deepfool": 0.25,
+    # JSMA (gamma 10 % of features) and C&W L2 flip most images of a weak model; 30 images, so a loose bound.
+    "jsma": 0.10,
+    "cw_l2": 0.10,
+    # Mask-FGSM changes at most tau of the input values, One Pixel (3 pixels in the smoke profile) a few pixels:
+    # Su et al. 2019 report well over 10 % success, so some of the ~9 correctly classified images flip.
+    "mask_fgsm": 0.02,
+    "one_pixel": 0.0,
+}
+
+
+@pytest.mark.parametrize("attack", sorted(MIN_DROP))
+def test_every_attack_lowers_the_baseline_accuracy(smoke_project, attack):
+    cells = json.loads((smoke_project["dir"] / "metrics" / "evaluate.json").read_text())["resnet20"]["none"]
+    assert attack in cells, f"the smoke profile should evaluate {attack}"
+    m = cells[attack]
+    assert m["n_images"] == smoke_project["params"]["attacks"][attack]["n_images"]
+    drop = m["clean_accuracy"] - m["robust_accuracy"]
+    assert drop > MIN_DROP[attack], (attack, m)
+    assert 0.0 <= m["l0"] <= 1.0 and 0.0 < m["ssim"] <= 1.0
+    if attack in ("fgsm", "pgd", "masked_pgd"):  # L-inf budget respected, pixel units of [0, 1]
+        assert m["linf"] <= smoke_project["params"]["attacks"][attack]["eps"] + 1e-6
+
+
+def test_lavan_patch_attacks_beyond_occlusion(smoke_project):
+    m = json.loads((smoke_project["dir"] / "metrics" / "evaluate.json").read_text())["resnet20"]["none"]
+    assert (smoke_project["dir"] / "patches/resnet20/lavan/seed_0.pt").is_file()
+    # a trained universal patch does more than the same-size noise patch at the same placements
+    assert m["lavan"]["robust_accuracy"] < m["occlusion"]["robust_accuracy"]
+    assert m["lavan"]["attack_success_rate"] > m["occlusion"]["attack_success_rate"]
+
+
+def test_evaluate_reuses_cached_cells(smoke_project):
+    """Every (defense, attack) cell is cached: rerunning evaluate without an attack,
+    then with it again, recomputes nothing (MLflow runs go to a side store)."""
+    params_path = smoke_project["dir"] / "params.yaml"
+    original = params_path.read_text()
+    metrics_path = smoke_project["dir"] / "metrics" / "evaluate.json"
+    side_store = f"sqlite:///{smoke_project['dir'] / 'mlflow-cache-test.db'}"  # keep the shared store's runs as they are
+    before = json.loads(metrics_path.read_text())["resnet20"]
+    try:
+        params = yaml.safe_load(original)
+        params["evaluate"]["attacks"] = [a for a in params["evaluate"]["attacks"] if a != "fgsm"]
+        params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+        out = dvc(smoke_project, "repro", "evaluate", tracking=side_store)
+        assert out.returncode == 0, out.stderr[-3000:]
+        log = out.stdout + out.stderr
+        n_cells = len(params["evaluate"]["defenses"]) * len(params["evaluate"]["attacks"])
+        assert f"{n_cells} of {n_cells} cells cached" in log
+        after = json.loads(metrics_path.read_text())["resnet20"]
+        assert "fgsm" not in after["none"]
+        assert after["none"]["pgd"] == before["none"]["pgd"]
+    finally:
+        params_path.write_text(original)
+        restored = dvc(smoke_project, "repro", "evaluate", tracking=side_store)
+        assert restored.returncode == 0, restored.stderr[-3000:]
 
 
 def test_stage_outputs_match_params(smoke_project):
