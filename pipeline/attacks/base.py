@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import fractions
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any, ClassVar
 
 import torch
@@ -35,7 +36,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from torch import nn
 
 __all__ = [
-    "Attack", "AttackParams", "Budget", "attack_params_class", "build_attack", "list_attacks", "register_attack",
+    "Attack", "AttackParams", "Budget", "attack_params_class", "build_attack", "frozen_eval", "list_attacks",
+    "register_attack",
 ]
 
 
@@ -55,6 +57,28 @@ def parse_fraction(value: Any) -> Any:
 
 Budget = Annotated[float, BeforeValidator(parse_fraction)]
 """A float in pixel units of [0, 1] that params files may write as ``"8/255"``."""
+
+
+@contextmanager
+def frozen_eval(model: nn.Module) -> Iterator[nn.Module]:
+    """Context manager: ``model`` in eval mode with ``requires_grad=False`` on every
+    parameter, both restored on exit (what :meth:`Attack.__call__` does around an attack), so that gradients flow to the input only and BatchNorm
+    statistics are neither used from the batch nor updated.
+
+    Yields:
+        ``model`` itself.
+    """
+    was_training = model.training
+    grads = [p.requires_grad for p in model.parameters()]
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, g in zip(model.parameters(), grads, strict=True):
+            p.requires_grad_(g)
+        model.train(was_training)
 
 
 class AttackParams(BaseModel):
@@ -132,18 +156,9 @@ class Attack(ABC):
         if len(x) and (x.min() < 0 or x.max() > 1):
             raise ValueError(f"{self.name}: images must be in [0, 1]; undo any normalisation (models normalise inside)")
         generator = generator if generator is not None else torch.Generator().manual_seed(0)
-        was_training = model.training
-        model.eval()
-        grads = [p.requires_grad for p in model.parameters()]
-        for p in model.parameters():
-            p.requires_grad_(False)
-        try:
-            bs = self.params.batch_size
+        bs = self.params.batch_size
+        with frozen_eval(model):
             out = [self.perturb(model, x[s : s + bs], y[s : s + bs], generator).detach() for s in range(0, len(x), bs)]
-        finally:
-            for p, g in zip(model.parameters(), grads, strict=True):
-                p.requires_grad_(g)
-            model.train(was_training)
         return torch.cat(out) if out else x.clone()
 
 

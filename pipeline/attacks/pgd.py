@@ -27,8 +27,6 @@ and ``pgd`` (:class:`PGDAttack`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -37,7 +35,7 @@ import torch.nn.functional as F
 from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
-from .base import Attack, AttackParams, Budget, register_attack
+from .base import Attack, AttackParams, Budget, frozen_eval, register_attack
 
 __all__ = [
     "FGSMAttack", "FGSMParams", "L2Step", "LinfStep", "PGDAttack", "PGDParams", "PGDResult", "ThreatModel",
@@ -181,29 +179,6 @@ def check_mask(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | Non
     if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError("mask must be binary (bool, or floats that are all 0 or 1)")
     return mask.to(x.dtype)
-
-
-@contextmanager
-def frozen_eval(model: nn.Module) -> Iterator[nn.Module]:
-    """Context manager: ``model`` in eval mode with ``requires_grad=False`` on every
-    parameter, both restored on exit (what :meth:`pipeline.attacks.base.Attack.__call__`
-    does around an attack), so that gradients flow to the input only and BatchNorm
-    statistics are neither used from the batch nor updated.
-
-    Yields:
-        ``model`` itself.
-    """
-    was_training = model.training
-    grads = [p.requires_grad for p in model.parameters()]
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
-        yield model
-    finally:
-        for p, g in zip(model.parameters(), grads, strict=True):
-            p.requires_grad_(g)
-        model.train(was_training)
 
 
 @dataclass
