@@ -107,6 +107,8 @@ class TrainConfig(_Strict):
     nesterov: bool = True
     weight_decay: float = Field(5e-4, ge=0)
     pct_start: float = Field(0.25, gt=0, lt=1, description="fraction of steps spent warming up")
+    anneal_strategy: Literal["cos", "linear"] = Field(
+        "cos", description="shape of the one-cycle warm-up and decay; linear decay suits short budgets (Li et al. 2020)")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     channels_last: bool = True
     eval_batch_size: int = Field(500, ge=1)

@@ -112,6 +112,7 @@ class Trainer:
             epochs=cfg["epochs"],
             steps_per_epoch=steps_per_epoch,
             pct_start=cfg["pct_start"],
+            anneal_strategy=cfg.get("anneal_strategy", "cos"),
         )
 
     def run_epoch(self, epoch: int) -> dict[str, float]:

@@ -162,8 +162,9 @@ def test_mlflow_has_one_run_per_stage_with_metrics_and_patch(smoke_project):
         assert not math.isnan(ev.data.metrics[key])
     metrics = json.loads((smoke_project["dir"] / "metrics/evaluate.json").read_text())["resnet20"]
     assert ev.data.metrics["fnc.advp.robust_accuracy"] == pytest.approx(metrics["fnc"]["advp"]["robust_accuracy"])
-    artifacts = [a.path for a in client.list_artifacts(ev.info.run_id, "patches")]
-    assert any(p.endswith(".png") for p in artifacts)
+    for attack in smoke_project["params"]["patch"]["attacks"]:
+        artifacts = [a.path for a in client.list_artifacts(ev.info.run_id, f"patches/{attack}")]
+        assert any(p.endswith(".png") for p in artifacts), (attack, artifacts)
     for r in runs:
         assert r.data.tags["git_commit"] != ""
         assert "version.torch" in r.data.tags and "hw.cpu" in r.data.tags
