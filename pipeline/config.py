@@ -201,6 +201,57 @@ class EvaluateConfig(_Strict):
         return v
 
 
+class RP2Config(_Strict):
+    """``rp2``: the RP2 sticker attack (Eykholt et al. 2018) on RP2's own stop-sign victims,
+    as BlurNet (Raju and Lipasti 2019) evaluates it; needs a traffic-sign model
+    (``data.dataset: gtsrb``, see ``params/gtsrb.yaml``), so it is off in the CIFAR-10 profiles.
+
+    One sticker per (defense, target, seed) is optimised on the model with that
+    defense (white box) and also applied to every other defense's model (black box,
+    transferred). ``attack`` holds :class:`pipeline.attacks.rp2.RP2Params` without
+    ``target`` (the targets are listed here).
+    """
+
+    enabled: bool = False
+    victims: str = Field("../shared/datasets/rp2-stop-signs", description="folder with victim-32/ and masks/")
+    mask: str = Field("masks/rectangles-32.png", description="sticker mask PNG, relative to victims or absolute")
+    true_class: int = Field(14, ge=0, description="the victims' class (GTSRB stop sign = 14)")
+    targets: list[int] = Field(default_factory=lambda: [5], min_length=1, description="target classes attacked")
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    defenses: list[str] = Field(default_factory=lambda: ["none", "fnc"], min_length=1)
+    eval_transforms: int = Field(100, ge=0, le=10_000, description="random transforms per victim at evaluation")
+    attack: dict[str, Any] = Field(default_factory=dict, description="RP2Params except target")
+
+    @field_validator("attack")
+    @classmethod
+    def _attack(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from pydantic import ValidationError as _VE
+
+        from pipeline.attacks.rp2 import RP2Params
+
+        if "target" in v:
+            raise ValueError("rp2.attack.target: list target classes in rp2.targets instead")
+        try:
+            return RP2Params.model_validate(v).model_dump(mode="json", by_alias=True, exclude={"target"})
+        except _VE as exc:
+            first = exc.errors()[0]
+            loc = "".join(f".{p}" for p in first["loc"])
+            raise ValueError(f"rp2.attack{loc}: {first['msg'].removeprefix('Value error, ')}") from None
+
+    @model_validator(mode="after")
+    def _targets(self) -> RP2Config:
+        if self.true_class in self.targets:
+            raise ValueError(f"rp2.targets {self.targets} include rp2.true_class {self.true_class}; drop it")
+        if len(set(self.targets)) != len(self.targets) or len(set(self.defenses)) != len(self.defenses):
+            raise ValueError("rp2.targets and rp2.defenses must not repeat a value")
+        unknown = [d for d in self.defenses if d not in DEFENSES]
+        if unknown:
+            raise ValueError(f"rp2.defenses: unknown defense {unknown[0]!r}; known: {list(DEFENSES)}")
+        if "none" not in self.defenses:
+            raise ValueError("rp2.defenses must include 'none': its stickers are the black-box (transfer) attack")
+        return self
+
+
 class MLflowConfig(_Strict):
     """``mlflow``: experiment name; the tracking URI comes from ``MLFLOW_TRACKING_URI``."""
 
@@ -219,6 +270,7 @@ class Params(_Strict):
     fnc: FNCConfig = FNCConfig()
     patch: PatchConfig = PatchConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    rp2: RP2Config = RP2Config()
     attacks: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="per-image attack name -> its params (threat model as data); defaults where omitted",
@@ -264,6 +316,9 @@ class Params(_Strict):
         from pipeline.data.datasets import DATASETS as _INFO  # the chosen dataset's class count
 
         k = _INFO[self.data.dataset].num_classes
+        if self.rp2.enabled and max(self.rp2.targets + [self.rp2.true_class]) >= k:
+            raise ValueError(f"rp2.targets/true_class must be classes of {self.data.dataset} (0-{k - 1}); "
+                             f"got {self.rp2.targets} / {self.rp2.true_class}")
         if self.patch.target is not None and self.patch.target >= k:
             raise ValueError(
                 f"patch.target {self.patch.target} is not a class of {self.data.dataset} ({k} classes); "

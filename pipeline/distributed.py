@@ -117,7 +117,13 @@ def ray_map(
 
 
 def node_id() -> str:
-    """The Ray node the caller runs on ("local" outside a Ray worker)."""
+    """The Ray node the caller runs on ("local" outside a Ray worker).
+
+    Never starts Ray: ``ray.get_runtime_context()`` would start a local instance
+    when called in a process that is not connected.
+    """
+    if not ray.is_initialized():
+        return "local"
     try:
         return ray.get_runtime_context().get_node_id()
     except Exception:  # noqa: BLE001 - not connected to Ray

@@ -38,6 +38,19 @@ def patch_task(item: dict[str, Any]) -> dict[str, Any]:
     return {"patch": patch, "history": history, "seconds": time.perf_counter() - start, "node_id": node_id()}
 
 
+def rp2_task(item: dict[str, Any]) -> dict[str, Any]:
+    """Optimise one RP2 sticker (:func:`pipeline.attacks.rp2.train_rp2`). ``item``:
+    spec, victims (uint8 (N, 3, H, W)), labels (int64 (N,)), mask ((1, H, W) of 0 / 1),
+    cfg (:class:`RP2Params`, its target set), seed, num_threads."""
+    from pipeline.attacks.rp2 import train_rp2
+
+    torch.set_num_threads(max(1, int(item["num_threads"])))
+    start = time.perf_counter()
+    delta, history = train_rp2(build_from_spec(item["spec"]), item["victims"], item["labels"], item["mask"],
+                               item["cfg"], item["seed"], default_device())
+    return {"delta": delta, "history": history, "seconds": time.perf_counter() - start, "node_id": node_id()}
+
+
 def evaluate_task(item: dict[str, Any]) -> dict[str, Any]:
     """Predictions of one model on one test shard, clean and under the patch
     attacks named in ``item["attacks"]``. ``item``: spec, x, placements, patches

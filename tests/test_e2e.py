@@ -42,6 +42,12 @@ def test_metrics_nested_model_defense_attack(smoke_project):
     assert cells["none"]["advp"]["n_images"] == n_test - smoke_project["params"]["data"]["test_per_class"]
 
 
+def test_rp2_stage_is_off_in_the_cifar_profile(smoke_project):
+    """attack_rp2 runs in every profile; without a traffic-sign model it only writes a note."""
+    assert json.loads((smoke_project["dir"] / "metrics" / "rp2.json").read_text()) == {"enabled": False}
+    assert "rp2.enabled: false" in (smoke_project["dir"] / "rp2" / "resnet20" / "README.md").read_text()
+
+
 def test_patch_really_attacks_the_baseline(smoke_project):
     """The smoke profile must still show a real effect: >= 10 points of accuracy lost."""
     m = json.loads((smoke_project["dir"] / "metrics" / "evaluate.json").read_text())["resnet20"]["none"]
