@@ -144,6 +144,37 @@ def cell_metrics(
     return out
 
 
+def fit_attack(
+    spec: dict[str, Any],
+    attack: str,
+    attack_params: dict[str, Any],
+    fit_data: tuple[torch.Tensor, torch.Tensor],
+    num_threads: int = 1,
+) -> Any:
+    """Fit a data-dependent attack once on one model; its state goes to every shard.
+
+    Args:
+        spec: checkpoint dict of the (defended) model.
+        attack: registered attack name whose class has ``needs_fit``.
+        attack_params: its validated params (a dict).
+        fit_data: uint8 (N, 3, H, W) training images, int64 (N,) labels.
+        num_threads: torch threads of this task.
+
+    Returns:
+        The attack's :meth:`~pipeline.attacks.base.Attack.fitted_state` (for masked
+        PGD the pixel robustness map, float (H, W) on the CPU).
+    """
+    from pipeline.attacks.base import build_attack
+
+    torch.set_num_threads(max(1, num_threads))
+    device = default_device()
+    model = build_from_spec(spec).to(device).eval()
+    atk = build_attack(attack, attack_params)
+    fx, fy = fit_data
+    atk.fit(model, fx.to(device).float().div_(255), fy.to(device))
+    return atk.fitted_state()
+
+
 def attack_shard(
     spec: dict[str, Any],
     attack: str,
@@ -153,6 +184,7 @@ def attack_shard(
     seed: int,
     fit_data: tuple[torch.Tensor, torch.Tensor] | None = None,
     num_threads: int = 1,
+    fitted: Any = None,
 ) -> dict[str, Any]:
     """Run per-image attack ``attack`` on one shard of test images.
 
@@ -164,6 +196,8 @@ def attack_shard(
         seed: seeds the attack's randomness (random starts, populations).
         fit_data: uint8 training images and labels for attacks with ``needs_fit``.
         num_threads: torch threads of this task.
+        fitted: the state :func:`fit_attack` returned for this model; when given,
+            ``fit_data`` is not used (the fit is done once per model, not per shard).
 
     Returns:
         ``{"pred_clean": int64 (n,), "pred_adv": int64 (n,), "sizes": {metric:
@@ -177,7 +211,9 @@ def attack_shard(
     device = default_device()
     model = build_from_spec(spec).to(device).eval()
     atk = build_attack(attack, attack_params)
-    if atk.needs_fit:
+    if atk.needs_fit and fitted is not None:
+        atk.load_fitted_state(fitted)
+    elif atk.needs_fit:
         if fit_data is None:
             raise ValueError(f"attack {attack!r} needs training images (fit_data)")
         fx, fy = fit_data

@@ -18,7 +18,7 @@ from pipeline.attacks.patch import train_universal_patch
 from pipeline.checkpoint import apply_defenses, build_from_spec
 from pipeline.defenses.adjust import finetune_classifier, recalibrate_batchnorm
 from pipeline.distributed import node_id
-from pipeline.evaluation import attack_shard, predict_shard
+from pipeline.evaluation import attack_shard, fit_attack, predict_shard
 from pipeline.train import accuracy, default_device, iterate_batches
 
 
@@ -63,13 +63,23 @@ def evaluate_task(item: dict[str, Any]) -> dict[str, Any]:
     return {"preds": preds, "node_id": node_id()}
 
 
+def fit_task(item: dict[str, Any]) -> dict[str, Any]:
+    """Fit a data-dependent attack once on one model (:func:`fit_attack`). ``item``:
+    spec, attack, params, fit_data (ref to uint8 images, labels), num_threads."""
+    start = time.perf_counter()
+    state = fit_attack(_get(item["spec"]), item["attack"], item["params"], _get(item["fit_data"]),
+                       int(item["num_threads"]))
+    return {"state": state, "seconds": time.perf_counter() - start, "node_id": node_id()}
+
+
 def attack_task(item: dict[str, Any]) -> dict[str, Any]:
     """A per-image attack on one test shard. ``item``: spec, attack, params, x,
-    y, seed, fit_data (ref or None), num_threads (see :func:`attack_shard`)."""
+    y, seed, fit_data (ref or None), fitted (ref or None: the state of
+    :func:`fit_task`), num_threads (see :func:`attack_shard`)."""
     start = time.perf_counter()
     out = attack_shard(
         _get(item["spec"]), item["attack"], item["params"], item["x"], item["y"], item["seed"],
-        _get(item.get("fit_data")), int(item["num_threads"]),
+        _get(item.get("fit_data")), int(item["num_threads"]), _get(item.get("fitted")),
     )
     return {**out, "seconds": time.perf_counter() - start, "node_id": node_id()}
 

@@ -50,7 +50,7 @@ from pipeline.evaluation import (  # noqa: E402
     test_order,
 )
 from pipeline.io import atomic_write, load_torch, save_json, save_torch, sha256_file  # noqa: E402
-from pipeline.tasks import attack_task, evaluate_task  # noqa: E402
+from pipeline.tasks import attack_task, evaluate_task, fit_task  # noqa: E402
 from pipeline.tracking import log_metrics, stage_run  # noqa: E402
 
 log = logging.getLogger("evaluate")
@@ -148,23 +148,30 @@ def main(params: Params) -> None:
                 cells[(d, a)] = {"preds": preds, "node_ids": sorted({p["node_id"] for p in parts})}
                 save_torch(cells[(d, a)], cell_cache(d, a))
 
+    todo_cells = [(d, a) for d in ev.defenses for a in per_image if (d, a) not in cells]
+    spec_refs: dict[str, Any] = {}
+    fitted: dict[tuple[str, str], Any] = {}
+    to_fit = [(d, a) for d, a in todo_cells if build_attack(a, params.attack_params(a)).needs_fit]
+    if todo_cells:
+        init_ray()
+        spec_refs = {d: ray.put(specs[d]) for d in dict.fromkeys(d for d, _ in todo_cells)}
+    if to_fit:  # data-dependent set-up (masked PGD's robustness map): once per (defense, attack), not per shard
+        fit_ref = ray.put(_fit_images(params, ev.fit_images))
+        fit_items = [{"spec": spec_refs[d], "attack": a, "params": params.attack_params(a), "fit_data": fit_ref,
+                      "num_threads": res.num_cpus} for d, a in to_fit]
+        fits = ray_map(fit_task, fit_items, num_cpus=res.num_cpus, num_gpus=res.num_gpus,
+                       desc=f"fit attacks on {ev.fit_images} training images (defense x attack)")
+        fitted = {cell: ray.put(r["state"]) for cell, r in zip(to_fit, fits, strict=True)}
     items, meta_items = [], []
-    fit_ref = None
-    for d in ev.defenses:
-        for a in per_image:
-            if (d, a) in cells:
-                continue
-            init_ray()
-            ap = params.attack_params(a)
-            n = min(ap.get("n_images") or len(x), len(x))
-            if fit_ref is None:
-                fit_ref = ray.put(_fit_images(params, ev.fit_images))
-            spec_ref = ray.put(specs[d])
-            for k, idx in enumerate(torch.arange(n).tensor_split(min(ev.num_shards, n))):
-                if len(idx):
-                    items.append({"spec": spec_ref, "attack": a, "params": ap, "x": x[idx].clone(), "y": y[idx].clone(),
-                                  "seed": params.seed * 1000 + k, "fit_data": fit_ref, "num_threads": res.num_cpus})
-                    meta_items.append((d, a))
+    for d, a in todo_cells:
+        ap = params.attack_params(a)
+        n = min(ap.get("n_images") or len(x), len(x))
+        for k, idx in enumerate(torch.arange(n).tensor_split(min(ev.num_shards, n))):
+            if len(idx):
+                items.append({"spec": spec_refs[d], "attack": a, "params": ap, "x": x[idx].clone(), "y": y[idx].clone(),
+                              "seed": params.seed * 1000 + k, "fitted": fitted.get((d, a)),
+                              "num_threads": res.num_cpus})
+                meta_items.append((d, a))
     if items:
         results = ray_map(attack_task, items, num_cpus=res.num_cpus, num_gpus=res.num_gpus,
                           desc="evaluate per-image attacks (defense x attack x shard)")

@@ -131,3 +131,35 @@ def test_masked_pgd_attack_uses_the_given_map_or_the_batch_map():
 def test_bad_masked_pgd_params_are_rejected(params, message):
     with pytest.raises(ValueError, match=message):
         build_attack("masked_pgd", params)
+
+
+def test_fit_once_per_model_gives_what_fitting_in_every_shard_gives():
+    """The evaluate stage fits masked PGD's map once per model (fit_attack) and hands it to
+    every shard; a shard must attack exactly as if it had fitted the map itself."""
+    from pipeline.checkpoint import model_spec
+    from pipeline.evaluation import attack_shard, fit_attack
+    from pipeline.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10, [0.5] * 3, [0.25] * 3)
+    spec = model_spec("resnet20", 10, [0.5] * 3, [0.25] * 3, model.state_dict())
+    g = torch.Generator().manual_seed(1)
+    fit_data = (torch.randint(0, 256, (16, 3, 32, 32), generator=g, dtype=torch.uint8), torch.randint(0, 10, (16,), generator=g))
+    x = torch.randint(0, 256, (6, 3, 32, 32), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, 10, (6,), generator=g)
+    ap = build_attack("masked_pgd", {"steps": 3, "k": 0.1}).params.model_dump(mode="json")
+    state = fit_attack(spec, "masked_pgd", ap, fit_data)
+    expected = pixel_robustness_map(_spec_model(spec), fit_data[0].float() / 255, fit_data[1])
+    assert state.shape == (32, 32) and torch.allclose(state, expected, atol=1e-6)
+    shared = attack_shard(spec, "masked_pgd", ap, x, y, seed=3, fitted=state)
+    own = attack_shard(spec, "masked_pgd", ap, x, y, seed=3, fit_data=fit_data)
+    assert torch.equal(shared["pred_adv"], own["pred_adv"])
+    for key in own["sizes"]:
+        assert torch.allclose(shared["sizes"][key], own["sizes"][key])
+    assert (own["sizes"]["l0"] <= 0.1 + 1e-6).all()  # only k = 10 % of the pixels change
+
+
+def _spec_model(spec):
+    from pipeline.checkpoint import build_from_spec
+
+    return build_from_spec(spec)

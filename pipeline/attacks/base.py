@@ -129,6 +129,14 @@ class Attack(ABC):
             x: float32 (N, C, H, W) in [0, 1]; y: int64 (N,).
         """
 
+    def fitted_state(self) -> Any:
+        """What :meth:`fit` computed, picklable (tensors on the CPU), so that it is
+        computed once per model and shared by every test shard; ``None`` by default."""
+        return None
+
+    def load_fitted_state(self, state: Any) -> None:
+        """Restore what :meth:`fitted_state` returned, instead of calling :meth:`fit` again."""
+
     @abstractmethod
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The adversarial images for one batch (see the module conventions).

@@ -201,6 +201,14 @@ class MaskedPGDAttack(Attack):
         """
         self.robustness_map = pixel_robustness_map(model, x, y, batch_size=self.params.batch_size)
 
+    def fitted_state(self) -> torch.Tensor | None:
+        """The robustness map, float (H, W) on the CPU (``None`` before :meth:`fit`)."""
+        return None if self.robustness_map is None else self.robustness_map.detach().cpu()
+
+    def load_fitted_state(self, state: torch.Tensor | None) -> None:
+        """Use ``state`` (a map from :meth:`fitted_state`) as ``robustness_map``."""
+        self.robustness_map = state
+
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """PGD on the ``k`` fraction of pixels chosen by ``which``; float (N, C, H, W) in [0, 1].
 
