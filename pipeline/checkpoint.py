@@ -43,31 +43,33 @@ def model_spec(
 
 
 def apply_defenses(model: nn.Module, defenses: list[dict[str, Any]]) -> nn.Module:
-    """Insert each defense of a checkpoint's ``defenses`` list into ``model`` (in place).
+    """Apply each defense of a checkpoint's ``defenses`` list to ``model``, in order
+    (:func:`pipeline.defenses.base.apply_defense_list`).
+
+    Returns:
+        The defended model (``model`` modified in place, or a wrapper).
 
     Raises:
-        ValueError: an unknown defense name.
+        ValueError: an unknown defense name, bad params, or a defense that does not fit.
     """
-    from pipeline.defenses.fnc import insert_fnc
+    from pipeline.defenses.base import apply_defense_list
 
-    for d in defenses:
-        if d["name"] == "fnc":
-            insert_fnc(model, alpha=d["alpha"], eps=d.get("eps", 1e-6))
-        else:
-            raise ValueError(f"unknown defense {d['name']!r} in checkpoint; known: fnc")
-    return model
+    return apply_defense_list(model, defenses)
 
 
 def build_from_spec(spec: dict[str, Any]) -> nn.Module:
     """The model a checkpoint dict describes, in eval mode, on the CPU.
 
+    The defenses are applied before the weights are loaded, so weights that belong to
+    a defense (learned BlurNet kernels) load too.
+
     Raises:
         ValueError: unknown architecture or defense, or weights that do not fit.
     """
     model = build_model(spec["arch"], spec["num_classes"], spec["mean"], spec["std"])
+    model = apply_defenses(model, spec.get("defenses", []))
     if spec.get("state_dict") is not None:
         model.load_state_dict(spec["state_dict"], strict=True)
-    apply_defenses(model, spec.get("defenses", []))
     return model.eval()
 
 

@@ -93,7 +93,7 @@ def defend_task(item: dict[str, Any]) -> dict[str, Any]:
     (x_train, y_train), (x_test, y_test) = _get(item["train"]), _get(item["test"])
     spec = item["spec"]
     model = build_from_spec({**spec, "defenses": []})
-    apply_defenses(model, item["defenses"])
+    model = apply_defenses(model, item["defenses"])
     model.to(device).eval()
     bs = item["batch_size"]
     out: dict[str, Any] = {"node_id": node_id()}

@@ -22,8 +22,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from pydantic import Field
 from torch import nn
 
+from pipeline.defenses.base import DefenseParams, register_defense
 from pipeline.models import fnc_block_types
 
 
@@ -140,3 +142,22 @@ def set_fnc_alpha(model: nn.Module, alpha: float) -> None:
         raise ValueError(f"fnc.alpha must be > 0, got {alpha}")
     for m in mods:
         m.alpha = float(alpha)
+
+
+class FNCParams(DefenseParams):
+    """Params of the ``fnc`` defense: ``alpha`` (> 0, clip to alpha x the mean norm) and
+    ``eps`` (zero-norm guard, > 0)."""
+
+    alpha: float = Field(1.0, gt=0)
+    eps: float = Field(1e-6, gt=0)
+
+
+@register_defense("fnc", FNCParams, "network", source="Yu et al., ICCV 2021, Section 4, Eq. (4)")
+def apply_fnc(model: nn.Module, params: FNCParams) -> nn.Module:
+    """Registry entry: :func:`insert_fnc` with ``params``; returns ``model`` (modified in place).
+
+    Raises:
+        ValueError: the model has no cascaded blocks, or FNC is already inserted.
+    """
+    insert_fnc(model, alpha=params.alpha, eps=params.eps)
+    return model

@@ -1,0 +1,175 @@
+"""One interface for all defenses: a registry of named, typed, composable defenses.
+
+A defense either changes the network (a module inserted or replaced, possibly with
+trainable weights: FNC, BlurNet) or transforms the input before it (input blur).
+Each is registered with :func:`register_defense` under a name, with a pydantic
+``Params`` model (unknown keys rejected) and an ``apply(model, params)`` function that
+modifies the :class:`pipeline.models.Normalized` network in place (network defenses)
+or returns a wrapper (input defenses). A checkpoint lists the defenses it was made
+with, in order, as ``[{"name": ..., **params}, ...]``
+(:func:`pipeline.checkpoint.build_from_spec` applies them before loading the weights,
+so trained defense weights load too), so defenses compose: FNC on top of BlurNet is
+``[{"name": "blurnet", ...}, {"name": "fnc", ...}]``.
+
+Errors: an unknown name, bad params or a defense that does not fit the model (for
+example FNC on a network without residual blocks) raise ``ValueError`` with one line
+naming the problem, before any training or evaluation starts
+(:func:`check_defenses`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import nn
+
+__all__ = [
+    "DefenseInfo",
+    "DefenseParams",
+    "apply_defense_list",
+    "check_defenses",
+    "defense_info",
+    "list_defenses",
+    "needs_training",
+    "parse_defense",
+    "register_defense",
+]
+
+
+class DefenseParams(BaseModel):
+    """Base of every defense's params (frozen, unknown keys rejected)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def trainable(self) -> bool:
+        """True when a model with this defense must be trained (the default: False)."""
+        return False
+
+
+@dataclass(frozen=True)
+class DefenseInfo:
+    """A registered defense.
+
+    Attributes:
+        name: registry name (``"fnc"``, ``"blurnet"``, ``"input_blur"``).
+        params: its pydantic params class.
+        apply: ``apply(model, params) -> model``; network defenses modify ``model`` in
+            place and return it, input defenses return a wrapper around it.
+        kind: ``"network"`` or ``"input"``.
+        source: the paper and section it implements.
+    """
+
+    name: str
+    params: type[DefenseParams]
+    apply: Callable[[nn.Module, Any], nn.Module]
+    kind: Literal["network", "input"]
+    source: str
+
+
+_REGISTRY: dict[str, DefenseInfo] = {}
+
+
+def register_defense(
+    name: str, params: type[DefenseParams], kind: Literal["network", "input"], source: str
+) -> Callable[[Callable[[nn.Module, Any], nn.Module]], Callable[[nn.Module, Any], nn.Module]]:
+    """Decorator registering ``apply(model, params)`` as defense ``name``.
+
+    Raises:
+        ValueError: ``name`` already registered or ``kind`` unknown.
+    """
+    if kind not in ("network", "input"):
+        raise ValueError(f"defense kind must be 'network' or 'input', got {kind!r}")
+
+    def wrap(apply: Callable[[nn.Module, Any], nn.Module]) -> Callable[[nn.Module, Any], nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"defense {name!r} is already registered")
+        _REGISTRY[name] = DefenseInfo(name, params, apply, kind, source)
+        return apply
+
+    return wrap
+
+
+def _load_builtin() -> None:
+    from pipeline.defenses import blurnet, fnc  # noqa: F401  (registers them)
+
+
+def list_defenses() -> list[str]:
+    """Registered defense names, sorted."""
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def defense_info(name: str) -> DefenseInfo:
+    """The registered defense ``name``.
+
+    Raises:
+        ValueError: unknown name; the message lists the known ones.
+    """
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown defense {name!r}; known: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def parse_defense(entry: dict[str, Any]) -> tuple[DefenseInfo, DefenseParams]:
+    """``{"name": ..., **params}`` -> (info, validated params).
+
+    Raises:
+        ValueError: no ``name``, an unknown name, or params its schema rejects
+            (one line: ``defense <name>.<key>: <problem>``).
+    """
+    if "name" not in entry:
+        raise ValueError(f"a defense entry needs a 'name', got {entry}")
+    info = defense_info(entry["name"])
+    try:
+        params = info.params.model_validate({k: v for k, v in entry.items() if k != "name"})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = "".join(f".{p}" for p in first["loc"])
+        raise ValueError(f"defense {info.name}{loc}: {first['msg'].removeprefix('Value error, ')} "
+                         f"(got {first.get('input')!r})") from None
+    return info, params
+
+
+def apply_defense_list(model: nn.Module, defenses: list[dict[str, Any]]) -> nn.Module:
+    """Apply each ``{"name": ..., **params}`` of ``defenses`` in order.
+
+    Args:
+        model: the network (images in [0, 1] -> logits); network defenses modify it in place.
+        defenses: checkpoint-style entries.
+
+    Returns:
+        The defended model (``model`` itself, or an input-transform wrapper around it).
+
+    Raises:
+        ValueError: see :func:`parse_defense`, or the defense does not fit the model.
+    """
+    for entry in defenses:
+        info, params = parse_defense(entry)
+        model = info.apply(model, params)
+    return model
+
+
+def check_defenses(
+    model_factory: Callable[[], nn.Module], defenses: list[dict[str, Any]], input_shape: tuple[int, int, int]
+) -> None:
+    """Fail early: apply ``defenses`` to a fresh model from ``model_factory`` and run one
+    zero image of ``input_shape`` (C, H, W) through it, then discard it.
+
+    Raises:
+        ValueError: as :func:`apply_defense_list`, or the defended model rejects the
+            input size (for example a blur kernel larger than a feature map).
+    """
+    import torch
+
+    model = apply_defense_list(model_factory(), defenses).eval()
+    with torch.no_grad():
+        model(torch.zeros(1, *input_shape))
+
+
+def needs_training(defenses: list[dict[str, Any]]) -> bool:
+    """True when any defense of the list has trainable parts (its params' ``trainable()``)."""
+    return any(parse_defense(entry)[1].trainable() for entry in defenses)
