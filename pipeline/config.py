@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from pipeline.attacks.base import Budget
+from pipeline.defenses.adversarial import AdversarialTrainingParams
 from pipeline.models import list_models
 
 DATASETS = ("cifar10", "gtsrb")
@@ -112,6 +113,8 @@ class TrainConfig(_Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     channels_last: bool = True
     eval_batch_size: int = Field(500, ge=1)
+    adversarial: AdversarialTrainingParams | None = Field(
+        None, description="train on PGD / FGSM-RS examples (Madry et al. 2018; Wong et al. 2020); null: clean")
 
 
 class ResourcesConfig(_Strict):

@@ -22,6 +22,8 @@ from torchvision.transforms import v2
 
 from pipeline.checkpoint import build_from_spec
 from pipeline.data.datasets import TensorImageDataset
+from pipeline.defenses.adversarial import AdversarialTrainingParams, adversarial_examples
+from pipeline.defenses.blurnet import blurnet_layers, blurnet_penalty
 
 
 def default_device() -> torch.device:
@@ -106,6 +108,8 @@ class Trainer:
             nesterov=cfg["nesterov"] and cfg["momentum"] > 0,
             weight_decay=cfg["weight_decay"],
         )
+        adv = cfg.get("adversarial")
+        self.adversarial = AdversarialTrainingParams.model_validate(adv) if adv else None
         self.sched = torch.optim.lr_scheduler.OneCycleLR(
             self.opt,
             max_lr=cfg["lr"],
@@ -132,14 +136,23 @@ class Trainer:
         )
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
+        penalty_sum = torch.zeros((), device=self.device)
+        penalised = bool(blurnet_layers(self.model))
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch + 7)  # random starts of this epoch
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
         seen = 0
         lr = self.sched.get_last_lr()[0]
         for xb, yb in loader:
             x = xb.to(self.device, non_blocking=True).float().div_(255).contiguous(memory_format=self.memory_format)
             y = yb.to(self.device, non_blocking=True)
+            if self.adversarial is not None:  # Madry et al. 2018: train on the batch under attack
+                x = adversarial_examples(self.model, x, y, self.adversarial.threat_model(), gen)
             logits = self.model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=self.cfg["label_smoothing"])
+            if penalised:  # BlurNet's L-inf / TV penalties (Raju and Lipasti 2019)
+                penalty = blurnet_penalty(self.model).to(loss.device)
+                penalty_sum += penalty.detach() * len(y)
+                loss = loss + penalty
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
@@ -149,12 +162,33 @@ class Trainer:
             correct += (logits.detach().argmax(1) == y).sum()
             seen += len(y)
         test_acc = accuracy(self.model, *self.test, batch_size=self.cfg["eval_batch_size"], device=self.device)
-        return {
+        out = {
             "train_loss": float(loss_sum) / seen,
             "train_accuracy": float(correct) / seen,
             "test_accuracy": test_acc,
             "lr": float(lr),
         }
+        if penalised:
+            out["train_penalty"] = float(penalty_sum) / seen
+        if self.adversarial is not None and self.adversarial.eval_images > 0:
+            out["test_robust_accuracy"] = self.held_out_robust_accuracy(epoch)
+        return out
+
+    def held_out_robust_accuracy(self, epoch: int) -> float:
+        """Accuracy on the first ``adversarial.eval_images`` test images under
+        PGD-``eval_steps`` at the training eps (the per-epoch held-out check); in [0, 1]."""
+        adv = self.adversarial
+        x, y = self.test[0][: adv.eval_images], self.test[1][: adv.eval_images]
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch + 13)
+        correct = 0
+        for xb, yb in iterate_batches(x, y, self.cfg["eval_batch_size"], self.device):
+            xa = adversarial_examples(self.model, xb, yb, adv.eval_threat_model(), gen)
+            with torch.no_grad():
+                was = self.model.training
+                self.model.eval()
+                correct += int((self.model(xa).argmax(1) == yb).sum())
+                self.model.train(was)
+        return correct / max(1, len(y))
 
     def state(self) -> dict[str, Any]:
         """Model, optimiser and schedule state (CPU tensors) for a resume checkpoint."""

@@ -52,7 +52,9 @@ def main(params: Params) -> None:
     name = params.model.name
     spec = model_spec(name, len(meta["classes"]), meta["mean"], meta["std"], None)
     out_path = Path("models") / name / "baseline.pt"
-    section = {"model": params.model.model_dump(), "train": params.train.model_dump(), "seed": params.seed}
+    # exclude_none: options added later (train.adversarial) leave the resume key of runs without them unchanged
+    section = {"model": params.model.model_dump(), "train": params.train.model_dump(exclude_none=True),
+               "seed": params.seed}
     tags = {"profile": params.profile, "model": name, "defense": "none", "dataset": meta["dataset"]}
 
     if params.model.checkpoint:  # the user's own weights: evaluate and adopt, no training
