@@ -28,6 +28,7 @@ from torch import nn
 
 __all__ = [
     "DefenseInfo",
+    "add_input_transform",
     "DefenseParams",
     "apply_defense_list",
     "check_defenses",
@@ -93,7 +94,27 @@ def register_defense(
 
 
 def _load_builtin() -> None:
-    from pipeline.defenses import blurnet, fnc  # noqa: F401  (registers them)
+    from pipeline.defenses import blurnet, fnc, input_transforms  # noqa: F401  (registers them)
+
+
+def _pre_transform(module: nn.Module, args: tuple) -> tuple:
+    return (module.input_transform(args[0]), *args[1:])
+
+
+def add_input_transform(model: nn.Module, transform: nn.Module) -> nn.Module:
+    """Run ``transform`` on the input before ``model`` (a child ``input_transform`` and a
+    forward pre-hook), so the state dict keys do not change (transforms keep no
+    persistent state). Returns ``model``.
+
+    Raises:
+        ValueError: the model already has an input transform (one per model).
+    """
+    if hasattr(model, "input_transform"):
+        raise ValueError(f"the model already has an input transform ({type(model.input_transform).__name__}); "
+                         "use one input defense per model")
+    model.add_module("input_transform", transform)
+    model.register_forward_pre_hook(_pre_transform)
+    return model
 
 
 def list_defenses() -> list[str]:

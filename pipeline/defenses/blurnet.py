@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from pipeline.defenses.base import DefenseParams, register_defense
+from pipeline.defenses.base import DefenseParams, add_input_transform, register_defense
 
 __all__ = [
     "BlurNetLayer",
@@ -321,10 +321,6 @@ class InputBlur(nn.Module):
         return F.conv2d(x, self.kernel.to(x.dtype).expand(c, 1, k, k), padding=k // 2, groups=c)
 
 
-def _pre_transform(module: nn.Module, args: tuple) -> tuple:
-    return (module.input_transform(args[0]), *args[1:])
-
-
 @register_defense("input_blur", InputBlurParams, "input",
                   source="Raju and Lipasti, BlurNet (2019), slides: the input-filter baseline")
 def apply_input_blur(model: nn.Module, params: InputBlurParams) -> nn.Module:
@@ -334,8 +330,4 @@ def apply_input_blur(model: nn.Module, params: InputBlurParams) -> nn.Module:
     Raises:
         ValueError: the model already has an input transform.
     """
-    if hasattr(model, "input_transform"):
-        raise ValueError("the model already has an input transform")
-    model.add_module("input_transform", InputBlur(blur_kernel(params.kernel, params.size, params.sigma)))
-    model.register_forward_pre_hook(_pre_transform)
-    return model
+    return add_input_transform(model, InputBlur(blur_kernel(params.kernel, params.size, params.sigma)))
