@@ -94,7 +94,7 @@ def register_defense(
 
 
 def _load_builtin() -> None:
-    from pipeline.defenses import blurnet, fnc, input_transforms  # noqa: F401  (registers them)
+    from pipeline.defenses import blurnet, fnc, input_transforms, prm  # noqa: F401  (registers them)
 
 
 def _pre_transform(module: nn.Module, args: tuple) -> tuple:
