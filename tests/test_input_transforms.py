@@ -92,3 +92,24 @@ def test_one_input_transform_per_model():
     with pytest.raises(ValueError, match="one input defense per model"):
         apply_defense_list(build_model("resnet20", 10, [0.5] * 3, [0.25] * 3),
                            [{"name": "lgs"}, {"name": "input_blur"}])
+
+
+def test_digital_watermarking_inpaints_the_patch_and_leaves_clean_images_alone():
+    from pipeline.defenses.input_transforms import dense_gradient_mask, digital_watermarking
+
+    clean = smooth_images()
+    assert torch.equal(digital_watermarking(clean), clean)  # nothing detected: unchanged bit for bit
+    patched = with_noise_patch(clean)
+    detected = dense_gradient_mask(patched, 8, 4, 0.15)[:, 0]
+    assert detected[:, 4:12, 20:28].float().mean() > 0.9 and detected[:, 20:, :16].sum() == 0
+    out = digital_watermarking(patched)
+    region = (slice(None), slice(None), slice(4, 12), slice(20, 28))
+    # the inpainted patch is far closer to the clean image than the noise was
+    assert (out - clean)[region].abs().mean() < 0.4 * (patched - clean)[region].abs().mean()
+    far = (slice(None), slice(None), slice(20, 32), slice(0, 16))
+    assert torch.equal(out[far], patched[far])
+    base = build_model("resnet20", 10, [0.5] * 3, [0.25] * 3).eval()
+    defended = apply_defense_list(build_model("resnet20", 10, [0.5] * 3, [0.25] * 3), [{"name": "dw"}])
+    defended.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(defended.eval()(patched), base(digital_watermarking(patched)), atol=1e-5)

@@ -16,6 +16,14 @@
   Adversarial Effects Through Randomization", ICLR 2018): the image is resized to a
   random side ``r`` in ``[H, H + pad)`` and zero-padded at a random offset to
   ``H + pad`` (:func:`random_resize_pad`); randomised, so it is evaluated with EOT.
+* **Digital Watermarking** (DW; Hayes, "On Visible Adversarial Perturbations & Digital
+  Watermarking", CVPR Workshops 2018, Section 3): find the region a localized patch
+  occupies and inpaint it. Here the region is the union of windows of dense high
+  gradient (the detector of LGS, :func:`dense_gradient_mask`), dilated by
+  ``dilate`` pixels, and it is filled with OpenCV's inpainting (``cv2.inpaint``,
+  Telea's method) (:func:`digital_watermarking`). Hayes's detector is a saliency
+  map with non-maximum suppression; the gradient-window detector is this project's
+  simplification, stated here. Not differentiable: attacked through BPDA.
 * **BPDA** (Athalye, Carlini and Wagner, "Obfuscated Gradients Give a False Sense of
   Security", ICML 2018, Section 4.1): a transform whose gradient is useless (LGS's
   thresholding) is attacked by using it in the forward pass and the identity in the
@@ -35,11 +43,15 @@ from torch import nn
 from pipeline.defenses.base import DefenseParams, add_input_transform, register_defense
 
 __all__ = [
+    "DWParams",
+    "DigitalWatermarking",
     "LGSParams",
     "LocalGradientsSmoothing",
     "RandomResizePad",
     "RandomResizePadParams",
     "bpda",
+    "dense_gradient_mask",
+    "digital_watermarking",
     "local_gradients_smoothing",
     "random_resize_pad",
 ]
@@ -78,6 +90,28 @@ def gradient_magnitude(x: torch.Tensor) -> torch.Tensor:
     return (g - lo) / (hi - lo).clamp_min(1e-12)
 
 
+def dense_gradient_mask(x: torch.Tensor, window: int, stride: int, threshold: float) -> torch.Tensor:
+    """Pixels inside a window whose mean normalised gradient exceeds ``threshold``.
+
+    Args:
+        x: float (N, C, H, W) in [0, 1]; window, stride: pixels; threshold: in [0, 1].
+
+    Returns:
+        bool (N, 1, H, W).
+
+    Raises:
+        ValueError: a window larger than the image or a stride < 1.
+    """
+    h, w = x.shape[-2:]
+    if not 1 <= window <= min(h, w) or stride < 1:
+        raise ValueError(f"window {window} / stride {stride} do not fit {h}x{w} images")
+    g = gradient_magnitude(x)
+    keep = (F.avg_pool2d(g, window, stride) > threshold).to(g.dtype)  # (N, 1, Hb, Wb) windows kept
+    covered = F.conv_transpose2d(keep, torch.ones(1, 1, window, window, dtype=g.dtype, device=g.device), stride=stride)
+    covered = F.pad(covered, (0, w - covered.shape[-1], 0, h - covered.shape[-2]))  # windows that do not tile exactly
+    return covered > 0
+
+
 def local_gradients_smoothing(
     x: torch.Tensor, window: int = 8, stride: int = 4, threshold: float = 0.15, smoothing: float = 2.3
 ) -> torch.Tensor:
@@ -100,14 +134,7 @@ def local_gradients_smoothing(
     """
     if x.ndim != 4:
         raise ValueError(f"LGS expects images (N, C, H, W), got {tuple(x.shape)}")
-    h, w = x.shape[-2:]
-    if not 1 <= window <= min(h, w) or stride < 1:
-        raise ValueError(f"LGS window {window} / stride {stride} do not fit {h}x{w} images")
-    g = gradient_magnitude(x)
-    keep = (F.avg_pool2d(g, window, stride) > threshold).to(g.dtype)  # (N, 1, Hb, Wb) windows kept
-    covered = F.conv_transpose2d(keep, torch.ones(1, 1, window, window, dtype=g.dtype, device=g.device), stride=stride)
-    covered = F.pad(covered, (0, w - covered.shape[-1], 0, h - covered.shape[-2]))  # windows that do not tile exactly
-    mask = g * (covered > 0).to(g.dtype)
+    mask = gradient_magnitude(x) * dense_gradient_mask(x, window, stride, threshold).to(x.dtype)
     return (x * (1 - smoothing * mask)).clamp(0, 1)
 
 
@@ -142,6 +169,71 @@ class LocalGradientsSmoothing(nn.Module):
 def apply_lgs(model: nn.Module, params: LGSParams) -> nn.Module:
     """Registry entry: LGS before ``model``; returns ``model``."""
     return add_input_transform(model, LocalGradientsSmoothing(params))
+
+
+def digital_watermarking(
+    x: torch.Tensor, window: int = 8, stride: int = 4, threshold: float = 0.15, dilate: int = 1, radius: int = 3
+) -> torch.Tensor:
+    """DW (Hayes 2018): inpaint the windows of dense high gradient with OpenCV (Telea).
+
+    Args:
+        x: float (N, 3, H, W) in [0, 1].
+        window, stride, threshold: the detector (:func:`dense_gradient_mask`).
+        dilate: grow the detected region by this many pixels (>= 0).
+        radius: inpainting neighbourhood radius in pixels (>= 1).
+
+    Returns:
+        float (N, 3, H, W) in [0, 1] on ``x``'s device; images with nothing detected
+        come back unchanged (bit for bit).
+    """
+    import cv2
+    import numpy as np
+
+    mask = dense_gradient_mask(x, window, stride, threshold)
+    if dilate > 0:
+        mask = F.max_pool2d(mask.float(), 2 * dilate + 1, stride=1, padding=dilate) > 0
+    out = x.clone()
+    imgs = (x.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    masks = mask[:, 0].to(torch.uint8).cpu().numpy() * 255
+    for i in np.flatnonzero(masks.reshape(len(masks), -1).max(axis=1)):  # only images with a detection
+        filled = cv2.inpaint(np.ascontiguousarray(imgs[i]), masks[i], radius, cv2.INPAINT_TELEA)
+        out[i] = torch.from_numpy(filled).to(x.device).permute(2, 0, 1).float() / 255
+    return out
+
+
+class DWParams(DefenseParams):
+    """Params of the ``dw`` defense (see :func:`digital_watermarking`); ``bpda``: attacks
+    see the identity's gradient through it."""
+
+    window: int = Field(8, ge=1, le=512)
+    stride: int = Field(4, ge=1, le=512)
+    threshold: float = Field(0.15, ge=0, le=1)
+    dilate: int = Field(1, ge=0, le=64)
+    radius: int = Field(3, ge=1, le=64)
+    bpda: bool = True
+
+
+class DigitalWatermarking(nn.Module):
+    """:func:`digital_watermarking` as a module (with BPDA gradients by default; without,
+    no gradient reaches the input through the inpainted pixels)."""
+
+    def __init__(self, params: DWParams) -> None:
+        super().__init__()
+        self.params = params
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.params
+
+        def dw(z: torch.Tensor) -> torch.Tensor:
+            return digital_watermarking(z, p.window, p.stride, p.threshold, p.dilate, p.radius)
+
+        return bpda(x, dw) if p.bpda else dw(x)
+
+
+@register_defense("dw", DWParams, "input", source="Hayes, CVPR Workshops 2018, Section 3")
+def apply_dw(model: nn.Module, params: DWParams) -> nn.Module:
+    """Registry entry: digital watermarking before ``model``; returns ``model``."""
+    return add_input_transform(model, DigitalWatermarking(params))
 
 
 def random_resize_pad(x: torch.Tensor, pad: int, generator: torch.Generator | None = None) -> torch.Tensor:
