@@ -183,8 +183,8 @@ def digital_watermarking(
         radius: inpainting neighbourhood radius in pixels (>= 1).
 
     Returns:
-        float (N, 3, H, W) in [0, 1] on ``x``'s device; images with nothing detected
-        come back unchanged (bit for bit).
+        float (N, 3, H, W) in [0, 1] on ``x``'s device; pixels outside the detected
+        (dilated) region are unchanged bit for bit.
     """
     import cv2
     import numpy as np
@@ -197,7 +197,8 @@ def digital_watermarking(
     masks = mask[:, 0].to(torch.uint8).cpu().numpy() * 255
     for i in np.flatnonzero(masks.reshape(len(masks), -1).max(axis=1)):  # only images with a detection
         filled = cv2.inpaint(np.ascontiguousarray(imgs[i]), masks[i], radius, cv2.INPAINT_TELEA)
-        out[i] = torch.from_numpy(filled).to(x.device).permute(2, 0, 1).float() / 255
+        filled_t = torch.from_numpy(filled).to(x.device).permute(2, 0, 1).to(x.dtype) / 255
+        out[i] = torch.where(mask[i], filled_t, x[i])  # only the detected region changes
     return out
 
 
