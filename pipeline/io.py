@@ -72,6 +72,18 @@ def save_png(image_chw: Any, path: str | Path, upscale: int = 1) -> Path:
     return atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
+def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
+    """Render a matplotlib figure to PNG, close it, and write the file atomically."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    return atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
 def sha256_file(path: str | Path) -> str:
     """Hex SHA-256 of a file's bytes (read in 1 MiB chunks)."""
     import hashlib

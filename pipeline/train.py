@@ -98,7 +98,8 @@ class Trainer:
         self.model = build_from_spec(spec).to(self.device, memory_format=self.memory_format)
         self.spec = spec
         image_size = train[0].shape[-1]
-        self.train_set: Dataset = TensorImageDataset(*train, transform=cifar_augmentation(image_size, horizontal_flip=horizontal_flip))
+        augment = cifar_augmentation(image_size, horizontal_flip=horizontal_flip)
+        self.train_set: Dataset = TensorImageDataset(*train, transform=augment)
         self.test = test
         steps_per_epoch = -(-len(self.train_set) // cfg["batch_size"])
         self.opt = torch.optim.SGD(

@@ -24,7 +24,6 @@ settings), so a killed run redoes only what had not finished. With ``rp2.enabled
 
 from __future__ import annotations
 
-import io
 import logging
 from pathlib import Path
 
@@ -43,7 +42,7 @@ from pipeline.config import Params, ParamsError  # noqa: E402
 from pipeline.data import load_meta  # noqa: E402
 from pipeline.data.rp2 import load_mask, load_victims  # noqa: E402
 from pipeline.distributed import init_ray, ray_map  # noqa: E402
-from pipeline.io import atomic_write, load_torch, save_json, save_png, save_torch, sha256_file  # noqa: E402
+from pipeline.io import atomic_write, load_torch, save_figure, save_json, save_png, save_torch, sha256_file  # noqa: E402
 from pipeline.tasks import rp2_task  # noqa: E402
 from pipeline.tracking import log_metrics, stage_run  # noqa: E402
 
@@ -241,10 +240,7 @@ def _figure(models, victims, mask, done, cfgs, classes, r, path: Path) -> None:
             ax.axis("off")
     fig.suptitle("RP2 stickers (white box) on stop-sign victims; red: prediction changed", fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write(path, lambda f: f.write(buf.getvalue()))
+    save_figure(fig, path, dpi=110)
 
 
 if __name__ == "__main__":

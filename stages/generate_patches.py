@@ -31,7 +31,7 @@ from pipeline.cli import resume_dir, run_stage  # noqa: E402
 from pipeline.config import Params  # noqa: E402
 from pipeline.data import load_meta, load_tensors  # noqa: E402
 from pipeline.distributed import init_ray, ray_map  # noqa: E402
-from pipeline.io import atomic_write, load_torch, save_json, save_png, save_torch, sha256_file  # noqa: E402
+from pipeline.io import atomic_write, load_torch, save_figure, save_json, save_png, save_torch, sha256_file  # noqa: E402
 from pipeline.tasks import patch_task  # noqa: E402
 from pipeline.tracking import log_metrics, stage_run  # noqa: E402
 
@@ -146,12 +146,7 @@ def _figure(patches, seeds, example, classes, target, path: Path, attack: str) -
     label = {"advp": "AdvP", "lavan": "LaVAN"}.get(attack, attack)
     fig.suptitle(f"universal adversarial patches ({label}), {goal}", fontsize=10)
     fig.tight_layout()
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write(path, lambda f: f.write(buf.getvalue()))
+    save_figure(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -144,7 +144,8 @@ def test_fit_once_per_model_gives_what_fitting_in_every_shard_gives():
     model = build_model("resnet20", 10, [0.5] * 3, [0.25] * 3)
     spec = model_spec("resnet20", 10, [0.5] * 3, [0.25] * 3, model.state_dict())
     g = torch.Generator().manual_seed(1)
-    fit_data = (torch.randint(0, 256, (16, 3, 32, 32), generator=g, dtype=torch.uint8), torch.randint(0, 10, (16,), generator=g))
+    fit_data = (torch.randint(0, 256, (16, 3, 32, 32), generator=g, dtype=torch.uint8),
+                torch.randint(0, 10, (16,), generator=g))
     x = torch.randint(0, 256, (6, 3, 32, 32), generator=g, dtype=torch.uint8)
     y = torch.randint(0, 10, (6,), generator=g)
     ap = build_attack("masked_pgd", {"steps": 3, "k": 0.1}).params.model_dump(mode="json")

@@ -62,7 +62,8 @@ Budget = Annotated[float, BeforeValidator(parse_fraction)]
 @contextmanager
 def frozen_eval(model: nn.Module) -> Iterator[nn.Module]:
     """Context manager: ``model`` in eval mode with ``requires_grad=False`` on every
-    parameter, both restored on exit (what :meth:`Attack.__call__` does around an attack), so that gradients flow to the input only and BatchNorm
+    parameter, both restored on exit (what :meth:`Attack.__call__` does around an
+    attack), so that gradients flow to the input only and BatchNorm
     statistics are neither used from the batch nor updated.
 
     Yields:
@@ -128,6 +129,7 @@ class Attack(ABC):
             model: the attacked model.
             x: float32 (N, C, H, W) in [0, 1]; y: int64 (N,).
         """
+        return None  # noqa: B027 - optional hook, a no-op unless overridden
 
     def fitted_state(self) -> Any:
         """What :meth:`fit` computed, picklable (tensors on the CPU), so that it is
@@ -136,6 +138,7 @@ class Attack(ABC):
 
     def load_fitted_state(self, state: Any) -> None:
         """Restore what :meth:`fitted_state` returned, instead of calling :meth:`fit` again."""
+        return None  # noqa: B027 - optional hook, a no-op unless overridden
 
     @abstractmethod
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

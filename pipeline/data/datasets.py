@@ -28,7 +28,6 @@ from torch.utils.data import Dataset
 
 from pipeline.io import load_torch
 
-
 GTSRB_CLASSES: tuple[str, ...] = (
     "Speed limit (20km/h)", "Speed limit (30km/h)", "Speed limit (50km/h)", "Speed limit (60km/h)",
     "Speed limit (70km/h)", "Speed limit (80km/h)", "End of speed limit (80km/h)", "Speed limit (100km/h)",
