@@ -35,8 +35,9 @@ from pipeline.models import list_models
 DATASETS = ("cifar10", "gtsrb")
 """Datasets the prepare stage knows (class names, normalisation constants)."""
 
-DEFENSES = ("none", "fnc")
-"""Defense names accepted by ``evaluate.defenses``."""
+RESERVED_SECTIONS = ("profile", "seed", "data", "model", "train", "resources", "fnc", "patch", "evaluate", "rp2",
+                     "attacks", "mlflow", "defended", "none", "baseline")
+"""Top-level keys that cannot name a defended model (``fnc`` is the built-in one)."""
 
 PATCH_ATTACKS = ("advp", "lavan")
 """Universal patch attacks made by ``generate_patches`` (:mod:`pipeline.attacks.patch`)."""
@@ -140,6 +141,68 @@ class FNCConfig(_Strict):
     batch_size: int = Field(128, ge=1)
 
 
+class DefendedConfig(_Strict):
+    """A defended model made by ``train_defended@<name>`` (its params: the top-level section ``<name>``).
+
+    It is built in four steps, each optional: start from the baseline's weights or from
+    scratch (``init``); insert ``defenses`` (trained with the network: BlurNet, PRM);
+    train (``train``: overrides of the ``train`` section, for example
+    ``{adversarial: {method: pgd}}`` for Madry et al.'s adversarial training; null: no
+    training); insert ``insert_after`` (defenses that need no training, such as FNC or the
+    input transforms) and apply ``adjustment``. Defense entries are
+    ``{name: <registered defense>, **its params}`` (README, Defenses); the built-in
+    ``fnc`` section is the case ``init: baseline, insert_after: [fnc]``.
+    """
+
+    init: Literal["baseline", "scratch"] = Field(
+        "baseline", description="start from models/<model>/baseline.pt, or train from a fresh initialisation")
+    defenses: list[dict[str, Any]] = Field(default_factory=list, description="inserted before training")
+    train: dict[str, Any] | None = Field(None, description="overrides of the train section; null: no training")
+    insert_after: list[dict[str, Any]] = Field(default_factory=list, description="inserted after training")
+    adjustment: Literal["none", "bn_recalibration", "finetune_classifier"] = "none"
+    adjust_batches: int = Field(100, ge=1)
+    finetune_epochs: int = Field(1, ge=1)
+    finetune_lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(128, ge=1)
+
+    @field_validator("defenses", "insert_after", mode="before")
+    @classmethod
+    def _entries(cls, v: list[dict[str, Any]], info) -> list[dict[str, Any]]:
+        from pipeline.defenses.base import parse_defense
+
+        if not isinstance(v, list):
+            raise ValueError(f"{info.field_name}: a list of defenses, got {v!r}")
+        out = []
+        for entry in v:
+            if isinstance(entry, str):
+                entry = {"name": entry}
+            if not isinstance(entry, dict):
+                raise ValueError(f"{info.field_name}: each entry is {{name: <defense>, ...params}}, got {entry!r}")
+            info_, p = parse_defense(entry)
+            out.append({"name": info_.name, **p.model_dump(mode="json")})
+        return out
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DefendedConfig:
+        from pipeline.defenses.base import needs_training
+
+        if self.train is not None:
+            try:
+                TrainConfig.model_validate({"epochs": 1, **self.train})
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                loc = "".join(f".{p}" for p in first["loc"])
+                raise ValueError(f"train{loc}: {first['msg'].removeprefix('Value error, ')}") from None
+        if self.init == "scratch" and self.train is None:
+            raise ValueError("init: scratch needs training; give train: {} (the train section) or overrides")
+        if self.train is None and needs_training(self.defenses):
+            raise ValueError("defenses has trainable parts (learned kernels, TV penalty, PRM); give train: {...}, "
+                             "or move fixed defenses to insert_after")
+        if not (self.defenses or self.insert_after or (self.train or {}).get("adversarial")):
+            raise ValueError("a defended model needs defenses, insert_after or train.adversarial")
+        return self
+
+
 class PatchConfig(_Strict):
     """``patch``: the universal adversarial patch, AdvP (Brown et al. 2017), as used by FNC."""
 
@@ -194,11 +257,11 @@ class EvaluateConfig(_Strict):
     @field_validator("defenses", "attacks")
     @classmethod
     def _known_names(cls, v: list[str], info) -> list[str]:
-        allowed = DEFENSES if info.field_name == "defenses" else evaluate_attack_names()
-        bad = [name for name in v if name not in allowed]
-        if bad:
-            what = info.field_name.removesuffix("s")
-            raise ValueError(f"unknown {what} {bad[0]!r}; choose from: {', '.join(allowed)}")
+        if info.field_name == "attacks":  # defenses are checked against `defended` by Params
+            allowed = evaluate_attack_names()
+            bad = [name for name in v if name not in allowed]
+            if bad:
+                raise ValueError(f"unknown attack {bad[0]!r}; choose from: {', '.join(allowed)}")
         if len(set(v)) != len(v):
             raise ValueError(f"evaluate.{info.field_name} lists a name twice: {v}")
         return v
@@ -247,9 +310,6 @@ class RP2Config(_Strict):
             raise ValueError(f"rp2.targets {self.targets} include rp2.true_class {self.true_class}; drop it")
         if len(set(self.targets)) != len(self.targets) or len(set(self.defenses)) != len(self.defenses):
             raise ValueError("rp2.targets and rp2.defenses must not repeat a value")
-        unknown = [d for d in self.defenses if d not in DEFENSES]
-        if unknown:
-            raise ValueError(f"rp2.defenses: unknown defense {unknown[0]!r}; known: {list(DEFENSES)}")
         if "none" not in self.defenses:
             raise ValueError("rp2.defenses must include 'none': its stickers are the black-box (transfer) attack")
         return self
@@ -279,6 +339,71 @@ class Params(_Strict):
         description="per-image attack name -> its params (threat model as data); defaults where omitted",
     )
     mlflow: MLflowConfig = MLflowConfig()
+    defended: list[str] = Field(
+        default_factory=lambda: ["fnc"],
+        description="defended models made by train_defended; each but fnc is a top-level section (DefendedConfig)")
+    defended_models: dict[str, DefendedConfig] = Field(
+        default_factory=dict, description="filled from the top-level sections named in `defended`; do not write it")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _collect_defended(cls, raw: Any) -> Any:
+        """Move the sections named in ``defended`` (all but ``fnc``) into ``defended_models``."""
+        if not isinstance(raw, dict):
+            return raw
+        raw = dict(raw)
+        if "defended_models" in raw:
+            raise ValueError("defended_models is filled from the sections named in `defended`; remove it")
+        names = raw.get("defended", ["fnc"])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"defended: a list of names, got {names!r}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"defended lists a name twice: {names}")
+        models = {}
+        for name in names:
+            if name == "fnc":
+                continue
+            if name in RESERVED_SECTIONS or not name.isidentifier():
+                raise ValueError(f"defended: {name!r} cannot name a defended model (reserved or not an identifier); "
+                                 "rename it")
+            if name not in raw:
+                raise ValueError(f"defended lists {name!r} but the params file has no section {name!r}; add one "
+                                 "(README, Defenses)")
+            models[name] = raw.pop(name)
+        raw["defended_models"] = models
+        return raw
+
+    def defended_config(self, name: str) -> DefendedConfig:
+        """The recipe of defended model ``name`` (``fnc``: from the ``fnc`` section).
+
+        Raises:
+            ParamsError: ``name`` is not listed in ``defended``.
+        """
+        if name not in self.defended:
+            raise ParamsError(f"defended model {name!r} is not listed in `defended` ({self.defended}); add it")
+        if name == "fnc":
+            f = self.fnc
+            return DefendedConfig(insert_after=[{"name": "fnc", "alpha": f.alpha, "eps": f.eps}],
+                                  adjustment=f.adjustment, adjust_batches=f.adjust_batches,
+                                  finetune_epochs=f.finetune_epochs, finetune_lr=f.finetune_lr,
+                                  batch_size=f.batch_size)
+        return self.defended_models[name]
+
+    def defended_section(self, name: str) -> dict[str, Any]:
+        """The params section of defended model ``name``, as written (for hashing and MLflow)."""
+        if name == "fnc":
+            return self.fnc.model_dump(mode="json")
+        return self.defended_models[name].model_dump(mode="json")
+
+    @model_validator(mode="after")
+    def _defenses_defined(self) -> Params:
+        known = ["none", *self.defended]
+        for where, names in (("evaluate.defenses", self.evaluate.defenses), ("rp2.defenses", self.rp2.defenses)):
+            bad = [d for d in names if d not in known]
+            if bad:
+                raise ValueError(f"{where}: unknown defense {bad[0]!r}; choose from {known} "
+                                 "(defended models are listed in `defended`)")
+        return self
 
     @field_validator("attacks")
     @classmethod
@@ -333,14 +458,17 @@ class Params(_Strict):
 def _format_error(err: ValidationError, path: Path) -> str:
     """One line: the first offending key, what is wrong, and the fix."""
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "<top level>"
+    parts = [str(p) for p in first["loc"]]
+    if parts[:1] == ["defended_models"]:  # a defended model's section is top-level in the file
+        parts = parts[1:]
+    loc = ".".join(parts) or "<top level>"
     kind = first["type"]
     msg = first["msg"].removeprefix("Value error, ")
     if kind == "extra_forbidden":
         msg = "unknown key; remove it or check its spelling against params.yaml"
     elif kind == "missing":
         msg = "required key is missing; add it (see params.yaml for an example)"
-    else:
+    elif parts:  # a whole-file input is not worth printing
         msg = f"{msg} (got {first.get('input')!r})"
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     return f"{path}: {loc}: {msg}{more}"

@@ -85,15 +85,17 @@ def attack_task(item: dict[str, Any]) -> dict[str, Any]:
 
 
 def defend_task(item: dict[str, Any]) -> dict[str, Any]:
-    """Insert the defenses of ``item["defenses"]`` into the baseline ``item["spec"]``,
-    adjust the model as ``item["adjustment"]`` says, and measure clean accuracy
-    before and after the adjustment. Returns the adjusted state dict."""
+    """Insert the defenses of ``item["defenses"]`` into the model ``item["spec"]`` (the
+    baseline, or a model trained with its own defenses), adjust it as
+    ``item["adjustment"]`` says (:mod:`pipeline.defenses.adjust`), and measure clean
+    accuracy before insertion (``baseline_clean_accuracy``), after it
+    (``clean_accuracy_unadjusted``) and after the adjustment (``clean_accuracy``), all in
+    [0, 1] on ``item["test"]``. Returns those and the adjusted state dict."""
     torch.set_num_threads(max(1, int(item["num_threads"])))
     device = default_device()
     (x_train, y_train), (x_test, y_test) = _get(item["train"]), _get(item["test"])
     spec = item["spec"]
-    model = build_from_spec({**spec, "defenses": []})
-    model = apply_defenses(model, item["defenses"])
+    model = apply_defenses(build_from_spec(spec), item["defenses"])
     model.to(device).eval()
     bs = item["batch_size"]
     out: dict[str, Any] = {"node_id": node_id()}

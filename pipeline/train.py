@@ -102,6 +102,10 @@ class Trainer:
         self.train_set: Dataset = TensorImageDataset(*train, transform=augment)
         self.test = test
         steps_per_epoch = -(-len(self.train_set) // cfg["batch_size"])
+        warmup = cfg["pct_start"] * cfg["epochs"] * steps_per_epoch
+        if abs(warmup - 1) < 1e-9:  # torch's OneCycleLR divides by (warm-up steps - 1)
+            raise ValueError(f"train: a one-cycle warm-up of exactly 1 step ({cfg['epochs']} epochs x {steps_per_epoch} "
+                             f"steps x pct_start {cfg['pct_start']}) divides by zero; change pct_start or batch_size")
         self.opt = torch.optim.SGD(
             self.model.parameters(),
             lr=cfg["lr"],

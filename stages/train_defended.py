@@ -1,9 +1,18 @@
-"""DVC stage ``train_defended@<defense>``: the baseline with a defense inserted and adjusted.
+"""DVC stage ``train_defended@<name>``: one defended model of ``defended``.
 
-For ``fnc``: feature norm clipping after every block (``fnc.alpha``), then the
-adjustment ``fnc.adjustment`` (BatchNorm re-estimation or classifier
-fine-tuning). Clean accuracy is measured before and after the adjustment.
-Writes ``models/<model>/<defense>.pt`` and ``metrics/train_defended/<defense>.json``.
+``fnc`` (the ``fnc`` section): the baseline with feature norm clipping after every
+block (``fnc.alpha``), then the adjustment ``fnc.adjustment`` (BatchNorm
+re-estimation or classifier fine-tuning). Any other name is a top-level section
+(:class:`pipeline.config.DefendedConfig`): start from the baseline or from scratch,
+insert ``defenses`` (BlurNet, PRM), train with the ``train`` section plus its overrides
+(PGD adversarial training with ``train: {adversarial: {...}}``; resumable, one Ray
+actor, per-epoch penalty and held-out robust accuracy in MLflow), insert
+``insert_after`` (FNC, input transforms), adjust. Clean accuracy is measured before
+insertion, after it and after the adjustment.
+
+Writes ``models/<model>/<name>.pt`` (its ``defenses`` list says how to rebuild it) and
+``metrics/train_defended/<name>.json`` and ``plots/train_defended/<name>.csv`` (the
+per-epoch curve of its training; the header alone when it is not trained).
 """
 
 from __future__ import annotations
@@ -13,47 +22,85 @@ import logging
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import ray
+import torch
 
-from pipeline.checkpoint import load_checkpoint, save_checkpoint
-from pipeline.cli import run_stage
-from pipeline.config import Params, ParamsError
+from pipeline.checkpoint import apply_defenses, build_from_spec, load_checkpoint, model_spec, save_checkpoint
+from pipeline.cli import resume_dir, run_stage
+from pipeline.config import Params, ParamsError, TrainConfig
 from pipeline.data import load_meta, load_tensors
+from pipeline.data.datasets import DATASETS
+from pipeline.defenses.base import check_defenses
 from pipeline.distributed import init_ray, ray_map
-from pipeline.io import save_json
+from pipeline.io import atomic_write, save_json
 from pipeline.tasks import defend_task
 from pipeline.tracking import log_metrics, stage_run
+from pipeline.training_run import train_resumable
 
 log = logging.getLogger("train_defended")
 PREPARED = Path("data/prepared")
-TRAINABLE = ("fnc",)
 
 
 def main(params: Params, defense: str) -> None:
-    """Insert ``defense`` into the baseline, adjust it, write ``models/<model>/<defense>.pt``."""
-    if defense not in TRAINABLE:
-        raise ParamsError(f"train_defended: unknown defense {defense!r}; choose from {', '.join(TRAINABLE)}")
+    """Build, train where needed, insert and adjust defended model ``defense``; write its checkpoint."""
+    cfg = params.defended_config(defense)  # ParamsError when not listed in `defended`
     name = params.model.name
-    spec = load_checkpoint(Path("models") / name / "baseline.pt")
     meta = load_meta(PREPARED / params.data.dataset)
-    fnc = params.fnc
+    baseline = load_checkpoint(Path("models") / name / "baseline.pt")
+    base = baseline if cfg.init == "baseline" else model_spec(name, len(meta["classes"]), meta["mean"], meta["std"],
+                                                               None)
+    train_cfg = None
+    if cfg.train is not None:
+        train_cfg = TrainConfig.model_validate({**params.train.model_dump(), **cfg.train})
+    try:  # every defense must fit the model before any work starts
+        check_defenses(lambda: build_from_spec({**base, "state_dict": None, "defenses": []}),
+                       cfg.defenses + cfg.insert_after, tuple(meta["image_shape"]))
+    except ValueError as exc:
+        raise ParamsError(f"{defense}: {exc}") from None
+
+    section = {"model": params.model.model_dump(), defense: params.defended_section(defense), "seed": params.seed}
+    if train_cfg is not None:
+        section["train"] = train_cfg.model_dump(exclude_none=True)
+    tags = {"profile": params.profile, "model": name, "defense": defense, "dataset": meta["dataset"]}
+    x_train, y_train = load_tensors(PREPARED / params.data.dataset, "train")
+    x_test, y_test = load_tensors(PREPARED / params.data.dataset, "test")
+
+    spec = {**base, "defenses": list(cfg.defenses)}
+    history, run_id = [], None
+    if cfg.defenses:  # defenses trained with the network: fresh defense weights, the base weights kept
+        torch.manual_seed(params.seed)
+        model = apply_defenses(build_from_spec({**base, "defenses": []}), cfg.defenses)
+        spec["state_dict"] = None if base["state_dict"] is None else {
+            k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if train_cfg is not None:
+        key = {**section, "init": cfg.init, "defenses": cfg.defenses, "data": meta["source"]["sha256"],
+               "subset": meta["subset"], "splits": meta["splits"],
+               "base": None if cfg.init == "scratch" else _weights_key(baseline)}
+        state_dict, history, run_id = train_resumable(
+            f"train_defended@{defense}", spec, (x_train, y_train), (x_test, y_test), train_cfg.model_dump(),
+            params.seed, params.resources, DATASETS[meta["dataset"]].horizontal_flip,
+            resume_dir(f"train_defended/{defense}", key), params.mlflow.experiment, section, tags,
+            desc=f"train {defense}")
+        spec["state_dict"] = state_dict
+
     init_ray()
     item = {
         "spec": spec,
-        "defenses": [{"name": "fnc", "alpha": fnc.alpha, "eps": fnc.eps}],
-        "adjustment": fnc.adjustment,
-        "adjust_batches": fnc.adjust_batches,
-        "finetune_epochs": fnc.finetune_epochs,
-        "finetune_lr": fnc.finetune_lr,
-        "batch_size": fnc.batch_size,
+        "defenses": list(cfg.insert_after),
+        "adjustment": cfg.adjustment,
+        "adjust_batches": cfg.adjust_batches,
+        "finetune_epochs": cfg.finetune_epochs,
+        "finetune_lr": cfg.finetune_lr,
+        "batch_size": cfg.batch_size,
         "seed": params.seed,
-        "train": ray.put(load_tensors(PREPARED / params.data.dataset, "train")),
-        "test": ray.put(load_tensors(PREPARED / params.data.dataset, "test")),
+        "train": ray.put((x_train, y_train)),
+        "test": ray.put((x_test, y_test)),
         "num_threads": params.resources.train_num_cpus,
     }
     (result,) = ray_map(defend_task, [item], num_cpus=params.resources.train_num_cpus,
                         num_gpus=params.resources.train_num_gpus, desc=f"{defense}: insert + adjust")
-    out = {**spec, "state_dict": result.pop("state_dict"), "defenses": item["defenses"]}
+    out = {**spec, "state_dict": result.pop("state_dict"), "defenses": list(cfg.defenses) + list(cfg.insert_after)}
     out_path = Path("models") / name / f"{defense}.pt"
     save_checkpoint(out, out_path)
     metrics = {
@@ -61,22 +108,41 @@ def main(params: Params, defense: str) -> None:
         "clean_accuracy_unadjusted": result["clean_accuracy_unadjusted"],
         "baseline_clean_accuracy": result["baseline_clean_accuracy"],
         "n_images": meta["splits"]["test"]["n_images"],
-        "adjustment": fnc.adjustment,
-        "seconds": round(result["seconds"], 2),
+        "adjustment": cfg.adjustment,
+        "seconds": round(result["seconds"] + sum(h["epoch_seconds"] for h in history), 2),
     }
+    if history:
+        last = history[-1]
+        metrics.update(epochs=len(history), train_accuracy=last["train_accuracy"],
+                       **{k: last[k] for k in ("train_penalty", "test_robust_accuracy") if k in last})
+    df = pd.DataFrame(history, columns=None if history else ["epoch", "train_loss", "train_accuracy",
+                                                              "test_accuracy", "lr"])
+    atomic_write(Path("plots/train_defended") / f"{defense}.csv", lambda f: f.write(df.to_csv(index=False).encode()))
     save_json(metrics, Path("metrics/train_defended") / f"{defense}.json")
-    log.info("%s (alpha %.2f): clean accuracy %.4f unadjusted, %.4f after %s (baseline %.4f)", defense, fnc.alpha,
-             metrics["clean_accuracy_unadjusted"], metrics["clean_accuracy"], fnc.adjustment,
-             metrics["baseline_clean_accuracy"])
-    section = {"model": params.model.model_dump(), "fnc": fnc.model_dump(), "seed": params.seed}
-    tags = {"profile": params.profile, "model": name, "defense": defense, "node_id": result["node_id"]}
-    with stage_run(f"train_defended@{defense}", params.mlflow.experiment, section, tags):
-        log_metrics(metrics)
+    log.info("%s: clean accuracy %.4f before insertion, %.4f after, %.4f after adjustment (%s)", defense,
+             metrics["baseline_clean_accuracy"], metrics["clean_accuracy_unadjusted"], metrics["clean_accuracy"],
+             cfg.adjustment)
+    with stage_run(f"train_defended@{defense}", params.mlflow.experiment, section,
+                   {**tags, "node_id": result["node_id"]}, run_id=run_id):
+        log_metrics({k: v for k, v in metrics.items() if k != "epochs"})
         mlflow.log_artifact(str(out_path), artifact_path="checkpoints")
+        if history:
+            mlflow.log_artifact(str(Path("plots/train_defended") / f"{defense}.csv"), artifact_path="plots")
+
+
+def _weights_key(spec: dict) -> str:
+    """A short hash of a checkpoint's weights (the resume key of training that starts from them)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(spec["state_dict"].items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--defense", required=True, help=f"one of: {', '.join(TRAINABLE)}")
+    parser.add_argument("--defense", required=True, help="a name listed in `defended` (params.yaml)")
     args = parser.parse_args()
     run_stage(f"train_defended@{args.defense}", main, defense=args.defense)
