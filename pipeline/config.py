@@ -42,15 +42,20 @@ RESERVED_SECTIONS = ("profile", "seed", "data", "model", "train", "resources", "
 PATCH_ATTACKS = ("advp", "lavan")
 """Universal patch attacks made by ``generate_patches`` (:mod:`pipeline.attacks.patch`)."""
 
+ADAPTIVE_PATCH_ATTACKS = {f"{a}_adaptive": a for a in PATCH_ATTACKS}
+"""Evaluate cells whose patches are optimised against each defended model itself
+(white box, adaptive; Athalye et al. 2018) rather than transferred from the baseline."""
+
 
 def evaluate_attack_names() -> tuple[str, ...]:
     """Names ``evaluate.attacks`` accepts: ``none`` (clean), the universal patch
     attacks, ``occlusion`` (the control of a same-size uniform-noise patch at the
-    same placements, DESIGN.md) and every registered per-image attack
-    (:func:`pipeline.attacks.base.list_attacks`)."""
+    same placements, DESIGN.md), the adaptive patch cells (``advp_adaptive``,
+    ``lavan_adaptive``: patches optimised against each defended model) and every
+    registered per-image attack (:func:`pipeline.attacks.base.list_attacks`)."""
     from pipeline.attacks.base import list_attacks
 
-    return ("none", *PATCH_ATTACKS, "occlusion", *list_attacks())
+    return ("none", *PATCH_ATTACKS, *ADAPTIVE_PATCH_ATTACKS, "occlusion", *list_attacks())
 
 
 class ParamsError(ValueError):
@@ -427,10 +432,12 @@ class Params(_Strict):
 
     @model_validator(mode="after")
     def _patch_attacks_generated(self) -> Params:
-        missing = [a for a in self.evaluate.attacks if a in PATCH_ATTACKS and a not in self.patch.attacks]
+        missing = [a for a in self.evaluate.attacks
+                   if ADAPTIVE_PATCH_ATTACKS.get(a, a) in PATCH_ATTACKS
+                   and ADAPTIVE_PATCH_ATTACKS.get(a, a) not in self.patch.attacks]
         if missing:
-            raise ValueError(f"evaluate.attacks lists {missing[0]!r} but patch.attacks does not generate it; "
-                             f"add it to patch.attacks")
+            raise ValueError(f"evaluate.attacks lists {missing[0]!r} but patch.attacks does not generate "
+                             f"{ADAPTIVE_PATCH_ATTACKS.get(missing[0], missing[0])!r}; add it to patch.attacks")
         return self
 
     def attack_params(self, name: str) -> dict[str, Any]:

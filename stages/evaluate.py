@@ -1,11 +1,14 @@
 """DVC stage ``evaluate``: the (model, defense, attack) matrix on the test set.
 
-Defenses from ``evaluate.defenses`` (``none``: the baseline; ``fnc``: the
-train_defended model), attacks from ``evaluate.attacks``: ``none`` (clean),
-the universal patches of generate_patches (``advp``, ``lavan``: made on the
-undefended model and transferred), ``occlusion`` (uniform-noise patches of the
-same size at the same placements), and the registered per-image attacks (run
-white-box on each model, with their params from the ``attacks`` section).
+Defenses from ``evaluate.defenses`` (``none``: the baseline; any other name: the
+model ``train_defended@<name>`` made), attacks from ``evaluate.attacks``: ``none``
+(clean), the universal patches of generate_patches (``advp``, ``lavan``: made on the
+undefended model and transferred, as the FNC authors evaluate), their adaptive
+counterparts (``advp_adaptive``, ``lavan_adaptive``: the same training against each
+defended model itself, white box; Athalye et al. 2018), ``occlusion`` (uniform-noise
+patches of the same size at the same placements), and the registered per-image
+attacks (run white-box on each model, with their params from the ``attacks``
+section; gradients through non-differentiable input transforms by BPDA).
 
 One Ray task per (defense, test shard) for the clean and patch cells, and per
 (defense, attack, shard) for the per-image attacks. Every cell's raw
@@ -23,6 +26,7 @@ import importlib.metadata
 import inspect
 import io
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +40,15 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline.attacks.base import attack_params_class, build_attack  # noqa: E402
-from pipeline.attacks.patch import corner_placements, patch_side  # noqa: E402
+from pipeline.attacks.patch import (  # noqa: E402
+    corner_placements,
+    patch_side,
+    patch_training_config,
+    patch_training_images,
+)
 from pipeline.checkpoint import load_checkpoint  # noqa: E402
 from pipeline.cli import resume_dir, run_stage  # noqa: E402
-from pipeline.config import PATCH_ATTACKS, Params  # noqa: E402
+from pipeline.config import ADAPTIVE_PATCH_ATTACKS, PATCH_ATTACKS, Params  # noqa: E402
 from pipeline.data import load_meta, load_tensors  # noqa: E402
 from pipeline.distributed import init_ray, ray_map  # noqa: E402
 from pipeline.evaluation import (  # noqa: E402
@@ -49,13 +58,13 @@ from pipeline.evaluation import (  # noqa: E402
     noise_patches,
     test_order,
 )
-from pipeline.io import atomic_write, load_torch, save_json, save_torch, sha256_file  # noqa: E402
-from pipeline.tasks import attack_task, evaluate_task, fit_task  # noqa: E402
+from pipeline.io import atomic_write, load_torch, save_json, save_png, save_torch, sha256_file  # noqa: E402
+from pipeline.tasks import attack_task, evaluate_task, fit_task, patch_task  # noqa: E402
 from pipeline.tracking import log_metrics, stage_run  # noqa: E402
 
 log = logging.getLogger("evaluate")
 PREPARED = Path("data/prepared")
-PATCH_CELLS = ("none", *PATCH_ATTACKS, "occlusion")
+PATCH_CELLS = ("none", *PATCH_ATTACKS, *ADAPTIVE_PATCH_ATTACKS, "occlusion")
 """Cells computed from the same forward passes at fixed placements (clean, patches, control)."""
 
 
@@ -90,6 +99,14 @@ def main(params: Params) -> None:
     if "occlusion" in ev.attacks:
         patches["occlusion"] = noise_patches(len(seeds), side, ev.placement_seed)
         patch_ids["occlusion"] = {"noise_seed": ev.placement_seed, "n": len(seeds), "side": side}
+    patches_of = {d: dict(patches) for d in ev.defenses}  # defense -> attack -> (S, 3, side, side)
+    ids_of = {d: dict(patch_ids) for d in ev.defenses}
+    adaptive = [a for a in ev.attacks if a in ADAPTIVE_PATCH_ATTACKS]
+    if adaptive:
+        made = _adaptive_patches(params, specs, weights, adaptive, side)
+        for d in ev.defenses:
+            for a in adaptive:
+                patches_of[d][a], ids_of[d][a] = made[(d, a)]
     if params.patch.location == "fixed":
         placements = corner_placements(len(x) * ev.placements, (h, w), side)
     else:
@@ -102,8 +119,8 @@ def main(params: Params) -> None:
         """Where a cell's predictions are cached: keyed by everything they depend on, its code included."""
         code = ["pipeline/evaluation.py", "pipeline/attacks/patch.py"]
         key = {"weights": weights[defense], "attack": attack, "subset": subset}
-        if attack in patch_ids:
-            key.update(patches=patch_ids[attack], where=where)
+        if attack in ids_of[defense]:
+            key.update(patches=ids_of[defense][attack], where=where)
         elif attack != "none":
             key.update(params=params.attack_params(attack), seed=params.seed)
             code += ["pipeline/attacks/base.py", inspect.getsourcefile(type(build_attack(attack)))]
@@ -121,13 +138,12 @@ def main(params: Params) -> None:
     shards = [s for s in torch.arange(len(x)).tensor_split(ev.num_shards) if len(s)]
     res = params.resources
     items, meta_items = [], []
-    patches_ref = None
     for d in ev.defenses:
         todo = [a for a in ev.attacks if a in PATCH_CELLS and (d, a) not in cells]
         if not todo:
             continue
         init_ray()
-        patches_ref = patches_ref or ray.put(patches)
+        patches_ref = ray.put({a: p for a, p in patches_of[d].items() if a in todo})
         spec_ref = ray.put(specs[d])
         for idx in shards:
             pl_idx = torch.cat([idx + j * len(x) for j in range(ev.placements)])
@@ -229,6 +245,65 @@ def main(params: Params) -> None:
             for s in seeds:
                 mlflow.log_artifact(str(Path("patches") / name / attack / f"seed_{s}.png"),
                                     artifact_path=f"patches/{attack}")
+        with tempfile.TemporaryDirectory() as tmp:  # the adaptive patches, as PNGs per defense
+            for d in ev.defenses:
+                for attack in (a for a in ev.attacks if a in ADAPTIVE_PATCH_ATTACKS and d != "none"):
+                    for s, patch in zip(seeds, patches_of[d][attack], strict=True):
+                        save_png(patch, Path(tmp) / d / attack / f"seed_{s}.png", upscale=8)
+            if any(Path(tmp).iterdir()):
+                mlflow.log_artifacts(tmp, artifact_path="patches_adaptive")
+
+
+def _adaptive_patches(
+    params: Params, specs: dict[str, dict], weights: dict[str, str], attacks: list[str], side: int
+) -> dict[tuple[str, str], tuple[torch.Tensor, Any]]:
+    """Patches optimised against each defended model itself (white box, adaptive).
+
+    For every defense of ``evaluate.defenses`` and adaptive cell ``<attack>_adaptive``:
+    one patch per ``patch.seeds``, trained exactly as generate_patches trains the
+    baseline's (same params, images and seeds) but on the defended model, gradients
+    through its input transforms by BPDA (their own backward). For ``none`` these are
+    the baseline's patches from ``patches/<model>/``. Each patch is cached under
+    ``.cache/evaluate_patches/`` by the defended model's weights and the patch params;
+    the missing ones are one Ray task each.
+
+    Returns:
+        ``(defense, cell) -> (patches float (S, 3, side, side) in [0, 1], cache id)``.
+    """
+    name, p = params.model.name, params.patch
+    x, y = patch_training_images(*load_tensors(PREPARED / params.data.dataset, p.train_on), p.target,
+                                 p.train_images, params.seed)
+    shared = p.model_dump(exclude={"attacks", "seeds"})
+    out: dict[tuple[str, str], tuple[torch.Tensor, Any]] = {}
+    jobs, files = [], {}
+    for d in params.evaluate.defenses:
+        for cell in attacks:
+            attack = ADAPTIVE_PATCH_ATTACKS[cell]
+            if d == "none":  # the baseline's own patches are already white box
+                paths = [Path("patches") / name / attack / f"seed_{s}.pt" for s in p.seeds]
+                out[(d, cell)] = torch.stack([load_torch(f) for f in paths]), [sha256_file(f) for f in paths]
+                continue
+            for s in p.seeds:
+                key = {"patch": shared, "model": name, "weights": weights[d], "seed": params.seed,
+                       "n_train": len(x), "attack": attack, "patch_seed": s}
+                files[(d, cell, s)] = resume_dir("evaluate_patches", key) / "result.pt"
+                if not files[(d, cell, s)].is_file():
+                    jobs.append((d, cell, s))
+    if jobs:
+        init_ray()
+        data = ray.put((x, y))
+        items = [{"spec": specs[d], "data": data, "cfg": patch_training_config(p, side, ADAPTIVE_PATCH_ATTACKS[c]),
+                  "seed": s, "num_threads": params.resources.num_cpus} for d, c, s in jobs]
+        results = ray_map(patch_task, items, num_cpus=params.resources.num_cpus, num_gpus=params.resources.num_gpus,
+                          desc="adaptive patches (defense x attack x seed)")
+        for job, r in zip(jobs, results, strict=True):
+            save_torch(r, files[job])
+    for d, cell, _s in files:
+        if (d, cell) not in out:
+            runs = [load_torch(files[(d, cell, s)]) for s in p.seeds]
+            out[(d, cell)] = (torch.stack([r["patch"] for r in runs]),
+                              [files[(d, cell, s)].parent.name for s in p.seeds])
+    return out
 
 
 def _fit_images(params: Params, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,7 +321,8 @@ def _markdown(df: pd.DataFrame, params: Params) -> str:
     head = (f"# {params.model.name}: evaluation matrix ({params.profile} profile)\n\n"
             "Fractions in [0, 1]; `_std` is the standard deviation over patch seeds; `l0` is the fraction of input "
             "values changed, `l2`/`linf` in pixel units of [0, 1]. Patch attacks are made on the undefended model "
-            "and transferred; per-image attacks are white-box on each model.\n\n")
+            "and transferred; `*_adaptive` patches are made on each defended model itself (white box); per-image "
+            "attacks are white-box on each model.\n\n")
     return head + df[cols].to_markdown(index=False, floatfmt=".4f", missingval="") + "\n"
 
 

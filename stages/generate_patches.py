@@ -25,7 +25,13 @@ import pandas as pd  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.attacks.patch import PatchTrainingConfig, apply_patch, patch_side, sample_placements  # noqa: E402
+from pipeline.attacks.patch import (  # noqa: E402
+    apply_patch,
+    patch_side,
+    patch_training_config,
+    patch_training_images,
+    sample_placements,
+)
 from pipeline.checkpoint import load_checkpoint  # noqa: E402
 from pipeline.cli import resume_dir, run_stage  # noqa: E402
 from pipeline.config import Params  # noqa: E402
@@ -41,16 +47,9 @@ PREPARED = Path("data/prepared")
 
 def training_images(params: Params) -> tuple[torch.Tensor, torch.Tensor]:
     """The images the patch is optimised on: the chosen split, without the target
-    class, a seeded subset of ``patch.train_images``."""
+    class, a seeded subset of ``patch.train_images`` (:func:`patch_training_images`)."""
     x, y = load_tensors(PREPARED / params.data.dataset, params.patch.train_on)
-    if params.patch.target is not None:
-        keep = y != params.patch.target
-        x, y = x[keep], y[keep]
-    n = params.patch.train_images
-    if n is not None and n < len(x):
-        idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(params.seed))[:n].sort().values
-        x, y = x[idx], y[idx]
-    return x.contiguous(), y.contiguous()
+    return patch_training_images(x, y, params.patch.target, params.patch.train_images, params.seed)
 
 
 def main(params: Params) -> None:
@@ -83,7 +82,7 @@ def main(params: Params) -> None:
     if todo:
         init_ray()
         data = ray.put((x, y))
-        items = [{"spec": spec, "data": data, "cfg": _training_config(p, side, attack), "seed": seed,
+        items = [{"spec": spec, "data": data, "cfg": patch_training_config(p, side, attack), "seed": seed,
                   "num_threads": params.resources.num_cpus} for attack, seed in todo]
         results = ray_map(patch_task, items, num_cpus=params.resources.num_cpus,
                           num_gpus=params.resources.num_gpus, desc="patches (one task per attack and seed)")
@@ -117,15 +116,6 @@ def main(params: Params) -> None:
         log_metrics({f"seconds.{a}.seed_{s}": v["seconds"] for a in p.attacks for s, v in summary[a].items()})
         for attack in p.attacks:
             mlflow.log_artifacts(str(Path("patches") / name / attack), artifact_path=f"patches/{attack}")
-
-
-def _training_config(p, side: int, attack: str) -> PatchTrainingConfig:
-    """The :class:`PatchTrainingConfig` of one patch attack from the ``patch`` params."""
-    return PatchTrainingConfig(
-        side=side, attack=attack, location=p.location, target=p.target, epochs=p.epochs, step_size=p.step_size,
-        decay_epochs=tuple(p.decay_epochs), batch_size=p.batch_size, rotation_deg=p.rotation,
-        scale_range=(p.scale_min, p.scale_max),
-    )
 
 
 def _figure(patches, seeds, example, classes, target, path: Path, attack: str) -> None:

@@ -75,3 +75,23 @@ def smoke_project(tmp_path_factory):
     assert proc.returncode == 0, f"dvc repro failed:\n{log[-5000:]}"
     yield {"dir": work, "env": env, "params": params, "log": log}
     shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)  # the Ray session folder this fixture made
+
+
+@pytest.fixture(scope="session")
+def defenses_project(smoke_project, tmp_path_factory):
+    """The smoke project copied after its run, switched to ``params/smoke-defenses.yaml``
+    (every defense as a defended model) and reproduced: data, baseline and patches are
+    reused, only the defended models and evaluate run."""
+    work = tmp_path_factory.mktemp("defenses") / "project"
+    shutil.copytree(smoke_project["dir"], work, symlinks=True)
+    params = yaml.safe_load((work / "params" / "smoke-defenses.yaml").read_text())
+    params["data"]["root"] = str(SHARED_CIFAR)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = stage_env(work)
+    proc = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=2400)
+    log = proc.stdout + proc.stderr
+    (work / "repro.log").write_text(log)
+    assert proc.returncode == 0, f"dvc repro failed:\n{log[-5000:]}"
+    yield {"dir": work, "env": env, "params": params, "log": log}
+    shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)

@@ -195,3 +195,46 @@ def test_second_repro_is_a_noop_and_alpha_reruns_only_fnc(smoke_project):
         assert changed.isdisjoint({"prepare", "train_baseline", "generate_patches"})
     finally:
         params_path.write_text(original)
+
+
+def test_adaptive_patches_are_white_box_on_each_defense(smoke_project):
+    """``advp_adaptive``: on the baseline the same patches as ``advp`` (so the same numbers);
+    on FNC patches optimised against FNC itself, at least as strong as the transferred ones."""
+    cells = json.loads((smoke_project["dir"] / "metrics" / "evaluate.json").read_text())["resnet20"]
+    assert cells["none"]["advp_adaptive"] == cells["none"]["advp"]
+    assert cells["none"]["lavan_adaptive"] == cells["none"]["lavan"]
+    fnc = cells["fnc"]
+    assert fnc["advp_adaptive"]["n_seeds"] == len(smoke_project["params"]["patch"]["seeds"])
+    assert fnc["advp_adaptive"]["robust_accuracy"] <= fnc["advp"]["robust_accuracy"] + 0.02
+    assert fnc["advp_adaptive"]["attack_success_rate"] >= fnc["advp"]["attack_success_rate"] - 0.02
+
+
+def test_a_new_defended_model_reruns_only_its_own_stage(smoke_project):
+    """Adding a defended model to ``defended`` adds one train_defended instance and reruns
+    nothing upstream; once it exists, evaluate (which reads the models folder) is stale."""
+    work = smoke_project["dir"]
+    params_path = work / "params.yaml"
+    original = params_path.read_text()
+    side_store = f"sqlite:///{work / 'mlflow-defended-test.db'}"
+    made = [work / "models/resnet20/blur_input.pt", work / "metrics/train_defended/blur_input.json",
+            work / "plots/train_defended/blur_input.csv"]
+    try:
+        params = yaml.safe_load(original)
+        params["defended"] = ["fnc", "blur_input"]
+        params["blur_input"] = {"insert_after": [{"name": "input_blur", "kernel": "gaussian", "size": 3}]}
+        params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+        changed = set(json.loads(dvc(smoke_project, "status", "--json").stdout))
+        assert "train_defended@blur_input" in changed
+        assert changed.isdisjoint({"prepare", "train_baseline", "generate_patches", "train_defended@fnc"})
+        out = dvc(smoke_project, "repro", "train_defended@blur_input", tracking=side_store)
+        assert out.returncode == 0, out.stderr[-3000:]
+        m = json.loads(made[1].read_text())
+        baseline = json.loads((work / "metrics/train_baseline.json").read_text())["clean_accuracy"]
+        assert abs(m["baseline_clean_accuracy"] - baseline) <= 0.002  # memory-format rounding may flip one image
+        changed = set(json.loads(dvc(smoke_project, "status", "--json").stdout))
+        assert "evaluate" in changed and "train_defended@fnc" not in changed
+    finally:
+        params_path.write_text(original)
+        for f in made:
+            f.unlink(missing_ok=True)
+    assert "evaluate" not in set(json.loads(dvc(smoke_project, "status", "--json").stdout))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -313,3 +314,28 @@ def patch_objective(
         logits = model(apply_patch(x, patch, placements[slice(s, s + batch_size)]))
         total += float(patch_loss(logits, y, target, attack)) * len(x)
     return total / n
+
+
+def patch_training_config(patch: Any, side: int, attack: str) -> PatchTrainingConfig:
+    """The :class:`PatchTrainingConfig` of ``attack`` (``advp`` / ``lavan``) from the
+    ``patch`` params section (:class:`pipeline.config.PatchConfig`) and the patch side in pixels."""
+    return PatchTrainingConfig(
+        side=side, attack=attack, location=patch.location, target=patch.target, epochs=patch.epochs,
+        step_size=patch.step_size, decay_epochs=tuple(patch.decay_epochs), batch_size=patch.batch_size,
+        rotation_deg=patch.rotation, scale_range=(patch.scale_min, patch.scale_max),
+    )
+
+
+def patch_training_images(
+    x: torch.Tensor, y: torch.Tensor, target: int | None, n: int | None, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images a universal patch is optimised on: ``x`` (uint8 (N, 3, H, W)) and ``y``
+    (int64 (N,)) without the ``target`` class, then a subset of ``n`` drawn with ``seed``
+    (kept in their original order; ``n`` None or >= N keeps all)."""
+    if target is not None:
+        keep = y != target
+        x, y = x[keep], y[keep]
+    if n is not None and n < len(x):
+        idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+        x, y = x[idx], y[idx]
+    return x.contiguous(), y.contiguous()

@@ -1,0 +1,68 @@
+"""End to end, smoke-sized: every defense of the suite as a defended model of the DAG
+(``params/smoke-defenses.yaml``), trained where it trains, evaluated clean, under the
+transferred and the adaptive patch and under PGD."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+def _evaluate(project) -> dict:
+    return json.loads((project["dir"] / "metrics" / "evaluate.json").read_text())["resnet20"]
+
+
+def test_only_the_defended_models_and_evaluate_ran(defenses_project):
+    log = defenses_project["log"]
+    for stage in ("prepare", "train_baseline", "generate_patches", "train_defended@fnc"):
+        assert f"Stage '{stage}' didn't change, skipping" in log, stage
+    for name in defenses_project["params"]["defended"][1:]:
+        assert f"Running stage 'train_defended@{name}'" in log, name
+
+
+def test_every_defense_is_in_the_matrix(defenses_project):
+    cells = _evaluate(defenses_project)
+    params = defenses_project["params"]
+    assert list(cells) == params["evaluate"]["defenses"]
+    for defense, row in cells.items():
+        assert list(row) == params["evaluate"]["attacks"], defense
+        for attack, m in row.items():
+            assert 0.0 <= m["clean_accuracy"] <= 1.0 and m["n_images"] > 0, (defense, attack)
+            if attack != "none":
+                assert 0.0 <= m["robust_accuracy"] <= 1.0, (defense, attack)
+    for name in params["defended"]:
+        m = json.loads((defenses_project["dir"] / "metrics" / "train_defended" / f"{name}.json").read_text())
+        assert m["clean_accuracy"] == pytest.approx(cells[name]["none"]["clean_accuracy"], abs=0.02), name
+
+
+def test_adversarial_training_raises_pgd_robustness(defenses_project):
+    cells = _evaluate(defenses_project)
+    m = json.loads((defenses_project["dir"] / "metrics" / "train_defended" / "madry.json").read_text())
+    assert m["epochs"] == 2 and 0.0 <= m["test_robust_accuracy"] <= 1.0
+    assert cells["madry"]["pgd"]["robust_accuracy"] > cells["none"]["pgd"]["robust_accuracy"]
+
+
+def test_blurnet_penalties_are_logged_per_epoch(defenses_project):
+    d = defenses_project["dir"]
+    m = json.loads((d / "metrics" / "train_defended" / "blurnet_learned.json").read_text())
+    assert m["train_penalty"] > 0
+    mlflow.set_tracking_uri(defenses_project["env"]["MLFLOW_TRACKING_URI"])
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string="tags.stage = 'train_defended@blurnet_learned'")
+    assert len(runs) == 1
+    history = mlflow.MlflowClient().get_metric_history(runs[0].info.run_id, "train_penalty")
+    assert [h.step for h in history] == [0, 1] and all(h.value > 0 for h in history)
+    assert runs[0].data.tags["defense"] == "blurnet_learned"
+
+
+def test_input_transforms_keep_clean_accuracy_close(defenses_project):
+    """LGS, DW and the input blur change only high-gradient regions or blur slightly:
+    clean accuracy stays near the baseline's (they were not retrained)."""
+    cells = _evaluate(defenses_project)
+    base = cells["none"]["none"]["clean_accuracy"]
+    for name in ("lgs", "dw", "input_blur"):
+        assert cells[name]["none"]["clean_accuracy"] >= base - 0.15, name
