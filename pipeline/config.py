@@ -321,9 +321,11 @@ class RP2Config(_Strict):
 
 
 class MLflowConfig(_Strict):
-    """``mlflow``: experiment name; the tracking URI comes from ``MLFLOW_TRACKING_URI``."""
+    """``mlflow``: experiment name and the ``paper`` tag of every run (the compare view
+    groups by it); the tracking URI comes from ``MLFLOW_TRACKING_URI``."""
 
     experiment: str = "fnc-cifar10"
+    paper: str = Field("FNC (Yu et al., ICCV 2021)", description="the paper this profile reproduces (a run tag)")
 
 
 class Params(_Strict):

@@ -234,7 +234,7 @@ def main(params: Params) -> None:
     section = {"model": params.model.model_dump(), "evaluate": ev.model_dump(), "patch": params.patch.model_dump(),
                "fnc": params.fnc.model_dump(), "seed": params.seed,
                "attacks": {a: params.attack_params(a) for a in per_image}}
-    tags = {"profile": params.profile, "model": name, "defenses": ",".join(ev.defenses),
+    tags = {"profile": params.profile, "paper": params.mlflow.paper, "model": name, "defenses": ",".join(ev.defenses),
             "attacks": ",".join(ev.attacks),
             "node_ids": ",".join(sorted({n for c in cells.values() for n in c.get("node_ids", [])}))}
     with stage_run("evaluate", params.mlflow.experiment, section, tags):

@@ -43,7 +43,7 @@ def main(params: Params) -> None:
     log.info("prepared %s: %d train, %d test images (%s) in %.1f s", cfg.dataset,
              summary["n_train"], summary["n_test"], meta["mode"], seconds)
     with stage_run("prepare", params.mlflow.experiment, {"data": cfg.model_dump(mode="json"), "seed": params.seed},
-                   tags={"profile": params.profile, "dataset": cfg.dataset}):
+                   tags={"profile": params.profile, "paper": params.mlflow.paper, "dataset": cfg.dataset}):
         log_metrics(summary)
         import mlflow
 

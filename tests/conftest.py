@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -53,10 +57,51 @@ def stage_env(workdir: Path) -> dict[str, str]:
     }
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
-def smoke_project(tmp_path_factory):
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` on a free port of 127.0.0.1, with its own SQLite store and
+    artifact folder; stopped at the end by the process group it was started in."""
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+         "--artifacts-destination", str(folder / "artifacts")],
+        cwd=folder, stdout=open(folder / "server.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+            pytest.fail(f"mlflow server did not start:\n{(folder / 'server.log').read_text()[-3000:]}")
+        time.sleep(1)
+    yield uri
+    os.killpg(proc.pid, signal.SIGTERM)  # the group this fixture started, nothing else
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def smoke_project(tmp_path_factory, mlflow_server):
     """One ``dvc repro`` of the smoke profile on the shared CIFAR-10 archives,
-    in a copy of the project, shared by every test that needs a finished run."""
+    in a copy of the project, shared by every test that needs a finished run; every
+    stage logs to the real MLflow server of :func:`mlflow_server` (``MLFLOW_TRACKING_URI``)."""
     if not (SHARED_CIFAR / "train.zip").is_file():
         pytest.skip(f"{SHARED_CIFAR} not found (the shared CIFAR-10 archives)")
     work = tmp_path_factory.mktemp("smoke")
@@ -67,7 +112,7 @@ def smoke_project(tmp_path_factory):
     git(work, "init", "-q")
     git(work, "add", "-A")
     git(work, "commit", "-qm", "smoke")
-    env = stage_env(work)
+    env = {**stage_env(work), "MLFLOW_TRACKING_URI": mlflow_server}
     proc = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=work, env=env,
                           capture_output=True, text=True, timeout=2400)
     log = proc.stdout + proc.stderr
@@ -87,7 +132,7 @@ def defenses_project(smoke_project, tmp_path_factory):
     params = yaml.safe_load((work / "params" / "smoke-defenses.yaml").read_text())
     params["data"]["root"] = str(SHARED_CIFAR)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = stage_env(work)
+    env = stage_env(work)  # its own SQLite store in the copy
     proc = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=work, env=env,
                           capture_output=True, text=True, timeout=2400)
     log = proc.stdout + proc.stderr

@@ -154,8 +154,10 @@ def test_dvc_metrics_show_lists_the_table(smoke_project):
 
 
 def test_mlflow_has_one_run_per_stage_with_metrics_and_patch(smoke_project):
+    """Read back through the client API from the real ``mlflow server`` the smoke run logged to."""
     import mlflow
 
+    assert smoke_project["env"]["MLFLOW_TRACKING_URI"].startswith("http://127.0.0.1:")
     client = mlflow.MlflowClient(tracking_uri=smoke_project["env"]["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name(smoke_project["params"]["mlflow"]["experiment"])
     runs = client.search_runs([exp.experiment_id])
@@ -171,8 +173,10 @@ def test_mlflow_has_one_run_per_stage_with_metrics_and_patch(smoke_project):
     for attack in smoke_project["params"]["patch"]["attacks"]:
         artifacts = [a.path for a in client.list_artifacts(ev.info.run_id, f"patches/{attack}")]
         assert any(p.endswith(".png") for p in artifacts), (attack, artifacts)
-    for r in runs:
+    for r in runs:  # the tags the compare view groups and filters by
         assert r.data.tags["git_commit"] != ""
+        assert r.data.tags["profile"] == "smoke" and r.data.tags["paper"].startswith("FNC")
+        assert r.data.tags["model"] == "resnet20" if r.data.tags["stage"] != "prepare" else "dataset" in r.data.tags
         assert "version.torch" in r.data.tags and "hw.cpu" in r.data.tags
     epochs = client.get_metric_history(by_stage["train_baseline"].info.run_id, "test_accuracy")
     assert len(epochs) == smoke_project["params"]["train"]["epochs"]
