@@ -36,7 +36,7 @@ DATASETS = ("cifar10", "gtsrb")
 """Datasets the prepare stage knows (class names, normalisation constants)."""
 
 RESERVED_SECTIONS = ("profile", "seed", "data", "model", "train", "resources", "fnc", "patch", "evaluate", "rp2",
-                     "attacks", "mlflow", "defended", "none", "baseline")
+                     "analysis", "attacks", "mlflow", "defended", "none", "baseline")
 """Top-level keys that cannot name a defended model (``fnc`` is the built-in one)."""
 
 PATCH_ATTACKS = ("advp", "lavan")
@@ -320,6 +320,39 @@ class RP2Config(_Strict):
         return self
 
 
+ANALYSES = ("feature_norms", "pixel_robustness", "loss_landscape", "gradcam_distance", "spectrum")
+"""The analyses of ``analyze@<name>`` (:mod:`pipeline.analysis`), one DVC stage instance each."""
+
+
+class AnalysisConfig(_Strict):
+    """``analysis``: the papers' analyses (``analyze@<name>``), on a seeded test subset
+    (a prefix of the evaluate order) of each model in ``defenses``."""
+
+    defenses: list[str] = Field(default_factory=lambda: ["none", "fnc"], min_length=1)
+    images: int = Field(500, ge=1, description="test images analysed (feature norms, masked PGD)")
+    batch_size: int = Field(250, ge=1)
+    fit_images: int = Field(1000, ge=1, description="training images of the pixel robustness map")
+    ks: list[float] = Field(default_factory=lambda: [0.02, 0.05, 0.1, 0.25, 0.5, 1.0], min_length=1,
+                            description="pixel fractions attacked by masked PGD")
+    eps: Budget = Field(8 / 255, gt=0, le=1, description="PGD budget of masked PGD and the loss landscape")
+    step_size: Budget = Field(2 / 255, gt=0, le=1)
+    steps: int = Field(10, ge=1, le=1000, description="PGD steps of masked PGD")
+    landscape_images: int = Field(100, ge=1)
+    landscape_steps: int = Field(20, ge=1, le=1000)
+    restarts: int = Field(20, ge=1, le=1000, description="random restarts of the loss landscape")
+    distances: list[float] = Field(default_factory=lambda: [0, 2, 4, 6, 8, 10, 12, 14, 16], min_length=2)
+    block: int = Field(6, ge=1, description="side of the noise block of the Grad-CAM distance experiment (pixels)")
+    angles: int = Field(8, ge=1)
+    gradcam_images: int = Field(200, ge=1)
+
+    @field_validator("ks")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if any(not 0 < k <= 1 for k in v):
+            raise ValueError(f"analysis.ks are pixel fractions in (0, 1], got {v}")
+        return v
+
+
 class MLflowConfig(_Strict):
     """``mlflow``: experiment name and the ``paper`` tag of every run (the compare view
     groups by it); the tracking URI comes from ``MLFLOW_TRACKING_URI``."""
@@ -341,6 +374,7 @@ class Params(_Strict):
     patch: PatchConfig = PatchConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     rp2: RP2Config = RP2Config()
+    analysis: AnalysisConfig = AnalysisConfig()
     attacks: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="per-image attack name -> its params (threat model as data); defaults where omitted",
@@ -405,7 +439,8 @@ class Params(_Strict):
     @model_validator(mode="after")
     def _defenses_defined(self) -> Params:
         known = ["none", *self.defended]
-        for where, names in (("evaluate.defenses", self.evaluate.defenses), ("rp2.defenses", self.rp2.defenses)):
+        for where, names in (("evaluate.defenses", self.evaluate.defenses), ("rp2.defenses", self.rp2.defenses),
+                             ("analysis.defenses", self.analysis.defenses)):
             bad = [d for d in names if d not in known]
             if bad:
                 raise ValueError(f"{where}: unknown defense {bad[0]!r}; choose from {known} "

@@ -119,3 +119,14 @@ def defend_task(item: dict[str, Any]) -> dict[str, Any]:
     out["seconds"] = time.perf_counter() - start
     out["state_dict"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return out
+
+
+def analysis_task(item: dict[str, Any]) -> dict[str, Any]:
+    """One analysis on one model (:func:`pipeline.analysis.compute.analyse_model`).
+    ``item``: name, spec, inputs (a ref to the dict of tensors), cfg, num_threads."""
+    from pipeline.analysis.compute import analyse_model
+
+    torch.set_num_threads(max(1, int(item["num_threads"])))
+    start = time.perf_counter()
+    out = analyse_model(item["name"], build_from_spec(_get(item["spec"])), _get(item["inputs"]), item["cfg"])
+    return {**out, "seconds": time.perf_counter() - start, "node_id": node_id()}

@@ -181,7 +181,8 @@ def main(params: Params) -> None:
     log.info("\n%s", md)
 
     section = {"model": params.model.model_dump(), "rp2": r.model_dump(mode="json"), "seed": params.seed}
-    tags = {"profile": params.profile, "paper": params.mlflow.paper, "model": name, "attack": "rp2", "defense": ",".join(r.defenses),
+    tags = {"profile": params.profile, "paper": params.mlflow.paper,
+            "model": name, "attack": "rp2", "defense": ",".join(r.defenses),
             "node_ids": ",".join(sorted({res.get("node_id", "?") for res in done.values()}))}
     with stage_run("attack_rp2", params.mlflow.experiment, section, tags):
         log_metrics({f"{d}.{s}.{k}": v for d, by in summary.items() for s, vals in by.items()

@@ -108,7 +108,8 @@ def main(params: Params) -> None:
     atomic_write("plots/patch_loss.csv", lambda f: f.write(loss_csv))
 
     section = {"model": params.model.model_dump(), "patch": p.model_dump(), "seed": params.seed}
-    tags = {"profile": params.profile, "paper": params.mlflow.paper, "model": name, "attack": ",".join(p.attacks), "defense": "none",
+    tags = {"profile": params.profile, "paper": params.mlflow.paper,
+            "model": name, "attack": ",".join(p.attacks), "defense": "none",
             "node_ids": ",".join(sorted({r.get("node_id", "?") for r in cached.values()}))}
     with stage_run("generate_patches", params.mlflow.experiment, section, tags):
         for row in rows:

@@ -41,7 +41,8 @@ def main(params: Params) -> None:
     # exclude_none: options added later (train.adversarial) leave the resume key of runs without them unchanged
     section = {"model": params.model.model_dump(), "train": params.train.model_dump(exclude_none=True),
                "seed": params.seed}
-    tags = {"profile": params.profile, "paper": params.mlflow.paper, "model": name, "defense": "none", "dataset": meta["dataset"]}
+    tags = {"profile": params.profile, "paper": params.mlflow.paper,
+            "model": name, "defense": "none", "dataset": meta["dataset"]}
 
     if params.model.checkpoint:  # the user's own weights: evaluate and adopt, no training
         try:

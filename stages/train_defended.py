@@ -62,7 +62,8 @@ def main(params: Params, defense: str) -> None:
     section = {"model": params.model.model_dump(), defense: params.defended_section(defense), "seed": params.seed}
     if train_cfg is not None:
         section["train"] = train_cfg.model_dump(exclude_none=True)
-    tags = {"profile": params.profile, "paper": params.mlflow.paper, "model": name, "defense": defense, "dataset": meta["dataset"]}
+    tags = {"profile": params.profile, "paper": params.mlflow.paper,
+            "model": name, "defense": defense, "dataset": meta["dataset"]}
     x_train, y_train = load_tensors(PREPARED / params.data.dataset, "train")
     x_test, y_test = load_tensors(PREPARED / params.data.dataset, "test")
 

@@ -12,7 +12,8 @@ import yaml
 
 pytestmark = pytest.mark.e2e
 
-STAGES = ["prepare", "train_baseline", "train_defended@fnc", "generate_patches", "evaluate"]
+STAGES = ["prepare", "train_baseline", "train_defended@fnc", "generate_patches", "evaluate", "analyze@feature_norms",
+          "analyze@pixel_robustness", "analyze@loss_landscape", "analyze@gradcam_distance"]
 
 
 def dvc(project, *args: str, tracking: str | None = None) -> subprocess.CompletedProcess:
@@ -242,3 +243,18 @@ def test_a_new_defended_model_reruns_only_its_own_stage(smoke_project):
         for f in made:
             f.unlink(missing_ok=True)
     assert "evaluate" not in set(json.loads(dvc(smoke_project, "status", "--json").stdout))
+
+
+def test_analyses_on_the_smoke_models(smoke_project):
+    """FNC caps the feature norms the patch inflates: its IFNR at the last block is below
+    the baseline's (Yu et al., Section 4); every analysis left its table and figure."""
+    import pandas as pd
+
+    out = smoke_project["dir"] / "analysis" / "resnet20"
+    ifnr = pd.read_csv(out / "feature_norms" / "ifnr.csv")
+    last = ifnr.sort_values("depth").groupby("defense")["ifnr_mean"].last()
+    assert last["fnc"] < last["none"]
+    for f in ("feature_norms/ifnr.png", "pixel_robustness/accuracy_vs_k.csv", "loss_landscape/loss_landscape.png",
+              "gradcam_distance/confidence_vs_distance.csv"):
+        assert (out / f).is_file(), f
+    assert "rp2.enabled is false" in (out / "spectrum" / "README.md").read_text()

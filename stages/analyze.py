@@ -1,0 +1,233 @@
+"""DVC stage ``analyze@<name>``: one of the source papers' analyses on every model of ``analysis.defenses``.
+
+``feature_norms`` (seed 000): IFNR per block, clean versus AdvP-patched test images
+(the first patch seed, at evaluate's fixed placements), and channel-norm maps of one
+image. ``pixel_robustness`` (seed 004): the mean absolute input-gradient map and the
+accuracy after masked PGD on its top / bottom ``k`` of pixels. ``loss_landscape`` (seed
+003): PGD loss over many random restarts. ``gradcam_distance`` (seed 002): confidence
+with a noise block at a distance from the Grad-CAM centre. ``spectrum`` (seed 001):
+spectra of RP2's natural and sticker-perturbed stop signs (only where ``rp2.enabled``;
+otherwise a note).
+
+One Ray task per model. Writes ``analysis/<model>/<name>/`` (CSV tables and PNG
+figures, shown by ``dvc plots show``) and logs them to MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
+import pandas as pd  # noqa: E402
+import ray  # noqa: E402
+import torch  # noqa: E402
+
+from pipeline.attacks.patch import corner_placements, patch_side  # noqa: E402
+from pipeline.checkpoint import build_from_spec, load_checkpoint  # noqa: E402
+from pipeline.cli import run_stage  # noqa: E402
+from pipeline.config import ANALYSES, Params, ParamsError  # noqa: E402
+from pipeline.data import load_meta, load_tensors  # noqa: E402
+from pipeline.distributed import init_ray, ray_map  # noqa: E402
+from pipeline.evaluation import fixed_placements, test_order  # noqa: E402
+from pipeline.io import atomic_write, load_torch, save_figure  # noqa: E402
+from pipeline.tasks import analysis_task  # noqa: E402
+from pipeline.tracking import log_metrics, stage_run  # noqa: E402
+
+log = logging.getLogger("analyze")
+PREPARED = Path("data/prepared")
+IFNR_RESNET50 = [1.05, 1.80, 2.98, 3.39]
+"""The FNC paper's IFNR row for ResNet-50 on ImageNet (conv2_3, conv3_4, conv4_6, conv5_3; seed 000)."""
+
+
+def main(params: Params, name: str) -> None:
+    """Run analysis ``name`` on every model of ``analysis.defenses`` and write its tables and figures."""
+    if name not in ANALYSES:
+        raise ParamsError(f"unknown analysis {name!r}; choose from {', '.join(ANALYSES)}")
+    a, model_name = params.analysis, params.model.name
+    out_dir = Path("analysis") / model_name / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.iterdir():  # a rerun leaves no file of the previous one behind
+        old.unlink()
+    if name == "spectrum" and not params.rp2.enabled:
+        note = "The spectrum analysis compares RP2's natural and sticker-perturbed stop signs: rp2.enabled is false " \
+               f"in the {params.profile!r} profile (run params/gtsrb.yaml or params/blurnet.yaml).\n"
+        atomic_write(out_dir / "README.md", lambda f: f.write(note.encode()))
+        return
+    specs = {d: load_checkpoint(Path("models") / model_name / ("baseline.pt" if d == "none" else f"{d}.pt"))
+             for d in a.defenses}
+    meta = load_meta(PREPARED / params.data.dataset)
+    inputs = _inputs(params, name, meta)
+    cfg = a.model_dump(mode="json")
+    cfg.update(eps=float(a.eps), step_size=float(a.step_size))
+    init_ray()
+    ref = ray.put(inputs)
+    items = [{"name": name, "spec": specs[d], "inputs": ref, "cfg": cfg, "num_threads": params.resources.num_cpus}
+             for d in a.defenses]
+    results = dict(zip(a.defenses, ray_map(analysis_task, items, num_cpus=params.resources.num_cpus,
+                                            num_gpus=params.resources.num_gpus, desc=f"analysis {name} (per model)"),
+                       strict=True))
+    summary = WRITERS[name](results, out_dir, params, specs, inputs)
+    section = {"model": params.model.model_dump(), "analysis": cfg, "seed": params.seed}
+    tags = {"profile": params.profile, "paper": params.mlflow.paper, "model": model_name,
+            "defenses": ",".join(a.defenses), "analysis": name,
+            "node_ids": ",".join(sorted({r["node_id"] for r in results.values()}))}
+    with stage_run(f"analyze@{name}", params.mlflow.experiment, section, tags):
+        log_metrics(summary)
+        mlflow.log_artifacts(str(out_dir), artifact_path=f"analysis/{name}")
+    log.info("%s: %s", name, summary)
+
+
+def _inputs(params: Params, name: str, meta: dict) -> dict:
+    """The tensors analysis ``name`` reads (test subset, patch, training subset, victims)."""
+    a, ev = params.analysis, params.evaluate
+    x, y = load_tensors(PREPARED / params.data.dataset, "test")
+    order = test_order(len(x), ev.subset_seed)[: a.images]
+    inputs = {"x": x[order].contiguous(), "y": y[order].contiguous()}
+    _, h, w = meta["image_shape"]
+    if name == "feature_norms":
+        attack = "advp" if "advp" in params.patch.attacks else params.patch.attacks[0]
+        path = Path("patches") / params.model.name / attack / f"seed_{params.patch.seeds[0]}.pt"
+        inputs["patch"] = load_torch(path)
+        side = inputs["patch"].shape[-1]
+        if side != patch_side(params.patch.area_fraction, h, w):
+            raise FileNotFoundError(f"{path}: patch side {side} does not match patch.area_fraction; rerun dvc repro")
+        n = len(inputs["x"])
+        inputs["placements"] = (corner_placements(n, (h, w), side) if params.patch.location == "fixed"
+                                else fixed_placements(n, 1, (h, w), side, ev.placement_seed))
+    elif name == "pixel_robustness":
+        xt, yt = load_tensors(PREPARED / params.data.dataset, "train")
+        idx = test_order(len(xt), params.seed)[: a.fit_images]
+        inputs["x_fit"], inputs["y_fit"] = xt[idx].contiguous(), yt[idx].contiguous()
+    elif name == "spectrum":
+        from pipeline.attacks.rp2 import RP2Params, apply_rp2
+        from pipeline.data.rp2 import load_mask, load_victims
+        from stages.attack_rp2 import mask_path
+
+        r = params.rp2
+        victims, _ = load_victims(r.victims, size=h)
+        mask = load_mask(mask_path(r.victims, r.mask), size=(h, w))
+        sticker = Path("rp2") / params.model.name / "none" / f"target_{r.targets[0]}_seed_{r.seeds[0]}.pt"
+        fill = RP2Params.model_validate(r.attack).sticker_fill
+        inputs = {"victims": victims, "adversarial": apply_rp2(victims.float() / 255, load_torch(sticker), mask, fill),
+                  "target": r.targets[0]}
+    return inputs
+
+
+def _feature_norms(results, out_dir: Path, params: Params, specs, inputs) -> dict:
+    frames = [r["table"].assign(defense=d) for d, r in results.items()]
+    df = pd.concat(frames, ignore_index=True)[["defense", "block", "depth", "ifnr_mean", "ifnr_std", "n_images"]]
+    atomic_write(out_dir / "ifnr.csv", lambda f: f.write(df.to_csv(index=False).encode()))
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for d, g in df.groupby("defense", sort=False):
+        rel = g["depth"] / g["depth"].max()
+        ax.errorbar(rel, g["ifnr_mean"], yerr=g["ifnr_std"], marker="o", ms=3, capsize=2,
+                    label=f"{params.model.name}, defense {d}")
+    ax.plot([0.25, 0.5, 0.75, 1.0], IFNR_RESNET50, "k*--", ms=9, label="paper: ResNet-50 on ImageNet (Yu et al.)")
+    ax.set_xlabel("relative depth (block / number of blocks)")
+    ax.set_ylabel("IFNR = max ||f*|| / mean ||f~||")
+    ax.set_title(f"incremental feature norm ratio under the patch ({results[next(iter(results))]['table']['n_images'][0]}"
+                 " images)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, out_dir / "ifnr.png")
+    from pipeline.analysis.feature_norms import norm_map_figure
+
+    for d, r in results.items():
+        fig = norm_map_figure(build_from_spec(specs[d]), r["clean"], r["patched"],
+                              title=f"channel L2 norm per position, defense {d}: clean (top), patched (bottom)")
+        save_figure(fig, out_dir / f"norm_maps_{d}.png")
+    return {f"{d}.ifnr_last_block": float(g["ifnr_mean"].iloc[-1]) for d, g in df.groupby("defense", sort=False)}
+
+
+def _pixel_robustness(results, out_dir: Path, params: Params, specs, inputs) -> dict:
+    rows = [{"defense": d, **row} for d, r in results.items() for row in r["curve"]]
+    df = pd.DataFrame(rows)
+    atomic_write(out_dir / "accuracy_vs_k.csv", lambda f: f.write(df.to_csv(index=False).encode()))
+    n = len(results)
+    fig, axes = plt.subplots(1, n + 1, figsize=(3.0 * n + 4.4, 3.4), gridspec_kw={"width_ratios": [1] * n + [1.6]})
+    for ax, (d, r) in zip(axes, results.items(), strict=False):
+        im = ax.imshow(r["map"].numpy(), cmap="magma")
+        ax.set_title(f"mean |grad| per pixel, {d}", fontsize=9)
+        ax.axis("off")
+        fig.colorbar(im, ax=ax, shrink=0.75)
+    ax = axes[-1]
+    for (d, which), g in df.groupby(["defense", "which"], sort=False):
+        ax.plot(g["k"], g["accuracy"], marker="o", ms=3, ls="-" if which == "top" else "--", label=f"{d}, {which} k")
+    ax.set_xscale("log")
+    ax.set_xlabel("fraction of pixels attacked (k)")
+    ax.set_ylabel("accuracy after masked PGD")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    fig.suptitle(f"pixel robustness (Hwang et al. 2019): PGD eps {params.analysis.eps:.4f}, "
+                 f"{params.analysis.steps} steps", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, out_dir / "pixel_robustness.png")
+    return {f"{d}.{w}_k{k:g}.accuracy": float(v) for (d, w, k), v in
+            df.set_index(["defense", "which", "k"])["accuracy"].items()}
+
+
+def _loss_landscape(results, out_dir: Path, params: Params, specs, inputs) -> dict:
+    from pipeline.analysis.landscape import landscape_figure
+
+    hist = pd.DataFrame([{"defense": d, "restart": i, "iteration": t, "loss": float(v)}
+                         for d, r in results.items() for i, row in enumerate(r["history"]) for t, v in enumerate(row)])
+    atomic_write(out_dir / "loss_history.csv", lambda f: f.write(hist.to_csv(index=False).encode()))
+    final = pd.DataFrame([{"defense": d, "restart": i, "image": j, "loss": float(v)}
+                          for d, r in results.items() for i, row in enumerate(r["final"]) for j, v in enumerate(row)])
+    atomic_write(out_dir / "final_losses.csv", lambda f: f.write(final.to_csv(index=False).encode()))
+    fig = landscape_figure({d: r for d, r in results.items()},
+                           title=f"PGD loss over {params.analysis.restarts} random restarts (Madry et al. 2018)")
+    save_figure(fig, out_dir / "loss_landscape.png")
+    return {f"{d}.final_loss_mean": float(r["final"].mean()) for d, r in results.items()} | {
+        f"{d}.final_loss_std_over_restarts": float(r["final"].mean(1).std()) for d, r in results.items()}
+
+
+def _gradcam_distance(results, out_dir: Path, params: Params, specs, inputs) -> dict:
+    df = pd.DataFrame([{"defense": d, "distance": float(dist), "confidence": float(c),
+                        "clean_confidence": float(r["clean_confidence"])}
+                       for d, r in results.items() for dist, c in zip(r["distance"], r["confidence"], strict=True)])
+    atomic_write(out_dir / "confidence_vs_distance.csv", lambda f: f.write(df.to_csv(index=False).encode()))
+    fig, ax = plt.subplots(figsize=(6.0, 3.6))
+    for d, g in df.groupby("defense", sort=False):
+        line, = ax.plot(g["distance"], g["confidence"], marker="o", ms=3, label=f"{d}: noise block")
+        ax.axhline(g["clean_confidence"].iloc[0], color=line.get_color(), ls=":", lw=1, label=f"{d}: no block")
+    ax.set_xlabel("distance of the block's centre from the Grad-CAM centre (pixels)")
+    ax.set_ylabel("confidence in the predicted class")
+    ax.set_title(f"{params.analysis.block}x{params.analysis.block} noise block, {params.analysis.angles} directions",
+                 fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, out_dir / "confidence_vs_distance.png")
+    return {f"{d}.confidence_at_centre": float(g["confidence"].iloc[0]) for d, g in df.groupby("defense", sort=False)}
+
+
+def _spectrum(results, out_dir: Path, params: Params, specs, inputs) -> dict:
+    from pipeline.analysis.spectrum import spectrum_figure
+
+    df = pd.DataFrame([{"defense": d, **row} for d, r in results.items() for row in r["rows"]])
+    atomic_write(out_dir / "high_frequency.csv", lambda f: f.write(df.to_csv(index=False).encode()))
+    for d in results:
+        fig = spectrum_figure(build_from_spec(specs[d]), inputs["victims"].float() / 255, inputs["adversarial"],
+                              title=f"log spectra, RP2's 40 stop signs: natural vs sticker (target "
+                                    f"{inputs['target']}), defense {d}")
+        save_figure(fig, out_dir / f"spectrum_{d}.png")
+    return {f"{r.defense}.{r.where.replace(' ', '_')}.{r.images}.high_frequency_fraction": r.high_frequency_fraction
+            for r in df.itertuples()}
+
+
+WRITERS = {"feature_norms": _feature_norms, "pixel_robustness": _pixel_robustness, "loss_landscape": _loss_landscape,
+           "gradcam_distance": _gradcam_distance, "spectrum": _spectrum}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--analysis", required=True, help=", ".join(ANALYSES))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    run_stage(f"analyze@{args.analysis}", main, name=args.analysis)

@@ -1,0 +1,96 @@
+"""The analyze stage: every analysis writes its tables and figures for every model of
+``analysis.defenses`` (in-process, the Ray fan-out replaced by a serial map; the e2e test
+runs it through DVC and Ray)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from pipeline.checkpoint import model_spec, save_checkpoint
+from pipeline.config import DataConfig, load_params
+from pipeline.data.prepare import prepare_dataset
+from pipeline.io import save_torch
+from pipeline.models import build_model
+from tests.test_data import make_zip
+
+ROOT = Path(__file__).resolve().parents[1]
+RP2_DIR = ROOT.parent / "shared" / "datasets" / "rp2-stop-signs"
+
+
+@pytest.fixture()
+def project(tmp_path, monkeypatch):
+    src = make_zip(tmp_path / "src")
+    meta = prepare_dataset(DataConfig(root=str(src)), tmp_path / "data/prepared/cifar10", seed=0)
+    torch.manual_seed(0)
+    sd = build_model("resnet20", 10, meta["mean"], meta["std"]).state_dict()
+    save_checkpoint(model_spec("resnet20", 10, meta["mean"], meta["std"], sd), tmp_path / "models/resnet20/baseline.pt")
+    save_checkpoint(model_spec("resnet20", 10, meta["mean"], meta["std"], sd, [{"name": "fnc", "alpha": 0.5}]),
+                    tmp_path / "models/resnet20/fnc.pt")
+    save_torch(torch.rand(3, 10, 10), tmp_path / "patches/resnet20/advp/seed_0.pt")
+    raw = yaml.safe_load((ROOT / "params" / "smoke.yaml").read_text())
+    raw["data"]["root"] = str(src)
+    raw["patch"]["seeds"] = [0]
+    raw["analysis"].update(images=12, fit_images=8, landscape_images=4, restarts=3, landscape_steps=3, steps=2,
+                           gradcam_images=4, ks=[0.1, 1.0], distances=[0, 4, 8])
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    import stages.analyze as stage
+
+    monkeypatch.setattr(stage, "init_ray", lambda: None)
+    monkeypatch.setattr(stage, "ray_map", lambda fn, items, **_: [fn(i) for i in items])
+    return {"dir": tmp_path, "stage": stage, "raw": raw}
+
+
+def test_feature_norms_ifnr_per_block_and_defense(project):
+    project["stage"].main(load_params("params.yaml"), "feature_norms")
+    out = Path("analysis/resnet20/feature_norms")
+    df = pd.read_csv(out / "ifnr.csv")
+    assert set(df["defense"]) == {"none", "fnc"}
+    assert (df.groupby("defense")["depth"].max() == 9).all()  # ResNet-20: 9 residual blocks
+    assert (df["ifnr_mean"] >= 0).all() and (df["n_images"] == 12).all()
+    assert {f.name for f in out.iterdir()} == {"ifnr.csv", "ifnr.png", "norm_maps_none.png", "norm_maps_fnc.png"}
+
+
+def test_pixel_robustness_landscape_and_gradcam(project):
+    stage = project["stage"]
+    params = load_params("params.yaml")
+    for name in ("pixel_robustness", "loss_landscape", "gradcam_distance"):
+        stage.main(params, name)
+    curve = pd.read_csv("analysis/resnet20/pixel_robustness/accuracy_vs_k.csv")
+    assert len(curve) == 2 * 2 * 2  # defenses x (top, bottom) x ks
+    assert curve["accuracy"].between(0, 1).all()
+    hist = pd.read_csv("analysis/resnet20/loss_landscape/loss_history.csv")
+    assert hist.groupby("defense")["restart"].nunique().eq(3).all()
+    assert hist.groupby("defense")["iteration"].nunique().eq(4).all()  # start + 3 steps
+    conf = pd.read_csv("analysis/resnet20/gradcam_distance/confidence_vs_distance.csv")
+    assert list(conf[conf.defense == "none"]["distance"]) == [0, 4, 8] and conf["confidence"].between(0, 1).all()
+    for f in ("pixel_robustness/pixel_robustness.png", "loss_landscape/loss_landscape.png",
+              "gradcam_distance/confidence_vs_distance.png"):
+        assert Path("analysis/resnet20", f).stat().st_size > 1000
+
+
+def test_spectrum_is_a_note_without_rp2(project):
+    project["stage"].main(load_params("params.yaml"), "spectrum")
+    assert "rp2.enabled is false" in Path("analysis/resnet20/spectrum/README.md").read_text()
+
+
+@pytest.mark.skipif(not (RP2_DIR / "victim-32").is_dir(), reason="RP2 victims not found")
+def test_spectrum_of_the_victims(project):
+    raw = project["raw"]
+    raw["rp2"] = {"enabled": True, "victims": str(RP2_DIR), "true_class": 3, "targets": [5], "seeds": [0],
+                  "defenses": ["none"]}
+    Path("params.yaml").write_text(yaml.safe_dump(raw))
+    mask = torch.zeros(1, 32, 32)
+    mask[:, 8:16, 8:24] = 1
+    save_torch(torch.rand(3, 32, 32) * mask, "rp2/resnet20/none/target_5_seed_0.pt")
+    project["stage"].main(load_params("params.yaml"), "spectrum")
+    df = pd.read_csv("analysis/resnet20/spectrum/high_frequency.csv")
+    assert len(df) == 2 * 2 * 2  # defenses x (input, layer 1) x (natural, perturbed)
+    assert df["high_frequency_fraction"].between(0, 1).all()
+    assert Path("analysis/resnet20/spectrum/spectrum_none.png").is_file()
