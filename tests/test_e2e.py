@@ -13,7 +13,7 @@ import yaml
 pytestmark = pytest.mark.e2e
 
 STAGES = ["prepare", "train_baseline", "train_defended@fnc", "generate_patches", "evaluate", "analyze@feature_norms",
-          "analyze@pixel_robustness", "analyze@loss_landscape", "analyze@gradcam_distance"]
+          "analyze@pixel_robustness", "analyze@loss_landscape", "analyze@gradcam_distance", "report"]
 
 
 def dvc(project, *args: str, tracking: str | None = None) -> subprocess.CompletedProcess:
@@ -258,3 +258,12 @@ def test_analyses_on_the_smoke_models(smoke_project):
               "gradcam_distance/confidence_vs_distance.csv"):
         assert (out / f).is_file(), f
     assert "rp2.enabled is false" in (out / "spectrum" / "README.md").read_text()
+
+
+def test_report_of_the_smoke_run(smoke_project):
+    md = (smoke_project["dir"] / "reports" / "report.md").read_text()
+    assert "## FNC against universal patches" in md and "69.98 %" in md  # the paper's number beside ours
+    metrics = json.loads((smoke_project["dir"] / "metrics/evaluate.json").read_text())["resnet20"]
+    assert f"{100 * metrics['fnc']['advp']['robust_accuracy']:.2f} %" in md
+    page = (smoke_project["dir"] / "reports" / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 3

@@ -1,0 +1,303 @@
+"""DVC stage ``report``: the reproduction report, our numbers beside the papers'.
+
+Reads the metrics files and the analyses of this profile and writes
+``reports/report.md`` (figures linked from ``plots/`` and ``analysis/``) and
+``reports/report.html`` (self-contained: figures embedded), one section per source
+paper: its table with the paper's number and source, ours, the difference, the
+settings that differ and the MLflow run each of ours came from. A number a paper does
+not publish is marked so, never filled in. Logged to MLflow as artifacts.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+
+from pipeline import papers
+from pipeline.cli import run_stage
+from pipeline.config import Params
+from pipeline.io import atomic_write
+from pipeline.tracking import git_commit, stage_run, tracking_uri
+
+log = logging.getLogger("report")
+NOT_PUBLISHED = "not published"
+OUT = Path("reports")
+
+
+def _load(path: str | Path) -> Any:
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _pct(v: float | None) -> str:
+    return NOT_PUBLISHED if v is None else ("n/a" if isinstance(v, float) and math.isnan(v) else f"{100 * v:.2f} %")
+
+
+def _diff(ours: float | None, paper: float | None) -> str:
+    if ours is None or paper is None or (isinstance(ours, float) and math.isnan(ours)):
+        return ""
+    return f"{100 * (ours - paper):+.2f} pt"
+
+
+def _runs(experiment: str) -> dict[str, str]:
+    """The latest MLflow run id of every stage instance in ``experiment`` (empty when unreachable)."""
+    try:
+        client = mlflow.MlflowClient(tracking_uri=tracking_uri())
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            return {}
+        out: dict[str, str] = {}
+        for r in client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=500):
+            out.setdefault(r.data.tags.get("stage", "?"), r.info.run_id)
+        return out
+    except Exception as exc:  # the report is still useful without run ids
+        log.warning("MLflow runs not readable (%s); the report leaves run ids out", exc)
+        return {}
+
+
+class Report:
+    """An ordered list of blocks rendered to markdown and to self-contained HTML."""
+
+    def __init__(self) -> None:
+        self.blocks: list[tuple[str, Any]] = []
+
+    def h(self, level: int, text: str) -> None:
+        self.blocks.append((f"h{level}", text))
+
+    def p(self, text: str) -> None:
+        self.blocks.append(("p", text))
+
+    def table(self, df: pd.DataFrame) -> None:
+        self.blocks.append(("table", df))
+
+    def figure(self, path: Path, caption: str) -> None:
+        if Path(path).is_file():
+            self.blocks.append(("img", (Path(path), caption)))
+
+    def markdown(self) -> str:
+        out = []
+        for kind, v in self.blocks:
+            if kind.startswith("h"):
+                out.append("#" * int(kind[1]) + " " + v)
+            elif kind == "p":
+                out.append(v)
+            elif kind == "table":
+                out.append(v.to_markdown(index=False))
+            else:
+                out.append(f"![{v[1]}](../{v[0].as_posix()})\n\n*{v[1]}*")
+        return "\n\n".join(out) + "\n"
+
+    def html(self, title: str) -> str:
+        body = []
+        for kind, v in self.blocks:
+            if kind.startswith("h"):
+                body.append(f"<{kind}>{html.escape(v)}</{kind}>")
+            elif kind == "p":
+                body.append(f"<p>{html.escape(v)}</p>")
+            elif kind == "table":
+                body.append(v.to_html(index=False, border=0, classes="t", na_rep=""))
+            else:
+                data = base64.b64encode(v[0].read_bytes()).decode()
+                body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(v[1])}">'
+                            f"<figcaption>{html.escape(v[1])}</figcaption></figure>")
+        style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.45;color:#222}"
+                 "table.t{border-collapse:collapse;margin:1em 0;font-size:14px}"
+                 "table.t td,table.t th{border-bottom:1px solid #ddd;padding:4px 10px;text-align:left}"
+                 "figure{margin:1em 0}img{max-width:100%}figcaption{font-size:13px;color:#555}")
+        return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+                f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+
+
+def main(params: Params) -> None:
+    """Build the report from this profile's metrics and analyses."""
+    name = params.model.name
+    ev = (_load("metrics/evaluate.json") or {}).get(name, {})
+    base = _load("metrics/train_baseline.json") or {}
+    rp2 = _load("metrics/rp2.json") or {"enabled": False}
+    runs = _runs(params.mlflow.experiment)
+    run = lambda stage: runs.get(stage, "")  # noqa: E731
+    rep = Report()
+    title = f"Reproduction report: {params.profile} profile ({name} on {params.data.dataset})"
+    rep.h(1, title)
+    rep.p(f"Generated by `dvc repro` (stage `report`) at commit {git_commit()}; MLflow experiment "
+          f"`{params.mlflow.experiment}` at {tracking_uri()}. Accuracies and rates in percent; 'pt' are percentage "
+          f"points (ours minus the paper's). '{NOT_PUBLISHED}': the source prints no such number.")
+    rep.h(2, "Models")
+    rows = [{"model": "none (baseline)", "clean accuracy": _pct(base.get("clean_accuracy")),
+             "epochs": base.get("epochs"), "MLflow run": run("train_baseline")}]
+    for d in params.defended:
+        m = _load(Path("metrics/train_defended") / f"{d}.json") or {}
+        rows.append({"model": d, "clean accuracy": _pct(m.get("clean_accuracy")), "epochs": m.get("epochs", 0),
+                     "MLflow run": run(f"train_defended@{d}")})
+    rep.table(pd.DataFrame(rows))
+    _fnc(rep, params, ev, run)
+    _madry(rep, params, ev, run)
+    _mask_fgsm(rep, params, ev, run)
+    _prm(rep, params, ev, run)
+    _blurnet(rep, params, rp2, run)
+    OUT.mkdir(exist_ok=True)
+    atomic_write(OUT / "report.md", lambda f: f.write(rep.markdown().encode()))
+    atomic_write(OUT / "report.html", lambda f: f.write(rep.html(title).encode()))
+    with stage_run("report", params.mlflow.experiment, {"profile": params.profile},
+                   {"profile": params.profile, "paper": params.mlflow.paper, "model": name}):
+        mlflow.log_artifacts(str(OUT), artifact_path="report")
+    log.info("wrote %s and %s", OUT / "report.md", OUT / "report.html")
+
+
+def _cell(ev: dict, defense: str, attack: str, key: str) -> float | None:
+    return ev.get(defense, {}).get(attack, {}).get(key)
+
+
+def _fnc(rep: Report, params: Params, ev: dict, run) -> None:
+    rep.h(2, "FNC against universal patches (Yu et al., ICCV 2021; seed 000)")
+    if "fnc" not in ev:
+        rep.p("FNC is not evaluated in this profile (`evaluate.defenses`).")
+        return
+    p = papers.FNC_CIFAR10
+    rows = []
+    for label, attack, key, paper in (("clean accuracy", "none", "clean_accuracy", p["clean_accuracy"]),
+                                      ("accuracy under AdvP (transferred)", "advp", "robust_accuracy", p["advp"]),
+                                      ("accuracy under LaVAN (transferred)", "lavan", "robust_accuracy", p["lavan"]),
+                                      ("accuracy under AdvP (adaptive)", "advp_adaptive", "robust_accuracy", None),
+                                      ("accuracy under LaVAN (adaptive)", "lavan_adaptive", "robust_accuracy", None)):
+        for d in ("none", "fnc"):
+            ours = _cell(ev, d, attack, key)
+            if ours is None:
+                continue
+            rows.append({"metric": label, "model": d, "paper": _pct(paper if d == "fnc" else None),
+                         "ours": _pct(ours), "difference": _diff(ours, paper if d == "fnc" else None),
+                         "MLflow run": run("evaluate")})
+    rep.table(pd.DataFrame(rows))
+    patch = params.patch
+    rep.p(f"Paper: {p['source']}; {p['setting']}. Ours: {params.model.name}, fnc.alpha {params.fnc.alpha}, "
+          f"adjustment {params.fnc.adjustment}, {patch.area_fraction:.0%} patch targeted at class {patch.target}, "
+          f"{patch.epochs} patch epochs on {patch.train_images or 'all'} {patch.train_on} images, "
+          f"{len(patch.seeds)} seeds; our patched cells leave the target class out.")
+    ifnr = Path("analysis") / params.model.name / "feature_norms" / "ifnr.csv"
+    if ifnr.is_file():
+        df = pd.read_csv(ifnr)
+        q = papers.IFNR_RESNET50
+        rows = []
+        for i, stage in enumerate(q["stages"]):
+            row = {"depth": f"{(i + 1) / 4:.2f} of the network", "paper stage": stage,
+                   "paper (ResNet-50, ImageNet)": f"{q['values'][i]:.2f}"}
+            for d, g in df.groupby("defense", sort=False):
+                k = max(1, round((i + 1) / 4 * g["depth"].max()))
+                row[f"ours: {d}, block {k}"] = f"{float(g[g.depth == k]['ifnr_mean'].iloc[0]):.2f}"
+            rows.append(row)
+        rep.h(3, "Incremental feature norm ratio by depth")
+        rep.table(pd.DataFrame(rows))
+        rep.p(f"Paper: {q['source']}. Ours: mean over {int(df['n_images'].iloc[0])} CIFAR-10 test images at the "
+              f"blocks nearest each quarter of the depth (a different network and dataset: compare the trend). "
+              f"MLflow run {run('analyze@feature_norms')}.")
+        rep.figure(ifnr.parent / "ifnr.png", "IFNR against relative depth, with the paper's ResNet-50 row")
+        rep.figure(ifnr.parent / "norm_maps_none.png", "channel-norm maps of one image, clean and patched")
+    rep.figure(Path("plots/evaluate.png"), "the evaluation matrix: accuracy clean and under each attack")
+
+
+def _madry(rep: Report, params: Params, ev: dict, run) -> None:
+    rep.h(2, "PGD adversarial training (Madry et al., ICLR 2018; seed 003)")
+    adv = [d for d in params.defended if d != "fnc" and (params.defended_config(d).train or {}).get("adversarial")]
+    p = papers.MADRY_CIFAR10
+    if adv:
+        rows = []
+        for d in adv:
+            for label, attack, key, paper in (("clean accuracy", "none", "clean_accuracy", p["clean_accuracy"]),
+                                              ("accuracy under PGD", "pgd", "robust_accuracy", p["pgd20"])):
+                ours = _cell(ev, d, attack, key)
+                rows.append({"metric": label, "model": d, "paper": _pct(paper), "ours": _pct(ours),
+                             "difference": _diff(ours, paper), "MLflow run": run("evaluate")})
+        rep.table(pd.DataFrame(rows))
+        pgd = params.attack_params("pgd")
+        rep.p(f"Paper: {p['source']}; {p['setting']}. Ours: {params.model.name}, PGD with {pgd['steps']} steps and "
+              f"{pgd['restarts']} restart(s) on {pgd['n_images']} test images, training as in each model's section.")
+    else:
+        rep.p("No adversarially trained model in this profile (a `defended` recipe with `train.adversarial`; see "
+              "params/smoke-defenses.yaml). Paper: clean 87.3 %, PGD-20 45.8 % (" + p["source"] + ").")
+    rep.figure(Path("analysis") / params.model.name / "loss_landscape" / "loss_landscape.png",
+               "PGD loss along the iterations over random restarts, and the final losses")
+
+
+def _mask_fgsm(rep: Report, params: Params, ev: dict, run) -> None:
+    rep.h(2, "Mask-FGSM guided by Grad-CAM (Yu 2022; seed 002)")
+    p = papers.MASK_FGSM
+    rows = []
+    for attack in ("fgsm", "jsma", "deepfool", "mask_fgsm"):
+        if _cell(ev, "none", attack, "robust_accuracy") is None:
+            continue
+        l0, ssim = _cell(ev, "none", attack, "l0"), _cell(ev, "none", attack, "ssim")
+        rows.append({"attack": attack, "L0 paper": _pct(p["l0"][attack]), "L0 ours": _pct(l0),
+                     "SSIM paper": f"{p['ssim'][attack]:.3f}", "SSIM ours": "" if ssim is None else f"{ssim:.3f}",
+                     "accuracy under attack (ours)": _pct(_cell(ev, "none", attack, "robust_accuracy"))})
+    if rows:
+        rep.table(pd.DataFrame(rows))
+        rep.p(f"Paper: {p['source']}. Ours: the undefended {params.model.name} on {params.data.dataset}; L0 is the "
+              f"fraction of input values changed. MLflow run {run('evaluate')}.")
+    else:
+        rep.p("The L0 attacks are not evaluated in this profile (`evaluate.attacks`).")
+    rep.figure(Path("analysis") / params.model.name / "gradcam_distance" / "confidence_vs_distance.png",
+               "confidence against the distance of a noise block from the Grad-CAM centre")
+
+
+def _prm(rep: Report, params: Params, ev: dict, run) -> None:
+    rep.h(2, "Pixel robustness and masked PGD (Hwang et al., ICLR 2019 DebugML workshop; seed 004)")
+    csv = Path("analysis") / params.model.name / "pixel_robustness" / "accuracy_vs_k.csv"
+    if csv.is_file():
+        df = pd.read_csv(csv)
+        wide = df.pivot_table(index="k", columns=["defense", "which"], values="accuracy")
+        wide.columns = [f"{d}, {w} k" for d, w in wide.columns]
+        rep.table((100 * wide).round(2).reset_index())
+        rep.p(f"Accuracy (%) after masked PGD on the top / bottom k of the pixel robustness map; the seed document "
+              f"gives the curves' shape only: {NOT_PUBLISHED} as numbers. MLflow run {run('analyze@pixel_robustness')}.")
+        rep.figure(csv.parent / "pixel_robustness.png", "robustness maps and accuracy against the fraction attacked")
+    prm = [d for d in params.defended if any(e["name"] == "prm" for e in params.defended_config(d).defenses)]
+    if prm:
+        rows = [{"model": d, "clean": _pct(_cell(ev, d, "none", "clean_accuracy")),
+                 "PGD": _pct(_cell(ev, d, "pgd", "robust_accuracy")), "paper": NOT_PUBLISHED} for d in prm]
+        rep.table(pd.DataFrame(rows))
+
+
+def _blurnet(rep: Report, params: Params, rp2: dict, run) -> None:
+    rep.h(2, "BlurNet against RP2 stickers (Raju and Lipasti 2019; seed 001)")
+    if not rp2.get("enabled"):
+        rep.p("RP2 is off in this profile; params/blurnet.yaml reproduces the slides' tables on GTSRB.")
+        return
+    s, p = rp2["summary"], papers.BLURNET
+    for key, setting, label in (("table1", "black_box", "Table 1, black box (stickers made on the baseline)"),
+                                ("table2", "white_box", "Table 2, white box (stickers made on each model)")):
+        rows = []
+        for d, vals in s.items():
+            if setting not in vals:
+                continue
+            v = vals[setting]
+            ref = p[key].get(d)
+            paper_acc, paper_avg = (ref[1], ref[2]) if ref else (None, None)
+            paper_worst = ref[3] if ref and key == "table2" else None
+            rows.append({"model": d, "slides' row": ref[0] if ref else "", "accuracy paper": _pct(paper_acc),
+                         "accuracy ours": _pct(v["clean_accuracy"]), "fooling rate (mean) paper": _pct(paper_avg),
+                         "fooling rate (mean) ours": _pct(v["fooling_rate_mean"]),
+                         "difference": _diff(v["fooling_rate_mean"], paper_avg),
+                         "fooling rate (worst target) paper": _pct(paper_worst),
+                         "fooling rate (worst target) ours": _pct(v["fooling_rate_worst"]),
+                         "L2 dissimilarity ours": f"{v['l2_dissimilarity_mean']:.3f}"})
+        rep.h(3, label)
+        rep.table(pd.DataFrame(rows))
+    rep.p(f"Paper: {p['source']}. Ours: {params.model.name} on GTSRB (not LISA), RP2 on the same 40 victims with "
+          f"their sticker mask, targets {rp2['targets']}; fooling rate = victims whose prediction the sticker changes "
+          f"(the slides' attack success rate). Comparable in direction, not digit for digit. "
+          f"MLflow run {run('attack_rp2')}.")
+    rep.figure(Path("rp2") / params.model.name / "stickers.png", "RP2 stickers on a victim")
+    for f in sorted((Path("analysis") / params.model.name / "spectrum").glob("spectrum_*.png"))[:2]:
+        rep.figure(f, f"log spectra of natural and RP2-perturbed stop signs ({f.stem})")
+
+
+if __name__ == "__main__":
+    run_stage("report", main)

@@ -1,0 +1,61 @@
+"""The report stage: the papers' numbers beside ours with the difference, 'not published'
+where a paper prints nothing, the BlurNet tables from attack_rp2's summary, and an HTML
+rendering with the figures embedded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+import yaml
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from pipeline.config import load_params  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write(path: str, obj) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(obj))
+
+
+def test_report_puts_ours_beside_the_papers(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    raw = yaml.safe_load((ROOT / "params" / "smoke.yaml").read_text())
+    raw["data"]["root"] = str(tmp_path)
+    Path("params.yaml").write_text(yaml.safe_dump(raw))
+    cell = {"clean_accuracy": 0.8, "robust_accuracy": 0.5, "attack_success_rate": 0.3, "n_images": 900}
+    _write("metrics/evaluate.json", {"resnet20": {
+        "none": {"none": {"clean_accuracy": 0.8, "n_images": 1000}, "advp": cell},
+        "fnc": {"none": {"clean_accuracy": 0.75, "n_images": 1000}, "advp": {**cell, "robust_accuracy": 0.6},
+                "advp_adaptive": {**cell, "robust_accuracy": 0.4}}}})
+    _write("metrics/train_baseline.json", {"clean_accuracy": 0.8, "epochs": 6})
+    _write("metrics/train_defended/fnc.json", {"clean_accuracy": 0.75})
+    summary = {"clean_accuracy": 0.9, "fooling_rate_mean": 0.5, "fooling_rate_worst": 0.8, "worst_target": 5,
+               "target_success_mean": 0.3, "target_success_transformed_mean": 0.2, "l2_dissimilarity_mean": 0.1,
+               "n_stickers": 3}
+    _write("metrics/rp2.json", {"enabled": True, "targets": [5, 1, 38], "summary": {
+        "none": {"white_box": summary}, "blurnet5": {"black_box": {**summary, "fooling_rate_mean": 0.25}}}})
+    Path("plots").mkdir()
+    fig, ax = plt.subplots()
+    ax.plot([0, 1])
+    fig.savefig("plots/evaluate.png")
+    import stages.report as stage
+
+    stage.main(load_params("params.yaml"))
+    md = Path("reports/report.md").read_text()
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in md.splitlines() if line.startswith("|")]
+    row = next(r for r in rows if r[:2] == ["accuracy under AdvP (transferred)", "fnc"])
+    assert row[2:5] == ["69.98 %", "60.00 %", "-9.98 pt"]  # paper, ours, ours minus paper
+    row = next(r for r in rows if r[:2] == ["accuracy under AdvP (adaptive)", "fnc"])
+    assert row[2:4] == ["not published", "40.00 %"]
+    black = next(r for r in rows if r[0] == "blurnet5")  # the slides' 5x5 row, black box
+    assert "17.50 %" in black and "25.00 %" in black and "+7.50 pt" in black
+    assert "![the evaluation matrix" in md
+    page = Path("reports/report.html").read_text()
+    assert page.startswith("<!doctype html>") and "data:image/png;base64," in page and "<table" in page
