@@ -97,6 +97,24 @@ def mlflow_server(tmp_path_factory):
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+def _write_profile(work: Path, profile: str) -> dict:
+    """Copy ``params/<profile>.yaml`` over ``params.yaml`` in ``work``, reading the shared CIFAR-10."""
+    params = yaml.safe_load((work / "params" / f"{profile}.yaml").read_text())
+    params["data"]["root"] = str(SHARED_CIFAR)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return params
+
+
+def _repro(work: Path, env: dict[str, str]) -> str:
+    """``dvc repro`` in ``work``; its log (also written to ``work/repro.log``). Fails the test on an error."""
+    proc = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=2400)
+    log = proc.stdout + proc.stderr
+    (work / "repro.log").write_text(log)
+    assert proc.returncode == 0, f"dvc repro failed:\n{log[-5000:]}"
+    return log
+
+
 @pytest.fixture(scope="session")
 def smoke_project(tmp_path_factory, mlflow_server):
     """One ``dvc repro`` of the smoke profile on the shared CIFAR-10 archives,
@@ -106,18 +124,12 @@ def smoke_project(tmp_path_factory, mlflow_server):
         pytest.skip(f"{SHARED_CIFAR} not found (the shared CIFAR-10 archives)")
     work = tmp_path_factory.mktemp("smoke")
     _copy_project(work)
-    params = yaml.safe_load((work / "params" / "smoke.yaml").read_text())
-    params["data"]["root"] = str(SHARED_CIFAR)
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    params = _write_profile(work, "smoke")
     git(work, "init", "-q")
     git(work, "add", "-A")
     git(work, "commit", "-qm", "smoke")
     env = {**stage_env(work), "MLFLOW_TRACKING_URI": mlflow_server}
-    proc = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=work, env=env,
-                          capture_output=True, text=True, timeout=2400)
-    log = proc.stdout + proc.stderr
-    (work / "repro.log").write_text(log)
-    assert proc.returncode == 0, f"dvc repro failed:\n{log[-5000:]}"
+    log = _repro(work, env)
     yield {"dir": work, "env": env, "params": params, "log": log}
     shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)  # the Ray session folder this fixture made
 
@@ -129,14 +141,8 @@ def defenses_project(smoke_project, tmp_path_factory):
     reused, only the defended models and evaluate run."""
     work = tmp_path_factory.mktemp("defenses") / "project"
     shutil.copytree(smoke_project["dir"], work, symlinks=True)
-    params = yaml.safe_load((work / "params" / "smoke-defenses.yaml").read_text())
-    params["data"]["root"] = str(SHARED_CIFAR)
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    params = _write_profile(work, "smoke-defenses")
     env = stage_env(work)  # its own SQLite store in the copy
-    proc = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=work, env=env,
-                          capture_output=True, text=True, timeout=2400)
-    log = proc.stdout + proc.stderr
-    (work / "repro.log").write_text(log)
-    assert proc.returncode == 0, f"dvc repro failed:\n{log[-5000:]}"
+    log = _repro(work, env)
     yield {"dir": work, "env": env, "params": params, "log": log}
     shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
