@@ -1,0 +1,53 @@
+"""Fault tolerance: a Ray worker killed (SIGKILL, by the pid of the process running the
+task) in the middle of the evaluate stage of the smoke pipeline; Ray retries the task
+(``max_retries``) and the stage ends with the same metrics as the uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.e2e
+
+
+def _task_pids(name: str) -> list[int]:
+    """Pids of Ray workers running ``name`` now (Ray titles them ``ray::<name>``)."""
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    return [int(line.split(None, 1)[0]) for line in out.splitlines()
+            if line.split(None, 1)[1:] and line.split(None, 1)[1].startswith(f"ray::{name}")]
+
+
+def test_killed_worker_is_retried_with_the_same_metrics(smoke_project, tmp_path):
+    work = tmp_path / "project"
+    shutil.copytree(smoke_project["dir"], work, symlinks=True)
+    shutil.rmtree(work / ".cache" / "evaluate")  # every cell recomputed
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["evaluate"]["attacks"] = ["none", "advp", "lavan", "occlusion"]
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**smoke_project["env"], "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'side.db'}", "PYTHONPATH": str(work)}
+    proc = subprocess.Popen([sys.executable, "-m", "stages.evaluate"], cwd=work, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed = None
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and killed is None and time.monotonic() < deadline:
+        pids = _task_pids("evaluate_task")
+        if pids:
+            killed = pids[0]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    out, _ = proc.communicate(timeout=900)
+    assert killed is not None, f"no evaluate_task worker was seen running:\n{out[-3000:]}"
+    assert proc.returncode == 0, out[-3000:]
+    got = json.loads((work / "metrics" / "evaluate.json").read_text())["resnet20"]
+    want = json.loads((smoke_project["dir"] / "metrics" / "evaluate.json").read_text())["resnet20"]
+    for defense in ("none", "fnc"):
+        for attack in params["evaluate"]["attacks"]:
+            assert got[defense][attack] == want[defense][attack], (defense, attack)
