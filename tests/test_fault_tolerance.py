@@ -18,11 +18,24 @@ import yaml
 pytestmark = pytest.mark.e2e
 
 
-def _task_pids(name: str) -> list[int]:
-    """Pids of Ray workers running ``name`` now (Ray titles them ``ray::<name>``)."""
+def _descends_from(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        try:
+            pid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+    return False
+
+
+def _task_pids(name: str, ancestor: int) -> list[int]:
+    """Pids of the Ray workers under ``ancestor`` (the stage process) running ``name``
+    now; Ray titles them ``ray::<name>``. Other Ray instances on the machine are left alone."""
     out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    return [int(line.split(None, 1)[0]) for line in out.splitlines()
-            if line.split(None, 1)[1:] and line.split(None, 1)[1].startswith(f"ray::{name}")]
+    rows = [line.strip().split(None, 1) for line in out.splitlines()]
+    return [int(r[0]) for r in rows if len(r) == 2 and r[1].startswith(f"ray::{name}")
+            and _descends_from(int(r[0]), ancestor)]
 
 
 def test_killed_worker_is_retried_with_the_same_metrics(smoke_project, tmp_path):
@@ -38,7 +51,7 @@ def test_killed_worker_is_retried_with_the_same_metrics(smoke_project, tmp_path)
     killed = None
     deadline = time.monotonic() + 600
     while proc.poll() is None and killed is None and time.monotonic() < deadline:
-        pids = _task_pids("evaluate_task")
+        pids = _task_pids("evaluate_task", proc.pid)
         if pids:
             killed = pids[0]
             os.kill(killed, signal.SIGKILL)
