@@ -30,7 +30,7 @@ R = TypeVar("R")
 def init_ray() -> dict[str, float]:
     """Connect to ``RAY_ADDRESS`` if set, else start a local Ray instance.
 
-    The local instance binds to 127.0.0.1, has the dashboard UI off, and keeps its
+    The local instance binds to 127.0.0.1 (:func:`_loopback_only`), has the dashboard UI off, and keeps its
     session files under ``RAY_TMPDIR`` when that is set. Calling it twice is
     harmless.
 
@@ -44,6 +44,7 @@ def init_ray() -> dict[str, float]:
             ray.init(address=address, log_to_driver=True)
         else:
             kwargs: dict[str, Any] = {}
+            _loopback_only()
             if os.environ.get("RAY_TMPDIR"):
                 kwargs["_temp_dir"] = os.environ["RAY_TMPDIR"]
             ray.init(
@@ -55,6 +56,23 @@ def init_ray() -> dict[str, float]:
                 **kwargs,
             )
     return dict(ray.cluster_resources())
+
+
+def _loopback_only() -> None:
+    """Keep a local, single-machine Ray instance on 127.0.0.1.
+
+    Ray resolves ``_node_ip_address="127.0.0.1"`` to the machine's reachable address
+    unless its cluster mode is off (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read when
+    ``ray`` is imported); the stage may have imported ``ray`` before this module, so the
+    constant is also set here. A cluster (``RAY_ADDRESS``) is not affected.
+    """
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    try:
+        import ray._private.ray_constants as constants
+
+        constants.ENABLE_RAY_CLUSTER = False
+    except (ImportError, AttributeError):  # a Ray without the switch: its own default
+        log.warning("this Ray version has no loopback switch; the local instance may bind to the machine's address")
 
 
 def effective_gpus(requested: float) -> float:

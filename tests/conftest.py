@@ -21,6 +21,7 @@ import yaml
 os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # local Ray instances on 127.0.0.1 only (pipeline.distributed)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg"
