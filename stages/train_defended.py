@@ -33,7 +33,7 @@ from pipeline.data import load_meta, load_tensors
 from pipeline.data.datasets import DATASETS
 from pipeline.defenses.base import check_defenses
 from pipeline.distributed import init_ray, ray_map
-from pipeline.io import atomic_write, save_json
+from pipeline.io import atomic_write, save_json, sha256_file
 from pipeline.tasks import defend_task
 from pipeline.tracking import log_metrics, stage_run
 from pipeline.training_run import train_resumable
@@ -77,7 +77,7 @@ def main(params: Params, defense: str) -> None:
     if train_cfg is not None:
         key = {**section, "init": cfg.init, "defenses": cfg.defenses, "data": meta["source"]["sha256"],
                "subset": meta["subset"], "splits": meta["splits"],
-               "base": None if cfg.init == "scratch" else _weights_key(baseline)}
+               "base": None if cfg.init == "scratch" else sha256_file(Path("models") / name / "baseline.pt")}
         state_dict, history, run_id = train_resumable(
             f"train_defended@{defense}", spec, (x_train, y_train), (x_test, y_test), train_cfg.model_dump(),
             params.seed, params.resources, DATASETS[meta["dataset"]].horizontal_flip,
@@ -129,17 +129,6 @@ def main(params: Params, defense: str) -> None:
         mlflow.log_artifact(str(out_path), artifact_path="checkpoints")
         if history:
             mlflow.log_artifact(str(Path("plots/train_defended") / f"{defense}.csv"), artifact_path="plots")
-
-
-def _weights_key(spec: dict) -> str:
-    """A short hash of a checkpoint's weights (the resume key of training that starts from them)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for k, v in sorted(spec["state_dict"].items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 if __name__ == "__main__":
