@@ -45,8 +45,9 @@ IFNR_RESNET50 = [1.05, 1.80, 2.98, 3.39]
 """The FNC paper's IFNR row for ResNet-50 on ImageNet (conv2_3, conv3_4, conv4_6, conv5_3; seed 000)."""
 
 
-def main(params: Params, name: str) -> None:
-    """Run analysis ``name`` on every model of ``analysis.defenses`` and write its tables and figures."""
+def main(params: Params, analysis: str) -> None:
+    """Run analysis ``analysis`` on every model of ``analysis.defenses`` and write its tables and figures."""
+    name = analysis
     if name not in ANALYSES:
         raise ParamsError(f"unknown analysis {name!r}; choose from {', '.join(ANALYSES)}")
     a, model_name = params.analysis, params.model.name
@@ -230,4 +231,4 @@ if __name__ == "__main__":
     parser.add_argument("--analysis", required=True, help=", ".join(ANALYSES))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    run_stage(f"analyze@{args.analysis}", main, name=args.analysis)
+    run_stage(f"analyze@{args.analysis}", main, analysis=args.analysis)
