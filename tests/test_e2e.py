@@ -72,7 +72,7 @@ MIN_DROP = {
     # JSMA (gamma 10 % of features) and C&W L2 flip most images of a weak model; 30 images, so a loose bound.
     "jsma": 0.10,
     "cw_l2": 0.10,
-    # Mask-FGSM changes at most tau of the input values, One Pixel (3 pixels in the smoke profile) a few pixels:
+    # Mask-FGSM changes at most tau of the input values, One Pixel (5 pixels in the smoke profile) a few pixels:
     # Su et al. 2019 report well over 10 % success, so some of the ~9 correctly classified images flip.
     "mask_fgsm": 0.02,
     "one_pixel": 0.0,
