@@ -130,6 +130,10 @@ class Trainer:
         Returns:
             ``{"train_loss", "train_accuracy", "test_accuracy", "lr"}`` (floats;
             accuracies in [0, 1], ``lr`` the last learning rate used).
+
+        Raises:
+            FloatingPointError: the epoch's loss is not finite (training diverged); the
+                message names the learning rate to lower.
         """
         torch.manual_seed(self.seed * 100_003 + epoch)  # augmentation RNG of this epoch
         loader = DataLoader(
@@ -166,6 +170,9 @@ class Trainer:
             loss_sum += loss.detach() * len(y)
             correct += (logits.detach().argmax(1) == y).sum()
             seen += len(y)
+        if not torch.isfinite(loss_sum):  # checked once an epoch: no per-step host-device synchronisation
+            raise FloatingPointError(f"training diverged in epoch {epoch + 1} (loss is {float(loss_sum)}): lower "
+                                     f"train.lr (now {self.cfg['lr']}) or raise train.pct_start")
         test_acc = accuracy(self.model, *self.test, batch_size=self.cfg["eval_batch_size"], device=self.device)
         out = {
             "train_loss": float(loss_sum) / seen,

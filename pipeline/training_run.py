@@ -22,6 +22,7 @@ from typing import Any
 import ray
 from tqdm.auto import tqdm
 
+from pipeline.config import ParamsError
 from pipeline.distributed import effective_gpus, init_ray, node_id
 from pipeline.io import load_torch, save_torch
 from pipeline.tracking import log_metrics, stage_run
@@ -80,6 +81,7 @@ def train_resumable(
 
     Raises:
         ray.exceptions.ActorDiedError: the actor died more than ``MAX_ACTOR_RESTARTS`` times.
+        ParamsError: training diverged (non-finite loss); the message says which param to change.
     """
     state_path = cache / "last.pt"
     state = load_torch(state_path) if state_path.is_file() else None
@@ -114,6 +116,10 @@ def train_resumable(
                 try:
                     m = ray.get(actor.run_epoch.remote(epoch))
                     break
+                except ray.exceptions.RayTaskError as exc:  # a bad recipe: one line, not a traceback
+                    if isinstance(exc.cause, FloatingPointError):
+                        raise ParamsError(f"{stage}: {exc.cause}") from None
+                    raise
                 except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError) as exc:
                     if attempt == MAX_ACTOR_RESTARTS:
                         raise

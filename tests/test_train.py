@@ -68,3 +68,15 @@ def test_finetune_classifier_changes_only_the_classifier():
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == head  # BatchNorm statistics frozen, features frozen
+
+
+def test_a_diverging_run_stops_with_the_param_to_change():
+    """A learning rate far too large for a network without BatchNorm makes the loss
+    non-finite; the epoch ends with an error naming train.lr instead of training on NaN."""
+    import pytest
+
+    cfg = {**CFG, "epochs": 1, "lr": 1e6, "channels_last": False}
+    trainer = Trainer(model_spec("traffic_cnn", 10, [0.5] * 3, [0.25] * 3, None), data(), data(32, seed=1), cfg,
+                      seed=0)
+    with pytest.raises(FloatingPointError, match="lower train.lr"):
+        trainer.run_epoch(0)
