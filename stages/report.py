@@ -189,9 +189,10 @@ def _fnc(rep: Report, params: Params, ev: dict, run) -> None:
         for i, stage in enumerate(q["stages"]):
             row = {"depth": f"{(i + 1) / 4:.2f} of the network", "paper stage": stage,
                    "paper (ResNet-50, ImageNet)": f"{q['values'][i]:.2f}"}
+            k = max(1, round((i + 1) / 4 * df["depth"].max()))  # our block nearest this fraction of the depth
+            row["our block"] = f"{k} of {df['depth'].max()}"
             for d, g in df.groupby("defense", sort=False):
-                k = max(1, round((i + 1) / 4 * g["depth"].max()))
-                row[f"ours: {d}, block {k}"] = f"{float(g[g.depth == k]['ifnr_mean'].iloc[0]):.2f}"
+                row[f"ours: {d}"] = f"{float(g[g.depth == k]['ifnr_mean'].iloc[0]):.2f}"
             rows.append(row)
         rep.h(3, "Incremental feature norm ratio by depth")
         rep.table(pd.DataFrame(rows))
