@@ -58,6 +58,15 @@ def evaluate_attack_names() -> tuple[str, ...]:
     return ("none", *PATCH_ATTACKS, *ADAPTIVE_PATCH_ATTACKS, "occlusion", *list_attacks())
 
 
+def _nested_error(prefix: str, exc: ValidationError, with_input: bool = False) -> str:
+    """One line for the first error of a section validated inside another model:
+    ``<prefix><.loc>: <message>`` (and ``(got <input>)`` with ``with_input``)."""
+    first = exc.errors()[0]
+    loc = "".join(f".{p}" for p in first["loc"])
+    got = f" (got {first.get('input')!r})" if with_input else ""
+    return f"{prefix}{loc}: {first['msg'].removeprefix('Value error, ')}{got}"
+
+
 class ParamsError(ValueError):
     """A params file is missing, unreadable or invalid; the message is one line."""
 
@@ -195,9 +204,7 @@ class DefendedConfig(_Strict):
             try:
                 TrainConfig.model_validate({"epochs": 1, **self.train})
             except ValidationError as exc:
-                first = exc.errors()[0]
-                loc = "".join(f".{p}" for p in first["loc"])
-                raise ValueError(f"train{loc}: {first['msg'].removeprefix('Value error, ')}") from None
+                raise ValueError(_nested_error("train", exc)) from None
         if self.init == "scratch" and self.train is None:
             raise ValueError("init: scratch needs training; give train: {} (the train section) or overrides")
         if self.train is None and needs_training(self.defenses):
@@ -305,9 +312,7 @@ class RP2Config(_Strict):
         try:
             return RP2Params.model_validate(v).model_dump(mode="json", by_alias=True, exclude={"target"})
         except _VE as exc:
-            first = exc.errors()[0]
-            loc = "".join(f".{p}" for p in first["loc"])
-            raise ValueError(f"rp2.attack{loc}: {first['msg'].removeprefix('Value error, ')}") from None
+            raise ValueError(_nested_error("rp2.attack", exc)) from None
 
     @model_validator(mode="after")
     def _targets(self) -> RP2Config:
@@ -461,20 +466,16 @@ class Params(_Strict):
             try:
                 out[name] = model.model_validate(section or {}).model_dump(mode="json")
             except _VE as exc:
-                first = exc.errors()[0]
-                loc = "".join(f".{p}" for p in first["loc"])
-                msg = first["msg"].removeprefix("Value error, ")
-                raise ValueError(f"attacks.{name}{loc}: {msg} (got {first.get('input')!r})") from None
+                raise ValueError(_nested_error(f"attacks.{name}", exc, with_input=True)) from None
         return out
 
     @model_validator(mode="after")
     def _patch_attacks_generated(self) -> Params:
-        missing = [a for a in self.evaluate.attacks
-                   if ADAPTIVE_PATCH_ATTACKS.get(a, a) in PATCH_ATTACKS
-                   and ADAPTIVE_PATCH_ATTACKS.get(a, a) not in self.patch.attacks]
+        made_from = {a: ADAPTIVE_PATCH_ATTACKS.get(a, a) for a in self.evaluate.attacks}  # cell -> patch attack
+        missing = [a for a, b in made_from.items() if b in PATCH_ATTACKS and b not in self.patch.attacks]
         if missing:
             raise ValueError(f"evaluate.attacks lists {missing[0]!r} but patch.attacks does not generate "
-                             f"{ADAPTIVE_PATCH_ATTACKS.get(missing[0], missing[0])!r}; add it to patch.attacks")
+                             f"{made_from[missing[0]]!r}; add it to patch.attacks")
         return self
 
     def attack_params(self, name: str) -> dict[str, Any]:

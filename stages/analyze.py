@@ -87,10 +87,22 @@ def main(params: Params, analysis: str) -> None:
 def _inputs(params: Params, name: str, meta: dict) -> dict:
     """The tensors analysis ``name`` reads (test subset, patch, training subset, victims)."""
     a, ev = params.analysis, params.evaluate
+    _, h, w = meta["image_shape"]
+    if name == "spectrum":  # RP2's victims only, no test images
+        from pipeline.attacks.rp2 import RP2Params, apply_rp2
+        from pipeline.data.rp2 import load_mask, load_victims
+        from stages.attack_rp2 import mask_path
+
+        r = params.rp2
+        victims, _ = load_victims(r.victims, size=h)
+        mask = load_mask(mask_path(r.victims, r.mask), size=(h, w))
+        sticker = Path("rp2") / params.model.name / "none" / f"target_{r.targets[0]}_seed_{r.seeds[0]}.pt"
+        fill = RP2Params.model_validate(r.attack).sticker_fill
+        return {"victims": victims, "adversarial": apply_rp2(victims.float() / 255, load_torch(sticker), mask, fill),
+                "target": r.targets[0]}
     x, y = load_tensors(PREPARED / params.data.dataset, "test")
     order = test_order(len(x), ev.subset_seed)[: a.images]
     inputs = {"x": x[order].contiguous(), "y": y[order].contiguous()}
-    _, h, w = meta["image_shape"]
     if name == "feature_norms":
         attack = "advp" if "advp" in params.patch.attacks else params.patch.attacks[0]
         path = Path("patches") / params.model.name / attack / f"seed_{params.patch.seeds[0]}.pt"
@@ -102,21 +114,9 @@ def _inputs(params: Params, name: str, meta: dict) -> dict:
         inputs["placements"] = (corner_placements(n, (h, w), side) if params.patch.location == "fixed"
                                 else fixed_placements(n, 1, (h, w), side, ev.placement_seed))
     elif name == "pixel_robustness":
-        xt, yt = load_tensors(PREPARED / params.data.dataset, "train")
-        idx = test_order(len(xt), params.seed)[: a.fit_images]
-        inputs["x_fit"], inputs["y_fit"] = xt[idx].contiguous(), yt[idx].contiguous()
-    elif name == "spectrum":
-        from pipeline.attacks.rp2 import RP2Params, apply_rp2
-        from pipeline.data.rp2 import load_mask, load_victims
-        from stages.attack_rp2 import mask_path
+        from stages.evaluate import fit_images
 
-        r = params.rp2
-        victims, _ = load_victims(r.victims, size=h)
-        mask = load_mask(mask_path(r.victims, r.mask), size=(h, w))
-        sticker = Path("rp2") / params.model.name / "none" / f"target_{r.targets[0]}_seed_{r.seeds[0]}.pt"
-        fill = RP2Params.model_validate(r.attack).sticker_fill
-        inputs = {"victims": victims, "adversarial": apply_rp2(victims.float() / 255, load_torch(sticker), mask, fill),
-                  "target": r.targets[0]}
+        inputs["x_fit"], inputs["y_fit"] = fit_images(params, a.fit_images)
     return inputs
 
 

@@ -89,7 +89,8 @@ def main(params: Params) -> None:
 
     patches: dict[str, torch.Tensor] = {}
     patch_ids: dict[str, Any] = {}
-    for attack in (a for a in ev.attacks if a in PATCH_ATTACKS):
+    transferred = dict.fromkeys(ADAPTIVE_PATCH_ATTACKS.get(a, a) for a in ev.attacks)  # the baseline's patches
+    for attack in (a for a in transferred if a in PATCH_ATTACKS):  # also read by the adaptive cells of `none`
         files = [Path("patches") / name / attack / f"seed_{s}.pt" for s in seeds]
         patches[attack] = torch.stack([load_torch(f) for f in files])
         patch_ids[attack] = [sha256_file(f) for f in files]
@@ -103,7 +104,7 @@ def main(params: Params) -> None:
     ids_of = {d: dict(patch_ids) for d in ev.defenses}
     adaptive = [a for a in ev.attacks if a in ADAPTIVE_PATCH_ATTACKS]
     if adaptive:
-        made = _adaptive_patches(params, specs, weights, adaptive, side)
+        made = _adaptive_patches(params, specs, weights, adaptive, side, patches, patch_ids)
         for d in ev.defenses:
             for a in adaptive:
                 patches_of[d][a], ids_of[d][a] = made[(d, a)]
@@ -172,7 +173,7 @@ def main(params: Params) -> None:
         init_ray()
         spec_refs = {d: ray.put(specs[d]) for d in dict.fromkeys(d for d, _ in todo_cells)}
     if to_fit:  # data-dependent set-up (masked PGD's robustness map): once per (defense, attack), not per shard
-        fit_ref = ray.put(_fit_images(params, ev.fit_images))
+        fit_ref = ray.put(fit_images(params, ev.fit_images))
         fit_items = [{"spec": spec_refs[d], "attack": a, "params": params.attack_params(a), "fit_data": fit_ref,
                       "num_threads": res.num_cpus} for d, a in to_fit]
         fits = ray_map(fit_task, fit_items, num_cpus=res.num_cpus, num_gpus=res.num_gpus,
@@ -255,7 +256,8 @@ def main(params: Params) -> None:
 
 
 def _adaptive_patches(
-    params: Params, specs: dict[str, dict], weights: dict[str, str], attacks: list[str], side: int
+    params: Params, specs: dict[str, dict], weights: dict[str, str], attacks: list[str], side: int,
+    baseline_patches: dict[str, torch.Tensor], baseline_ids: dict[str, Any],
 ) -> dict[tuple[str, str], tuple[torch.Tensor, Any]]:
     """Patches optimised against each defended model itself (white box, adaptive).
 
@@ -263,7 +265,8 @@ def _adaptive_patches(
     one patch per ``patch.seeds``, trained exactly as generate_patches trains the
     baseline's (same params, images and seeds) but on the defended model, gradients
     through its input transforms by BPDA (their own backward). For ``none`` these are
-    the baseline's patches from ``patches/<model>/``. Each patch is cached under
+    the baseline's patches from ``patches/<model>/`` (``baseline_patches`` / ``baseline_ids``,
+    as the stage read them). Each patch is cached under
     ``.cache/evaluate_patches/`` by the defended model's weights and the patch params;
     the missing ones are one Ray task each.
 
@@ -280,8 +283,7 @@ def _adaptive_patches(
         for cell in attacks:
             attack = ADAPTIVE_PATCH_ATTACKS[cell]
             if d == "none":  # the baseline's own patches are already white box
-                paths = [Path("patches") / name / attack / f"seed_{s}.pt" for s in p.seeds]
-                out[(d, cell)] = torch.stack([load_torch(f) for f in paths]), [sha256_file(f) for f in paths]
+                out[(d, cell)] = baseline_patches[attack], baseline_ids[attack]
                 continue
             for s in p.seeds:
                 key = {"patch": shared, "model": name, "weights": weights[d], "seed": params.seed,
@@ -306,7 +308,7 @@ def _adaptive_patches(
     return out
 
 
-def _fit_images(params: Params, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_images(params: Params, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A seeded random subset of ``n`` training images (uint8, int64) for attacks that fit on data."""
     x, y = load_tensors(PREPARED / params.data.dataset, "train")
     idx = test_order(len(x), params.seed)[:n]
