@@ -8,8 +8,9 @@ Times one L-inf PGD run (eps 8/255, step 2/255, random start, 1 restart,
 ``--steps`` iterations) on a batch of random CIFAR-size images (3 x 32 x 32)
 with a randomly initialised ResNet-20 (weights do not matter for timing), for:
 
-* ``project``: :func:`pipeline.attacks.pgd.pgd` (it also evaluates the loss
-  once more after the last step, for its loss history: ``steps + 1`` forwards);
+* ``project``: :func:`pipeline.attacks.pgd.pgd` with ``record_loss=False``, as
+  the evaluate stage and adversarial training call it (``steps`` forward/backward
+  passes, no final loss evaluation);
 * ``art``: ART's ``ProjectedGradientDescentPyTorch`` (numpy in and out, as its
   API takes; the conversions are part of its cost);
 * ``torchattacks``: ``torchattacks.PGD``, if importable (otherwise the line
@@ -101,7 +102,7 @@ def main() -> None:
 
     runs: dict[str, Callable[[], object] | str] = {
         "bare": bare,
-        "project": lambda: pgd(model, x, y, threat, generator=gen).x_adv,
+        "project": lambda: pgd(model, x, y, threat, generator=gen, record_loss=False).x_adv,
     }
 
     try:

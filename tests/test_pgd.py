@@ -66,6 +66,25 @@ def test_restarts_keep_the_worst_case_per_image():
         assert torch.allclose(attack_loss(model(res.x_adv), y, None), res.loss, atol=1e-4)
 
 
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_skipping_the_final_loss_pass_changes_nothing_but_the_loss_fields(norm):
+    """record_loss=False (what evaluation and adversarial training use) saves the
+    last forward pass only: same random start, same steps, same x_adv."""
+    torch.manual_seed(6)
+    model = build_model("resnet20", 10, (0.5,) * 3, (0.25,) * 3).eval()
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    threat = ThreatModel(norm=norm, eps=8 / 255 if norm == "linf" else 0.5, step_size=2 / 255, steps=3)
+    full = pgd(model, x, y, threat, generator=torch.Generator().manual_seed(7))
+    lean = pgd(model, x, y, threat, generator=torch.Generator().manual_seed(7), record_loss=False)
+    assert torch.equal(full.x_adv, lean.x_adv)
+    assert not torch.equal(full.x_adv, x)
+    assert lean.loss is None and lean.loss_history is None and lean.restart_losses is None
+    # with restarts the worst case needs the final losses, so they are measured anyway
+    two = pgd(model, x, y, ThreatModel(steps=2, restarts=2), generator=torch.Generator().manual_seed(7),
+              record_loss=False)
+    assert two.loss is not None and two.restart_losses.shape == (2, 8)
+
+
 def test_fgsm_is_the_signed_gradient_step():
     torch.manual_seed(4)
     model = build_model("resnet20", 10, (0.5,) * 3, (0.25,) * 3).eval()

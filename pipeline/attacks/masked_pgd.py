@@ -147,7 +147,7 @@ def accuracy_vs_k(
             correct = 0
             for s in range(0, len(x), batch_size):
                 xb, yb = x[s : s + batch_size], y[s : s + batch_size]
-                x_adv = pgd(model, xb, yb, threat, target, generator, mask=mask).x_adv
+                x_adv = pgd(model, xb, yb, threat, target, generator, mask=mask, record_loss=False).x_adv
                 with torch.no_grad():
                     correct += int((model(x_adv).argmax(1) == yb).sum())
             rows.append({"k": float(k), "which": which, "n_pixels": int(mask.sum()),
@@ -221,4 +221,5 @@ class MaskedPGDAttack(Attack):
         if tuple(rmap.shape) != tuple(x.shape[-2:]):
             raise ValueError(f"robustness_map {tuple(rmap.shape)} does not match the images' (H, W) {tuple(x.shape[-2:])}")
         mask = pixel_mask(rmap.to(x.device), self.params.k, self.params.which)
-        return pgd(model, x, y, self.params.threat_model(), self.params.target, generator, mask=mask).x_adv
+        return pgd(model, x, y, self.params.threat_model(), self.params.target, generator, mask=mask,
+                   record_loss=False).x_adv

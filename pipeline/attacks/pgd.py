@@ -191,12 +191,16 @@ class PGDResult:
         loss_history: float (restarts, steps + 1), mean objective over the batch
             at the start and after every iteration of each restart.
         restart_losses: float (restarts, N), the final objective of every restart.
+
+    ``loss``, ``loss_history`` and ``restart_losses`` are ``None`` when :func:`pgd`
+    ran with ``record_loss=False`` and one restart (the final forward pass that
+    would measure them is skipped).
     """
 
     x_adv: torch.Tensor
-    loss: torch.Tensor
-    loss_history: torch.Tensor
-    restart_losses: torch.Tensor
+    loss: torch.Tensor | None
+    loss_history: torch.Tensor | None
+    restart_losses: torch.Tensor | None
 
 
 def pgd(
@@ -207,6 +211,7 @@ def pgd(
     target: int | None = None,
     generator: torch.Generator | None = None,
     mask: torch.Tensor | None = None,
+    record_loss: bool = True,
 ) -> PGDResult:
     """Projected gradient ascent on :func:`attack_loss` within ``threat``'s ball.
 
@@ -226,6 +231,12 @@ def pgd(
         mask: optional binary mask, bool or float {0, 1}, broadcastable to ``x``
             ((H, W), (1, 1, H, W), (N, 1, H, W) ...): where it is 0 the image is
             left unchanged.
+        record_loss: measure the objective after the last step (one more forward
+            pass, without gradients) and the per-iteration loss history. With one
+            restart and ``record_loss=False`` that pass is skipped, so an attack
+            costs exactly ``steps`` forward/backward passes, and the result's loss
+            fields are ``None``. Several restarts always measure it (each image
+            keeps its worst restart).
 
     Returns:
         :class:`PGDResult` (tensors on ``x``'s device).
@@ -239,26 +250,39 @@ def pgd(
     x0 = x.detach()
     stepper = STEPS[threat.norm](x0, threat.eps, threat.step_size, check_mask(mask, x0))
     best_x, best_loss = x0.clone(), torch.full((len(x0),), -torch.inf, device=x0.device)
+    if threat.restarts == 1 and not record_loss:  # exactly ``steps`` forward/backward passes
+        xa = stepper.random_start(generator) if threat.random_start else x0
+        for _ in range(threat.steps):
+            xa = _ascent_step(model, xa, y, target, stepper)[0]
+        return PGDResult(xa, None, None, None)
     history, finals = [], []
     for _ in range(threat.restarts):
         xa = stepper.random_start(generator) if threat.random_start else x0.clone()
         curve = []
-        for it in range(threat.steps + 1):
-            xa.requires_grad_(True)
-            loss = attack_loss(model(xa), y, target)
-            curve.append(loss.detach().mean())
-            if it == threat.steps:
-                break
-            (grad,) = torch.autograd.grad(loss.sum(), xa)
-            with torch.no_grad():
-                xa = stepper.project(stepper.step(xa.detach(), grad))
-        final = loss.detach()
+        for _ in range(threat.steps):
+            xa, loss = _ascent_step(model, xa, y, target, stepper)
+            curve.append(loss.mean())
+        with torch.no_grad():
+            final = attack_loss(model(xa), y, target)
+        curve.append(final.mean())
         finals.append(final)
         history.append(torch.stack(curve))
         better = final > best_loss
-        best_x[better] = xa.detach()[better]
+        best_x[better] = xa[better]
         best_loss = torch.where(better, final, best_loss)
     return PGDResult(best_x, best_loss, torch.stack(history), torch.stack(finals))
+
+
+def _ascent_step(
+    model: nn.Module, xa: torch.Tensor, y: torch.Tensor, target: int | None, stepper: LinfStep | L2Step
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One PGD iteration from ``xa``: the projected step (detached) and the
+    per-image objective at ``xa`` (detached, float (N,))."""
+    xa = xa.detach().requires_grad_(True)
+    loss = attack_loss(model(xa), y, target)
+    (grad,) = torch.autograd.grad(loss.sum(), xa)
+    with torch.no_grad():
+        return stepper.project(stepper.step(xa.detach(), grad)), loss.detach()
 
 
 def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, target: int | None = None) -> torch.Tensor:
@@ -272,7 +296,7 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, target:
         float (N, C, H, W) in [0, 1].
     """
     threat = ThreatModel(norm="linf", eps=eps, step_size=eps, steps=1, random_start=False, restarts=1)
-    return pgd(model, x, y, threat, target).x_adv
+    return pgd(model, x, y, threat, target, record_loss=False).x_adv
 
 
 # --------------------------------------------------------------------------- registered attacks
@@ -366,4 +390,4 @@ class PGDAttack(Attack):
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The worst case over restarts, float (N, C, H, W) in [0, 1]; shapes as :meth:`Attack.perturb`."""
-        return pgd(model, x, y, self.params.threat_model(), self.params.target, generator).x_adv
+        return pgd(model, x, y, self.params.threat_model(), self.params.target, generator, record_loss=False).x_adv

@@ -91,4 +91,4 @@ def adversarial_examples(
         float (N, C, H, W) in [0, 1] with ``||x_adv - x||_inf <= eps``, detached.
     """
     with frozen_eval(model):
-        return pgd(model, x, y, threat, None, generator).x_adv.detach()
+        return pgd(model, x, y, threat, None, generator, record_loss=False).x_adv.detach()
