@@ -128,6 +128,9 @@ class TrainConfig(_Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     channels_last: bool = True
     eval_batch_size: int = Field(500, ge=1)
+    amp: bool | None = Field(
+        None, description="bf16 autocast of the training forward passes where the device runs bf16 natively "
+                          "(pipeline/precision.py); null or false: float32")
     adversarial: AdversarialTrainingParams | None = Field(
         None, description="train on PGD / FGSM-RS examples (Madry et al. 2018; Wong et al. 2020); null: clean")
 
@@ -225,6 +228,8 @@ class PatchConfig(_Strict):
     decay_epochs: list[int] = Field(default_factory=lambda: [5], description="halve the step at these epochs")
     batch_size: int = Field(80, ge=1)
     train_images: int | None = Field(10000, gt=0, description="images the patch is optimised on (null: all)")
+    amp: bool | None = Field(None, description="bf16 autocast of the patch optimisation's forward passes where "
+                                               "the device runs bf16 natively; null or false: float32")
     train_on: Literal["train", "test"] = Field(
         "train", description="'test' reproduces the FNC authors' CIFAR-10 code exactly"
     )

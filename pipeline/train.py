@@ -24,6 +24,7 @@ from pipeline.checkpoint import build_from_spec
 from pipeline.data.datasets import TensorImageDataset
 from pipeline.defenses.adversarial import AdversarialTrainingParams, adversarial_examples
 from pipeline.defenses.blurnet import blurnet_layers, blurnet_penalty
+from pipeline.precision import amp_dtype, autocast, precision_name
 
 
 def default_device() -> torch.device:
@@ -74,7 +75,9 @@ class Trainer:
         test: same, evaluated after every epoch.
         cfg: the ``train`` params section as a dict (epochs, batch_size, lr,
             momentum, nesterov, weight_decay, pct_start, label_smoothing,
-            channels_last, eval_batch_size).
+            channels_last, eval_batch_size, amp: bf16 autocast of the training forward
+            passes where the device supports it, :mod:`pipeline.precision`; the
+            adversarial examples and the test accuracy are computed in float32).
         seed: seeds initialisation and every epoch's order and augmentation.
         num_threads: torch intra-op threads (the CPUs this task was given).
         horizontal_flip: use flip augmentation (the dataset's ``DatasetInfo.horizontal_flip``).
@@ -93,6 +96,7 @@ class Trainer:
         torch.set_num_threads(max(1, num_threads))
         torch.manual_seed(seed)
         self.device = default_device()
+        self.amp_dtype = amp_dtype(self.device, cfg.get("amp", False))
         self.cfg, self.seed = cfg, seed
         self.memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
         self.model = build_from_spec(spec).to(self.device, memory_format=self.memory_format)
@@ -156,7 +160,8 @@ class Trainer:
             y = yb.to(self.device, non_blocking=True)
             if self.adversarial is not None:  # Madry et al. 2018: train on the batch under attack
                 x = adversarial_examples(self.model, x, y, self.adversarial.threat_model(), gen)
-            logits = self.model(x)
+            with autocast(self.device, self.amp_dtype):  # bf16 forward where enabled; loss in float32
+                logits = self.model(x).float()
             loss = F.cross_entropy(logits, y, label_smoothing=self.cfg["label_smoothing"])
             if penalised:  # BlurNet's L-inf / TV penalties (Raju and Lipasti 2019)
                 penalty = blurnet_penalty(self.model).to(loss.device)
@@ -185,6 +190,10 @@ class Trainer:
         if self.adversarial is not None and self.adversarial.eval_images > 0:
             out["test_robust_accuracy"] = self.held_out_robust_accuracy(epoch)
         return out
+
+    def precision(self) -> str:
+        """``"bf16-autocast"`` or ``"fp32"``: how the training forward passes run (``train.amp``)."""
+        return precision_name(self.amp_dtype)
 
     def held_out_robust_accuracy(self, epoch: int) -> float:
         """Accuracy on the first ``adversarial.eval_images`` test images under

@@ -104,9 +104,9 @@ def train_resumable(
         return new
 
     actor = start_actor(state["trainer"] if state else None)
-    node = ray.get(actor.node_id.remote())
+    node, precision = ray.get([actor.node_id.remote(), actor.precision.remote()])
     epochs = cfg["epochs"]
-    with stage_run(stage, experiment, section, {**tags, "node_id": node},
+    with stage_run(stage, experiment, section, {**tags, "node_id": node, "precision": precision},
                    run_id=state["mlflow_run_id"] if state else None) as run:
         bar = tqdm(range(start_epoch, epochs), initial=start_epoch, total=epochs, desc=desc, unit="epoch",
                    dynamic_ncols=True)

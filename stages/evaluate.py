@@ -42,6 +42,7 @@ import torch  # noqa: E402
 from pipeline.attacks.base import attack_params_class, build_attack  # noqa: E402
 from pipeline.attacks.patch import (  # noqa: E402
     corner_placements,
+    patch_cache_params,
     patch_side,
     patch_training_config,
     patch_training_images,
@@ -276,7 +277,7 @@ def _adaptive_patches(
     name, p = params.model.name, params.patch
     x, y = patch_training_images(*load_tensors(PREPARED / params.data.dataset, p.train_on), p.target,
                                  p.train_images, params.seed)
-    shared = p.model_dump(exclude={"attacks", "seeds"})
+    shared = patch_cache_params(p)
     out: dict[tuple[str, str], tuple[torch.Tensor, Any]] = {}
     jobs, files = [], {}
     for d in params.evaluate.defenses:

@@ -27,6 +27,7 @@ import torch  # noqa: E402
 
 from pipeline.attacks.patch import (  # noqa: E402
     apply_patch,
+    patch_cache_params,
     patch_side,
     patch_training_config,
     patch_training_images,
@@ -65,7 +66,7 @@ def main(params: Params) -> None:
              side, side, 100 * side * side / (h * w), h, w, p.attacks, p.target, p.location, len(x), p.seeds)
 
     ckpt_hash = sha256_file(Path("models") / name / "baseline.pt")
-    shared = p.model_dump(exclude={"attacks", "seeds"})
+    shared = patch_cache_params(p)
     base_key = {"patch": shared, "model": name, "weights": ckpt_hash, "seed": params.seed, "n_train": len(x)}
     jobs = [(a, s) for a in p.attacks for s in p.seeds]
 

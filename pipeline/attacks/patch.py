@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.precision import amp_dtype, autocast
+
 
 def patch_side(area_fraction: float, height: int, width: int) -> int:
     """Side in pixels of a square patch covering ``area_fraction`` of an H x W image:
@@ -215,7 +217,9 @@ class PatchTrainingConfig:
     ``step_size`` is in pixel units of [0, 1]; ``decay_epochs`` halve it;
     ``attack`` picks the loss (:func:`patch_loss`); ``location`` is
     ``"random"`` (a fresh placement per image and step, EOT) or ``"fixed"``
-    (bottom-right corner, :func:`corner_placements`).
+    (bottom-right corner, :func:`corner_placements`); ``amp`` runs the forward
+    passes in bf16 autocast where the device supports it (:mod:`pipeline.precision`;
+    the patch and its gradient stay float32).
     """
 
     side: int
@@ -228,6 +232,7 @@ class PatchTrainingConfig:
     batch_size: int = 80
     rotation_deg: float = 0.0
     scale_range: tuple[float, float] = (1.0, 1.0)
+    amp: bool = False
 
 
 def train_universal_patch(
@@ -263,6 +268,7 @@ def train_universal_patch(
     model = model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    dtype = amp_dtype(device, cfg.amp)
     gen = torch.Generator().manual_seed(seed)
     patch = torch.zeros(3, cfg.side, cfg.side, device=device)  # zero start, as the authors
     n, _, h, w = images.shape
@@ -283,7 +289,9 @@ def train_universal_patch(
                 pl = sample_placements(len(idx), (h, w), cfg.side, rotation_deg=cfg.rotation_deg,
                                        scale_range=cfg.scale_range, generator=gen)
             patch.requires_grad_(True)
-            loss = patch_loss(model(apply_patch(x, patch, pl)), y, cfg.target, cfg.attack)
+            with autocast(device, dtype):
+                logits = model(apply_patch(x, patch, pl)).float()
+            loss = patch_loss(logits, y, cfg.target, cfg.attack)
             (grad,) = torch.autograd.grad(loss, patch)
             with torch.no_grad():
                 patch = (patch - step * grad.sign()).clamp_(0, 1)
@@ -322,8 +330,15 @@ def patch_training_config(patch: Any, side: int, attack: str) -> PatchTrainingCo
     return PatchTrainingConfig(
         side=side, attack=attack, location=patch.location, target=patch.target, epochs=patch.epochs,
         step_size=patch.step_size, decay_epochs=tuple(patch.decay_epochs), batch_size=patch.batch_size,
-        rotation_deg=patch.rotation, scale_range=(patch.scale_min, patch.scale_max),
+        rotation_deg=patch.rotation, scale_range=(patch.scale_min, patch.scale_max), amp=bool(patch.amp),
     )
+
+
+def patch_cache_params(patch: Any) -> dict[str, Any]:
+    """The ``patch`` params a trained patch depends on, for its cache key: all but
+    ``attacks`` and ``seeds`` (each patch is keyed by its own attack and seed), and
+    ``amp`` only when set (so that keys from before it existed stay valid)."""
+    return patch.model_dump(exclude={"attacks", "seeds"} | ({"amp"} if patch.amp is None else set()))
 
 
 def patch_training_images(
