@@ -449,8 +449,10 @@ class Params(_Strict):
     @model_validator(mode="after")
     def _defenses_defined(self) -> Params:
         known = ["none", *self.defended]
-        for where, names in (("evaluate.defenses", self.evaluate.defenses), ("rp2.defenses", self.rp2.defenses),
-                             ("analysis.defenses", self.analysis.defenses)):
+        checked = [("evaluate.defenses", self.evaluate.defenses), ("analysis.defenses", self.analysis.defenses)]
+        if self.rp2.enabled:  # a disabled rp2 section keeps its defaults, whatever `defended` lists
+            checked.append(("rp2.defenses", self.rp2.defenses))
+        for where, names in checked:
             bad = [d for d in names if d not in known]
             if bad:
                 raise ValueError(f"{where}: unknown defense {bad[0]!r}; choose from {known} "

@@ -22,10 +22,23 @@ def write(tmp_path: Path, mutate) -> Path:
     return path
 
 
-@pytest.mark.parametrize("profile", ["params.yaml", "params/smoke.yaml", "params/full.yaml"])
+PROFILES = ["params.yaml", *sorted(str(f.relative_to(ROOT)) for f in (ROOT / "params").glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("profile", PROFILES)
 def test_shipped_profiles_are_valid(profile):
     p = load_params(ROOT / profile)
     assert p.fnc.alpha > 0 and 0 < p.patch.area_fraction < 1
+    assert p.profile == Path(profile).stem or profile == "params.yaml"  # the MLflow tag names the file
+    for name in p.defended:  # every defended model's section is there and valid
+        p.defended_config(name)
+
+
+@pytest.mark.parametrize("profile", [f for f in PROFILES if "smoke" not in f and "full" not in f and f != "params.yaml"])
+def test_paper_profiles_state_their_compute_cost_and_how_to_run(profile):
+    head = (ROOT / profile).read_text().split("\nprofile:")[0]
+    assert "Compute" in head or "Cost" in head
+    assert f"cp {profile} params.yaml" in head
 
 
 def test_fraction_strings_are_budgets():
