@@ -169,8 +169,11 @@ def _pixel_robustness(results, out_dir: Path, params: Params, specs, inputs) -> 
                  f"{params.analysis.steps} steps", fontsize=10)
     fig.tight_layout()
     save_figure(fig, out_dir / "pixel_robustness.png")
-    return {f"{d}.{w}_k{k:g}.accuracy": float(v) for (d, w, k), v in
-            df.set_index(["defense", "which", "k"])["accuracy"].items()}
+    metrics = {f"{d}.{w}_k{k:g}.accuracy": float(v) for (d, w, k), v in
+               df.set_index(["defense", "which", "k"])["accuracy"].items()}
+    # PRM's metric (Hwang et al. 2019): IoU of the top gradient pixels with the designated set
+    metrics.update({f"{d}.prm_iou": r["prm_iou"] for d, r in results.items() if r.get("prm_iou") is not None})
+    return metrics
 
 
 def _loss_landscape(results, out_dir: Path, params: Params, specs, inputs) -> dict:

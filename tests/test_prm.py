@@ -89,3 +89,24 @@ def test_designated_iou_bounds():
     assert designated_iou((~mask).float(), mask) == 0.0
     with pytest.raises(ValueError, match="prm.lam"):
         parse_defense({"name": "prm", "lam": 1.5})
+
+
+def test_prm_iou_measures_the_training_set_even_when_the_defense_redraws_it():
+    """lambda 1 zeroes the gradient outside the designated set: the IoU with the set the
+    network was trained with is exactly 1, although inference re-draws the set (the map
+    is measured with the training set held fixed, then the layer is restored)."""
+    from pipeline.defenses.prm import prm_iou
+
+    model, layer = prm_model(lam=1.0, randomize=True)
+    x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    assert prm_iou(model, x, y, batch_size=8) == pytest.approx(1.0)
+    assert layer.randomize is True
+    with torch.no_grad():
+        model(x)  # the first draw of the layer's generator is the training set ...
+        model(x)
+    drawn = layer.mask.clone()  # ... later ones are re-draws (the defense)
+    assert not torch.equal(drawn, layer.training_mask(32, 32))
+    # the map averaged over re-drawn sets overlaps the training set only by chance
+    rmap = pixel_robustness_map(model, x, y, batch_size=8)
+    assert designated_iou(rmap, layer.training_mask(32, 32)) < 0.5
+    assert prm_iou(build_model("resnet20", 10, MEAN, STD).eval(), x, y) is None

@@ -67,7 +67,10 @@ def analyse_model(name: str, model: torch.nn.Module, inputs: dict[str, Any], cfg
         for which in ("top", "bottom"):
             rows += accuracy_vs_k(model, x, y, rmap, cfg["ks"], threat, which, batch_size=cfg["batch_size"],
                                   generator=torch.Generator().manual_seed(0))
-        return {"map": rmap.cpu(), "curve": rows}
+        from pipeline.defenses.prm import prm_iou
+
+        iou = prm_iou(model, _float(inputs["x_fit"]), inputs["y_fit"], cfg["batch_size"])  # None without PRM
+        return {"map": rmap.cpu(), "curve": rows, "prm_iou": iou}
     if name == "loss_landscape":
         from pipeline.analysis.landscape import pgd_loss_landscape
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from pipeline.defenses.base import DefenseParams, register_defense
 
-__all__ = ["PRMConv", "PRMParams", "designated_iou", "designated_mask", "insert_prm"]
+__all__ = ["PRMConv", "PRMParams", "designated_iou", "designated_mask", "insert_prm", "prm_iou"]
 
 
 def designated_mask(height: int, width: int, fraction: float, generator: torch.Generator) -> torch.Tensor:
@@ -64,6 +64,7 @@ class PRMConv(nn.Module):
         if not 0 <= lam <= 1:
             raise ValueError(f"prm.lam must be in [0, 1], got {lam}")
         self.conv, self.fraction, self.lam, self.randomize = conv, float(fraction), float(lam), bool(randomize)
+        self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(seed)
         self.mask: torch.Tensor | None = None
 
@@ -77,6 +78,11 @@ class PRMConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weights(x.shape[-2], x.shape[-1], x.device).to(x.dtype)
         return self.conv(x * w)
+
+    def training_mask(self, height: int, width: int) -> torch.Tensor:
+        """The designated set the network was trained with, bool (H, W): the first draw
+        of a generator seeded with ``seed`` (training keeps it; it is not in the state dict)."""
+        return designated_mask(height, width, self.fraction, torch.Generator().manual_seed(self.seed))
 
     def extra_repr(self) -> str:
         return f"fraction={self.fraction}, lam={self.lam}, randomize={self.randomize}"
@@ -139,3 +145,32 @@ def designated_iou(robustness_map: torch.Tensor, mask: torch.Tensor) -> float:
     top[robustness_map.flatten().topk(k).indices] = True
     m = mask.flatten().cpu()
     return float((top & m).sum()) / float((top | m).sum())
+
+
+def prm_iou(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 250) -> float | None:
+    """The paper's PRM metric for a model: IoU between the top pixels of its pixel
+    robustness map and the designated set it was trained with (Hwang et al. 2019, Section 3).
+
+    The map is measured with that set held fixed (re-drawing it at every inference, the
+    defense, would average the map over random sets); the layer's settings are restored.
+
+    Args:
+        model: a network with a :class:`PRMConv` (the first one is measured).
+        x: float (N, C, H, W) in [0, 1]; y: int64 (N,).
+
+    Returns:
+        The IoU in [0, 1], or ``None`` when the model has no PRM layer.
+    """
+    from pipeline.attacks.masked_pgd import pixel_robustness_map
+
+    layer = next((m for m in model.modules() if isinstance(m, PRMConv)), None)
+    if layer is None:
+        return None
+    mask = layer.training_mask(x.shape[-2], x.shape[-1])
+    saved = layer.randomize, layer.mask
+    layer.randomize, layer.mask = False, mask
+    try:
+        rmap = pixel_robustness_map(model, x, y, batch_size)
+    finally:
+        layer.randomize, layer.mask = saved
+    return designated_iou(rmap, mask)
