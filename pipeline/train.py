@@ -4,7 +4,11 @@
 decay) under a one-cycle learning-rate schedule (Smith and Topin 2019) and the
 standard CIFAR augmentation (random crop with 4-pixel zero padding, horizontal
 flip; He et al. 2016, Section 4.2) done with ``torchvision.transforms.v2`` on
-uint8 tensors. It runs one epoch per call so that the caller (the stage,
+uint8 tensors on the CPU; on a GPU the uint8 training set is held on the device and
+augmented there a batch at a time (:func:`batch_crop_flip`, the same transforms), so
+training is not bound by the host. Mixed precision: ``train.amp``
+(:mod:`pipeline.precision`). The epoch's loss and accuracy are summed on the device
+and read once an epoch (no per-step synchronisation). It runs one epoch per call so that the caller (the stage,
 through a Ray actor) can checkpoint, log and resume between epochs; each epoch
 is seeded by ``(seed, epoch)``, so a resumed run repeats exactly what an
 uninterrupted one would have done.
@@ -32,12 +36,51 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def cifar_augmentation(image_size: int = 32, padding: int = 4, horizontal_flip: bool = True) -> v2.Compose:
+CROP_PADDING = 4
+"""Zero padding of the random-crop augmentation, pixels (He et al. 2016, Section 4.2)."""
+
+
+def cifar_augmentation(image_size: int = 32, padding: int = CROP_PADDING, horizontal_flip: bool = True) -> v2.Compose:
     """Random crop with zero padding and (unless ``horizontal_flip`` is False, as for
     traffic signs, whose mirror image can be another class) a horizontal flip, on one
     uint8 (3, H, W) tensor."""
     crop = [v2.RandomCrop(image_size, padding=padding)]
     return v2.Compose(crop + [v2.RandomHorizontalFlip()] if horizontal_flip else crop)
+
+
+def batch_crop_flip(
+    x: torch.Tensor, padding: int, horizontal_flip: bool, generator: torch.Generator
+) -> torch.Tensor:
+    """The augmentation of :func:`cifar_augmentation` for a whole batch at once, on its device.
+
+    Each image gets its own random crop of the zero-padded image (offsets uniform in
+    ``[0, 2 * padding]``, as ``v2.RandomCrop(padding=...)``) and, if ``horizontal_flip``,
+    a flip with probability 1/2 (as ``v2.RandomHorizontalFlip``), by one gather: no
+    Python loop over images, no host-device copy of the images. Used where the training
+    data lives on a GPU; the draws come from the CPU ``generator`` (reproducible on any
+    device). Matches ``torchvision.transforms.v2.functional`` ``pad``, ``crop`` and
+    ``horizontal_flip`` image for image (tested).
+
+    Args:
+        x: uint8 (N, C, H, W), any device.
+        padding: zero padding on each side, pixels (>= 0).
+        horizontal_flip: flip half of the images, at random.
+        generator: CPU generator of the offsets and flips.
+
+    Returns:
+        uint8 (N, C, H, W) on ``x``'s device.
+    """
+    n, c, h, w = x.shape
+    top = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    left = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    flip = torch.rand(n, generator=generator) < 0.5 if horizontal_flip else torch.zeros(n, dtype=torch.bool)
+    rows = (top[:, None] + torch.arange(h)).to(x.device)  # (N, H) rows of the padded image
+    cols = left[:, None] + torch.arange(w)
+    cols = torch.where(flip[:, None], cols.flip(1), cols).to(x.device)  # (N, W), reversed where flipped
+    padded = F.pad(x, (padding, padding, padding, padding))
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    channel = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
 
 
 def iterate_batches(
@@ -104,6 +147,12 @@ class Trainer:
         image_size = train[0].shape[-1]
         augment = cifar_augmentation(image_size, horizontal_flip=horizontal_flip)
         self.train_set: Dataset = TensorImageDataset(*train, transform=augment)
+        self.horizontal_flip = horizontal_flip
+        # on a GPU the uint8 training set lives on the device and is augmented there in
+        # batches (batch_crop_flip), so training is not bound by the host; on the CPU a
+        # DataLoader applies torchvision's v2 transforms image by image
+        self.train_on_device = (train[0].to(self.device), train[1].to(self.device)) \
+            if self.device.type != "cpu" else None
         self.test = test
         steps_per_epoch = -(-len(self.train_set) // cfg["batch_size"])
         warmup = cfg["pct_start"] * cfg["epochs"] * steps_per_epoch
@@ -139,14 +188,6 @@ class Trainer:
             FloatingPointError: the epoch's loss is not finite (training diverged); the
                 message names the learning rate to lower.
         """
-        torch.manual_seed(self.seed * 100_003 + epoch)  # augmentation RNG of this epoch
-        loader = DataLoader(
-            self.train_set,
-            batch_size=self.cfg["batch_size"],
-            shuffle=True,
-            drop_last=False,
-            generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch),
-        )
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         penalty_sum = torch.zeros((), device=self.device)
@@ -155,9 +196,8 @@ class Trainer:
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
         seen = 0
         lr = self.sched.get_last_lr()[0]
-        for xb, yb in loader:
-            x = xb.to(self.device, non_blocking=True).float().div_(255).contiguous(memory_format=self.memory_format)
-            y = yb.to(self.device, non_blocking=True)
+        for xb, y in self._epoch_batches(epoch):
+            x = xb.float().div_(255).contiguous(memory_format=self.memory_format)
             if self.adversarial is not None:  # Madry et al. 2018: train on the batch under attack
                 x = adversarial_examples(self.model, x, y, self.adversarial.threat_model(), gen)
             with autocast(self.device, self.amp_dtype):  # bf16 forward where enabled; loss in float32
@@ -190,6 +230,25 @@ class Trainer:
         if self.adversarial is not None and self.adversarial.eval_images > 0:
             out["test_robust_accuracy"] = self.held_out_robust_accuracy(epoch)
         return out
+
+    def _epoch_batches(self, epoch: int):
+        """Yield this epoch's augmented batches, uint8 (B, C, H, W) and int64 (B,) on the
+        device, in an order and with augmentations seeded by ``(seed, epoch)``."""
+        seed = self.seed * 100_003 + epoch
+        bs = self.cfg["batch_size"]
+        if self.train_on_device is not None:
+            x, y = self.train_on_device
+            order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed)).to(self.device)
+            gen = torch.Generator().manual_seed(seed + 1)
+            for s in range(0, len(x), bs):
+                idx = order[s : s + bs]
+                yield batch_crop_flip(x[idx], CROP_PADDING, self.horizontal_flip, gen), y[idx]
+            return
+        torch.manual_seed(seed)  # the v2 transforms draw from torch's global RNG
+        loader = DataLoader(self.train_set, batch_size=bs, shuffle=True, drop_last=False,
+                            generator=torch.Generator().manual_seed(seed))
+        for xb, yb in loader:
+            yield xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
 
     def precision(self) -> str:
         """``"bf16-autocast"`` or ``"fp32"``: how the training forward passes run (``train.amp``)."""

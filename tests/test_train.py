@@ -8,7 +8,7 @@ from pipeline.checkpoint import build_from_spec, model_spec
 from pipeline.defenses.adjust import final_linear, finetune_classifier, recalibrate_batchnorm
 from pipeline.defenses.fnc import insert_fnc
 from pipeline.io import load_torch, save_torch
-from pipeline.train import Trainer, iterate_batches
+from pipeline.train import Trainer, batch_crop_flip, iterate_batches
 
 CFG = {"epochs": 3, "batch_size": 32, "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
        "pct_start": 0.3, "label_smoothing": 0.0, "channels_last": True, "eval_batch_size": 64}
@@ -80,3 +80,44 @@ def test_a_diverging_run_stops_with_the_param_to_change():
                       seed=0)
     with pytest.raises(FloatingPointError, match="lower train.lr"):
         trainer.run_epoch(0)
+
+
+def test_batched_augmentation_matches_torchvision_image_for_image():
+    """The on-device augmentation (GPU training) is torchvision's pad + crop + flip,
+    with per-image offsets and flips drawn from the generator."""
+    from torchvision.transforms.v2 import functional as TF
+
+    x = torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8)
+    out = batch_crop_flip(x, 4, True, torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)  # the same draws, in the same order
+    top, left = torch.randint(0, 9, (24,), generator=g), torch.randint(0, 9, (24,), generator=g)
+    flip = torch.rand(24, generator=g) < 0.5
+    assert 0 < int(flip.sum()) < 24
+    for i in range(24):
+        ref = TF.crop(TF.pad(x[i], [4]), int(top[i]), int(left[i]), 32, 32)
+        assert torch.equal(out[i], TF.horizontal_flip(ref) if flip[i] else ref)
+    assert torch.equal(batch_crop_flip(x, 0, False, torch.Generator()), x)  # nothing to do: identity
+
+
+def test_on_device_data_path_trains_and_resumes_exactly(tmp_path):
+    """The GPU data path (the uint8 set held on the device, batches augmented there),
+    exercised on the CPU: it learns, and a resumed run repeats an uninterrupted one."""
+    train, test = data(), data(32, seed=1)
+
+    def trainer():
+        t = Trainer(spec(), train, test, CFG, seed=0)
+        t.train_on_device = train  # what a GPU device gets
+        return t
+
+    straight = trainer()
+    hist = [straight.run_epoch(e) for e in range(3)]
+    first = trainer()
+    first.run_epoch(0)
+    save_torch(first.state(), tmp_path / "last.pt")
+    resumed = trainer()
+    resumed.load_state(load_torch(tmp_path / "last.pt"))
+    resumed.run_epoch(1)
+    resumed.run_epoch(2)
+    a, b = straight.model_state_dict(), resumed.model_state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
