@@ -138,3 +138,63 @@ def log_metrics(metrics: Mapping[str, Any], step: int | None = None, prefix: str
     }
     if flat:
         mlflow.log_metrics(flat, step=step)
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_store_uri: str, workdir: Path, artifacts: Path | None = None,
+                  timeout_s: float = 120.0) -> Iterator[str]:
+    """Run ``mlflow server`` on a free port of 127.0.0.1 for the duration of the block.
+
+    The server runs in its own process group (a new session); leaving the block stops
+    that group, and nothing else.
+
+    Args:
+        backend_store_uri: its run store, e.g. ``sqlite:///<path>/mlflow.db``.
+        workdir: its working folder; ``server.log`` is written there.
+        artifacts: where it stores uploaded artifacts (``--artifacts-destination``); None:
+            MLflow's default under ``workdir``.
+        timeout_s: how long to wait for ``/health`` to answer.
+
+    Yields:
+        The tracking URI ``http://127.0.0.1:<port>``.
+
+    Raises:
+        RuntimeError: the server exited or did not answer within ``timeout_s`` (the end
+            of its log in the message).
+    """
+    import signal
+    import sys
+    import time
+    import urllib.request
+
+    from pipeline.local_cluster import free_port
+
+    port = free_port()
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1", "--backend-store-uri", backend_store_uri]
+    if artifacts is not None:
+        cmd += ["--artifacts-destination", str(artifacts)]
+    logfile = Path(workdir) / "server.log"
+    with logfile.open("wb") as out:
+        proc = subprocess.Popen(cmd, cwd=workdir, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server did not start:\n{logfile.read_text(errors='replace')[-3000:]}")
+            time.sleep(1)
+        yield uri
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # the group started here, nothing else
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)

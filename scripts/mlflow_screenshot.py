@@ -15,14 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -30,12 +26,7 @@ from pathlib import Path
 import mlflow
 
 from pipeline.config import load_params
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from pipeline.tracking import mlflow_server
 
 
 def main() -> None:
@@ -55,34 +46,20 @@ def main() -> None:
     latest: dict[str, str] = {}
     for r in client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=500):
         latest.setdefault(r.data.tags.get("stage", "?"), r.info.run_id)
-    port = _free_port()
-    workdir = tempfile.mkdtemp(prefix="mlflow-shot")
-    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port",
-                               str(port), "--workers", "1", "--backend-store-uri", args.store],
-                              cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+    workdir = Path(tempfile.mkdtemp(prefix="mlflow-shot"))
     try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(1)
-        runs = urllib.parse.quote(json.dumps(sorted(latest.values())))
-        exps = urllib.parse.quote(json.dumps([exp.experiment_id]))
-        url = f"{base}/#/compare-runs?runs={runs}&experiments={exps}"
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                        f"--window-size={args.size}", "--virtual-time-budget=20000",
-                        f"--screenshot={args.out.resolve()}", url], check=True, timeout=180,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=workdir)
+        with mlflow_server(args.store, workdir) as base:
+            runs = urllib.parse.quote(json.dumps(sorted(latest.values())))
+            exps = urllib.parse.quote(json.dumps([exp.experiment_id]))
+            url = f"{base}/#/compare-runs?runs={runs}&experiments={exps}"
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                            f"--window-size={args.size}", "--virtual-time-budget=20000",
+                            f"--screenshot={args.out.resolve()}", url], check=True, timeout=180,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=workdir)
         print(f"{args.out} ({len(latest)} runs: {', '.join(sorted(latest))})")
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
         shutil.rmtree(workdir, ignore_errors=True)
-
 
 if __name__ == "__main__":
     main()

@@ -6,18 +6,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pipeline.local_cluster import free_port
+from pipeline import tracking
 
 os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -66,33 +63,11 @@ def mlflow_server(tmp_path_factory):
     """A real ``mlflow server`` on a free port of 127.0.0.1, with its own SQLite store and
     artifact folder; stopped at the end by the process group it was started in."""
     folder = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-         "--artifacts-destination", str(folder / "artifacts")],
-        cwd=folder, stdout=open(folder / "server.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-            pytest.fail(f"mlflow server did not start:\n{(folder / 'server.log').read_text()[-3000:]}")
-        time.sleep(1)
-    yield uri
-    os.killpg(proc.pid, signal.SIGTERM)  # the group this fixture started, nothing else
     try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        with tracking.mlflow_server(f"sqlite:///{folder / 'mlflow.db'}", folder, folder / "artifacts") as uri:
+            yield uri
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 def _write_profile(work: Path, profile: str) -> dict:
