@@ -26,20 +26,26 @@ def spec():
     return model_spec("resnet20", 10, [0.5] * 3, [0.25] * 3, None)
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
-    train, test = data(), data(32, seed=1)
-    straight = Trainer(spec(), train, test, CFG, seed=0)
+def check_resume_repeats_an_uninterrupted_run(make_trainer, path):
+    """Three epochs straight, and one epoch + checkpoint + two epochs resumed: same
+    weights; and the loss fell."""
+    straight = make_trainer()
     hist = [straight.run_epoch(e) for e in range(3)]
-    first = Trainer(spec(), train, test, CFG, seed=0)
+    first = make_trainer()
     first.run_epoch(0)
-    save_torch(first.state(), tmp_path / "last.pt")
-    resumed = Trainer(spec(), train, test, CFG, seed=0)
-    resumed.load_state(load_torch(tmp_path / "last.pt"))
+    save_torch(first.state(), path)
+    resumed = make_trainer()
+    resumed.load_state(load_torch(path))
     resumed.run_epoch(1)
     resumed.run_epoch(2)
     a, b = straight.model_state_dict(), resumed.model_state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    train, test = data(), data(32, seed=1)
+    check_resume_repeats_an_uninterrupted_run(lambda: Trainer(spec(), train, test, CFG, seed=0), tmp_path / "last.pt")
 
 
 def test_bn_recalibration_sets_exact_batch_statistics():
@@ -109,15 +115,4 @@ def test_on_device_data_path_trains_and_resumes_exactly(tmp_path):
         t.train_on_device = train  # what a GPU device gets
         return t
 
-    straight = trainer()
-    hist = [straight.run_epoch(e) for e in range(3)]
-    first = trainer()
-    first.run_epoch(0)
-    save_torch(first.state(), tmp_path / "last.pt")
-    resumed = trainer()
-    resumed.load_state(load_torch(tmp_path / "last.pt"))
-    resumed.run_epoch(1)
-    resumed.run_epoch(2)
-    a, b = straight.model_state_dict(), resumed.model_state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+    check_resume_repeats_an_uninterrupted_run(trainer, tmp_path / "last.pt")
