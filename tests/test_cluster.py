@@ -29,6 +29,7 @@ from pipeline.local_cluster import LocalCluster
 
 pytestmark = pytest.mark.e2e
 CELLS = ["none", "advp", "occlusion"]  # the cells recomputed on the cluster
+EXPERIMENT = "cluster-test"  # on the same server as the smoke run, but not among its runs
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +48,16 @@ def _project(smoke_project, tmp_path: Path) -> Path:
     shutil.rmtree(work / ".cache" / "evaluate", ignore_errors=True)
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["evaluate"]["attacks"] = CELLS
+    params["mlflow"]["experiment"] = EXPERIMENT
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return work
 
 
-def _evaluate_runs(uri: str, experiment: str) -> list:
+def _evaluate_runs(uri: str) -> list:
     client = mlflow.MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(experiment)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    if exp is None:
+        return []
     runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
     return [r for r in runs if r.data.tags.get("stage") == "evaluate"]
 
@@ -66,15 +70,14 @@ def _same_numbers(got: dict, want: dict) -> None:
 
 def test_ray_address_puts_tasks_on_both_nodes(cluster, smoke_project, mlflow_server, tmp_path):
     work = _project(smoke_project, tmp_path)
-    experiment = smoke_project["params"]["mlflow"]["experiment"]
-    before = {r.info.run_id for r in _evaluate_runs(mlflow_server, experiment)}
+    before = {r.info.run_id for r in _evaluate_runs(mlflow_server)}
     env = {**smoke_project["env"], **{k: cluster.env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")},
            "RAY_ADDRESS": cluster.address, "MLFLOW_TRACKING_URI": mlflow_server, "PYTHONPATH": str(work)}
     proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "evaluate"], cwd=work, env=env,
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert f"joining Ray cluster at {cluster.address}" in proc.stderr
-    (run,) = [r for r in _evaluate_runs(mlflow_server, experiment) if r.info.run_id not in before]
+    (run,) = [r for r in _evaluate_runs(mlflow_server) if r.info.run_id not in before]
     assert len(run.data.tags["node_ids"].split(",")) == 2  # tasks landed on both nodes
     got = json.loads((work / "metrics" / "evaluate.json").read_text())["resnet20"]
     want = json.loads((smoke_project["dir"] / "metrics" / "evaluate.json").read_text())["resnet20"]
@@ -83,8 +86,7 @@ def test_ray_address_puts_tasks_on_both_nodes(cluster, smoke_project, mlflow_ser
 
 def test_ray_job_submit_runs_the_driver_on_the_head(cluster, smoke_project, mlflow_server, tmp_path):
     work = _project(smoke_project, tmp_path)
-    experiment = smoke_project["params"]["mlflow"]["experiment"]
-    before = {r.info.run_id for r in _evaluate_runs(mlflow_server, experiment)}
+    before = {r.info.run_id for r in _evaluate_runs(mlflow_server)}
     # the job gets no variables of this shell: the tracking server goes in the runtime env
     runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": "."},
                    "excludes": [".venv", "mlflow*.db", "mlruns"]}
@@ -109,7 +111,7 @@ def test_ray_job_submit_runs_the_driver_on_the_head(cluster, smoke_project, mlfl
     _same_numbers(got, want)
     lock = yaml.safe_load((copy / "dvc.lock").read_text())  # dvc.lock, too, is the job's copy's
     assert lock["stages"]["evaluate"]["params"]["params.yaml"]["evaluate"]["attacks"] == CELLS
-    (run,) = [r for r in _evaluate_runs(mlflow_server, experiment) if r.info.run_id not in before]
+    (run,) = [r for r in _evaluate_runs(mlflow_server) if r.info.run_id not in before]
     assert run.data.tags["attacks"] == ",".join(CELLS)  # the job logged to the same tracking server
     assert len(run.data.tags["node_ids"].split(",")) == 2
     assert os.environ.get("RAY_ADDRESS") is None  # nothing leaked into the test process
