@@ -22,51 +22,26 @@ Each is warmed up once, then timed ``--repeats`` times, the implementations
 taking turns (so that a change in the machine's load hits all alike); prints
 the median images per second and the ratios of its median wall time and
 median process CPU time to the bare loop's (on a shared CPU the CPU-time ratio
-is the steadier one; on a GPU read the wall-time ratio).
+is the steadier one; on a GPU read the wall-time ratio), as JSON on stdout
+(a table on stderr).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from timing import device_name, emit, interleaved_medians, machine, say
+
 from pipeline.attacks.pgd import ThreatModel, pgd
 from pipeline.data import DATASETS
 from pipeline.models import build_model
 
 TORCHATTACKS_INSTALL = "pip install --no-deps torchattacks==3.5.1"
-
-
-def time_once(fn: Callable[[], object], device: str) -> tuple[float, float]:
-    """Wall and process CPU seconds of one ``fn()`` call (CUDA synchronised)."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - wall, time.process_time() - cpu
-
-
-def interleaved_medians(
-    fns: dict[str, Callable[[], object]], repeats: int, device: str
-) -> dict[str, tuple[float, float]]:
-    """Median (wall, CPU) seconds of each function: one warm-up call each, then
-    ``repeats`` rounds calling every function once per round, so that a change
-    in the machine's load affects all of them alike."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[tuple[float, float]]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            times[k].append(time_once(fn, device))
-    return {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in times.items()}
 
 
 def main() -> None:
@@ -127,17 +102,25 @@ def main() -> None:
         ta_pgd = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
         runs["torchattacks"] = lambda: ta_pgd(x, y)
 
-    name = torch.cuda.get_device_name(dev) if dev.startswith("cuda") else f"cpu, {torch.get_num_threads()} threads"
-    print(f"PGD-{steps} L-inf, ResNet-20, batch {n}, median of {args.repeats} interleaved repeats, device {name}")
+    say(f"PGD-{steps} L-inf, ResNet-20, batch {n}, median of {args.repeats} interleaved repeats, "
+        f"device {device_name(dev)}")
     timed = interleaved_medians({k: v for k, v in runs.items() if not isinstance(v, str)}, args.repeats, dev)
     bare_wall, bare_cpu = timed["bare"]
+    result: dict = {"benchmark": "pgd", "steps": steps, "batch": n, "eps": eps, "step_size": alpha,
+                    "device": device_name(dev), "machine": machine(), "repeats": args.repeats, "implementations": {}}
     for label, run in runs.items():
         if isinstance(run, str):
-            print(f"{label:13s} skipped: {run}")
+            say(f"{label:13s} skipped: {run}")
+            result["implementations"][label] = f"skipped: {run}"
             continue
         wall, cpu = timed[label]
-        print(f"{label:13s} {n / wall:9.1f} img/s  {wall * 1000:9.1f} ms/batch  ratio to bare: wall {wall / bare_wall:5.2f}x"
-              f"  process CPU time {cpu / bare_cpu:5.2f}x")
+        result["implementations"][label] = {"images_per_s": round(n / wall, 1), "ms_per_batch": round(wall * 1000, 2),
+                                            "wall_ratio_to_bare": round(wall / bare_wall, 3),
+                                            "cpu_ratio_to_bare": round(cpu / bare_cpu, 3)}
+        say(f"{label:13s} {n / wall:9.1f} img/s  {wall * 1000:9.1f} ms/batch  ratio to bare: wall {wall / bare_wall:5.2f}x"
+            f"  process CPU time {cpu / bare_cpu:5.2f}x")
+    emit(result)
+
 
 if __name__ == "__main__":
     main()
