@@ -27,12 +27,16 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def init_ray() -> dict[str, float]:
+def init_ray(num_cpus: int | None = None) -> dict[str, float]:
     """Connect to ``RAY_ADDRESS`` if set, else start a local Ray instance.
 
     The local instance binds to 127.0.0.1 (:func:`_loopback_only`), has the dashboard UI off, and keeps its
     session files under ``RAY_TMPDIR`` when that is set. Calling it twice is
     harmless.
+
+    Args:
+        num_cpus: CPUs of a local instance (default: all cores of this machine);
+            ignored when joining a cluster.
 
     Returns:
         The cluster's total resources (``{"CPU": 2.0, ...}``).
@@ -48,7 +52,7 @@ def init_ray() -> dict[str, float]:
             if os.environ.get("RAY_TMPDIR"):
                 kwargs["_temp_dir"] = os.environ["RAY_TMPDIR"]
             ray.init(
-                num_cpus=os.cpu_count(),
+                num_cpus=num_cpus or os.cpu_count(),
                 include_dashboard=False,
                 _node_ip_address="127.0.0.1",
                 log_to_driver=True,
