@@ -19,6 +19,10 @@ CACHE_ROOT = Path(".cache")
 """Resume state lives here, outside every stage's DVC ``outs`` (which
 ``dvc repro`` deletes before a stage runs)."""
 
+STAGE_STATS = CACHE_ROOT / "stage_stats"
+"""``<stage>.json`` per stage run (:func:`run_stage`): wall time, time computing on
+Ray, the driver's peak resident memory. Read by ``benchmarks/bench_pipeline.py``."""
+
 
 def setup_logging() -> None:
     """INFO-level, timestamped logs on stderr; quiet third-party loggers."""
@@ -51,11 +55,41 @@ def run_stage(name: str, main: Callable[..., dict | None], params_path: str = "p
     from pipeline.data.sources import DatasetError
 
     setup_logging()
-    start = time.perf_counter()
+    start, started_at = time.perf_counter(), time.time()
     try:
         params = load_params(params_path)
         main(params, **kwargs)
     except (ParamsError, DatasetError, FileNotFoundError) as exc:
         print(f"error: {name}: {exc}", file=sys.stderr)
         sys.exit(2)
-    log.info("%s finished in %.1f s", name, time.perf_counter() - start)
+    stats = stage_stats(name, started_at, time.perf_counter() - start)
+    log.info("%s finished in %.1f s (%.1f s of it computing on Ray; driver peak RSS %.0f MiB)", name,
+             stats["wall_seconds"], stats["compute_seconds"], stats["driver_peak_rss_mib"])
+
+
+def stage_stats(name: str, started_at: float, wall_seconds: float) -> dict[str, Any]:
+    """Write ``.cache/stage_stats/<name>.json`` and return it.
+
+    Fields: ``wall_seconds`` (the stage's ``main``, after the interpreter and imports
+    started), ``compute_seconds`` (seconds during which at least one Ray task or
+    training epoch of this stage was computing: the union of
+    :data:`pipeline.distributed.COMPUTE_INTERVALS`), ``task_seconds`` (their sum),
+    ``driver_peak_rss_mib`` (peak resident memory of this process, MiB, from
+    ``getrusage``), ``started_at`` (Unix time).
+    """
+    import resource
+
+    from pipeline.distributed import COMPUTE_INTERVALS, busy_seconds
+    from pipeline.io import save_json
+
+    stats = {
+        "stage": name,
+        "started_at": started_at,
+        "wall_seconds": round(wall_seconds, 3),
+        "compute_seconds": round(busy_seconds(COMPUTE_INTERVALS), 3),
+        "task_seconds": round(sum(end - start for start, end in COMPUTE_INTERVALS), 3),
+        "tasks": len(COMPUTE_INTERVALS),
+        "driver_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # KiB on Linux
+    }
+    save_json(stats, STAGE_STATS / f"{name}.json")
+    return stats

@@ -133,6 +133,9 @@ class TrainConfig(_Strict):
                           "(pipeline/precision.py); null or false: float32")
     adversarial: AdversarialTrainingParams | None = Field(
         None, description="train on PGD / FGSM-RS examples (Madry et al. 2018; Wong et al. 2020); null: clean")
+    workers: int | None = Field(
+        None, ge=1, description="data-parallel training workers (Ray Train TorchTrainer, DDP), each with "
+                                "resources.train_num_cpus CPUs and train_num_gpus GPUs; null or 1: one training actor")
 
 
 class ResourcesConfig(_Strict):
@@ -140,8 +143,9 @@ class ResourcesConfig(_Strict):
 
     num_cpus: float = Field(1.0, gt=0, description="CPUs per patch / evaluation task")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per patch / evaluation task (fractional allowed)")
-    train_num_cpus: float = Field(2.0, gt=0, description="CPUs of the training task (its torch threads)")
-    train_num_gpus: float = Field(0.0, ge=0)
+    train_num_cpus: float = Field(2.0, gt=0, description="CPUs of the training task, or of each data-parallel "
+                                                         "worker (train.workers): its torch threads")
+    train_num_gpus: float = Field(0.0, ge=0, description="GPUs of the training task, or of each data-parallel worker")
 
 
 class FNCConfig(_Strict):

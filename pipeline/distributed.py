@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -25,6 +26,34 @@ from tqdm.auto import tqdm  # noqa: E402
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
+
+COMPUTE_INTERVALS: list[tuple[float, float]] = []
+"""``(start, end)`` wall-clock times (``time.time()``, seconds) of the work this
+stage process ran on Ray: each task of :func:`ray_map` as measured inside the task,
+and each training epoch (:func:`record_compute`). Read by
+:func:`pipeline.cli.run_stage` for the stage's overhead figures."""
+
+
+def record_compute(start: float, end: float) -> None:
+    """Add one interval of remote computation (``time.time()`` seconds) to :data:`COMPUTE_INTERVALS`."""
+    COMPUTE_INTERVALS.append((start, end))
+
+
+def busy_seconds(intervals: Sequence[tuple[float, float]]) -> float:
+    """Length of the union of ``intervals`` (seconds during which at least one ran)."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def _timed_call(fn: Callable[[Any], R], item: Any) -> tuple[R, float, float]:
+    """``fn(item)`` with the wall-clock interval it took inside the worker."""
+    start = time.time()
+    result = fn(item)
+    return result, start, time.time()
 
 
 def init_ray(num_cpus: int | None = None) -> dict[str, float]:
@@ -122,10 +151,11 @@ def ray_map(
         Whatever ``fn`` raised, re-raised in the driver (as ``ray.exceptions.RayTaskError``).
     """
     init_ray()
-    remote = ray.remote(fn).options(
-        num_cpus=num_cpus, num_gpus=effective_gpus(num_gpus), max_retries=max_retries
+    remote = ray.remote(_timed_call).options(
+        num_cpus=num_cpus, num_gpus=effective_gpus(num_gpus), max_retries=max_retries,
+        name=getattr(fn, "__name__", "task"),
     )
-    refs = [remote.remote(item) for item in items]
+    refs = [remote.remote(fn, item) for item in items]
     index = {ref: i for i, ref in enumerate(refs)}
     results: list[Any] = [None] * len(refs)
     pending = list(refs)
@@ -133,7 +163,8 @@ def ray_map(
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             for ref in done:
-                results[index[ref]] = ray.get(ref)
+                results[index[ref]], start, end = ray.get(ref)
+                record_compute(start, end)
                 bar.update(1)
     return results
 

@@ -124,6 +124,20 @@ class Trainer:
         seed: seeds initialisation and every epoch's order and augmentation.
         num_threads: torch intra-op threads (the CPUs this task was given).
         horizontal_flip: use flip augmentation (the dataset's ``DatasetInfo.horizontal_flip``).
+        shard: ``(rank, world_size)`` of data-parallel training (Ray Train,
+            :mod:`pipeline.training_run`): with ``world_size > 1`` a
+            ``torch.distributed`` process group must exist; every worker draws the
+            same seeded epoch order, takes ``batch[rank::world_size]`` of each global
+            batch of ``batch_size`` images (a last global batch with fewer images
+            than workers is dropped), and ``DistributedDataParallel`` averages the
+            workers' gradients: the global batch's mean gradient when it splits
+            evenly, so the same ``lr`` applies (BatchNorm statistics are per worker,
+            as in plain DDP). Epoch metrics are
+            summed over workers; the test accuracy is measured by rank 0 only (NaN
+            on the others).
+
+    Raises:
+        ValueError: a bad ``shard``, or a one-cycle warm-up of exactly one step.
     """
 
     def __init__(
@@ -135,7 +149,11 @@ class Trainer:
         seed: int,
         num_threads: int = 1,
         horizontal_flip: bool = True,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
+        self.rank, self.world_size = shard
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"shard {shard}: need 0 <= rank < world_size")
         torch.set_num_threads(max(1, num_threads))
         torch.manual_seed(seed)
         self.device = default_device()
@@ -143,6 +161,13 @@ class Trainer:
         self.cfg, self.seed = cfg, seed
         self.memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
         self.model = build_from_spec(spec).to(self.device, memory_format=self.memory_format)
+        self.forward_model: nn.Module = self.model  # what the training step calls: DDP-wrapped when sharded
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.forward_model = DistributedDataParallel(
+                self.model, device_ids=[self.device] if self.device.type == "cuda" else None
+            )
         self.spec = spec
         image_size = train[0].shape[-1]
         augment = cifar_augmentation(image_size, horizontal_flip=horizontal_flip)
@@ -181,8 +206,9 @@ class Trainer:
         """Train one epoch, then evaluate on the test split.
 
         Returns:
-            ``{"train_loss", "train_accuracy", "test_accuracy", "lr"}`` (floats;
-            accuracies in [0, 1], ``lr`` the last learning rate used).
+            ``{"train_loss", "train_accuracy", "test_accuracy", "lr", "train_images"}``
+            (accuracies in [0, 1], ``lr`` the last learning rate used,
+            ``train_images`` the images trained on this epoch, over all workers).
 
         Raises:
             FloatingPointError: the epoch's loss is not finite (training diverged); the
@@ -201,7 +227,7 @@ class Trainer:
             if self.adversarial is not None:  # Madry et al. 2018: train on the batch under attack
                 x = adversarial_examples(self.model, x, y, self.adversarial.threat_model(), gen)
             with autocast(self.device, self.amp_dtype):  # bf16 forward where enabled; loss in float32
-                logits = self.model(x).float()
+                logits = self.forward_model(x).float()
             loss = F.cross_entropy(logits, y, label_smoothing=self.cfg["label_smoothing"])
             if penalised:  # BlurNet's L-inf / TV penalties (Raju and Lipasti 2019)
                 penalty = blurnet_penalty(self.model).to(loss.device)
@@ -215,20 +241,29 @@ class Trainer:
             loss_sum += loss.detach() * len(y)
             correct += (logits.detach().argmax(1) == y).sum()
             seen += len(y)
+        if self.world_size > 1:  # one all-reduce an epoch: the sums over every worker's shard
+            import torch.distributed as dist
+
+            sums = torch.stack([loss_sum.double(), penalty_sum.double(), correct.double(),
+                                torch.tensor(float(seen), dtype=torch.float64, device=self.device)])
+            dist.all_reduce(sums)
+            loss_sum, penalty_sum, correct, seen = sums[0], sums[1], sums[2], int(sums[3])
         if not torch.isfinite(loss_sum):  # checked once an epoch: no per-step host-device synchronisation
             raise FloatingPointError(f"training diverged in epoch {epoch + 1} (loss is {float(loss_sum)}): lower "
                                      f"train.lr (now {self.cfg['lr']}) or raise train.pct_start")
-        test_acc = accuracy(self.model, *self.test, batch_size=self.cfg["eval_batch_size"], device=self.device)
+        test_acc = accuracy(self.model, *self.test, batch_size=self.cfg["eval_batch_size"], device=self.device) \
+            if self.rank == 0 else float("nan")
         out = {
             "train_loss": float(loss_sum) / seen,
             "train_accuracy": float(correct) / seen,
             "test_accuracy": test_acc,
             "lr": float(lr),
+            "train_images": seen,
         }
         if penalised:
             out["train_penalty"] = float(penalty_sum) / seen
         if self.adversarial is not None and self.adversarial.eval_images > 0:
-            out["test_robust_accuracy"] = self.held_out_robust_accuracy(epoch)
+            out["test_robust_accuracy"] = self.held_out_robust_accuracy(epoch) if self.rank == 0 else float("nan")
         return out
 
     def _epoch_batches(self, epoch: int):
@@ -240,13 +275,15 @@ class Trainer:
             x, y = self.train_on_device
             order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed)).to(self.device)
             gen = torch.Generator().manual_seed(seed + 1)
-            for s in range(0, len(x), bs):
-                idx = order[s : s + bs]
+            for s in range(0, len(x) - self.world_size + 1, bs):  # sharded: no global batch smaller than the world
+                idx = order[s : s + bs][self.rank :: self.world_size]
                 yield batch_crop_flip(x[idx], CROP_PADDING, self.horizontal_flip, gen), y[idx]
             return
-        torch.manual_seed(seed)  # the v2 transforms draw from torch's global RNG
-        loader = DataLoader(self.train_set, batch_size=bs, shuffle=True, drop_last=False,
-                            generator=torch.Generator().manual_seed(seed))
+        torch.manual_seed(seed + self.rank)  # the v2 transforms draw from torch's global RNG
+        order = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(seed))
+        batches = [order[s : s + bs][self.rank :: self.world_size].tolist()  # this worker's part of each batch
+                   for s in range(0, len(order) - self.world_size + 1, bs)]
+        loader = DataLoader(self.train_set, batch_sampler=batches)
         for xb, yb in loader:
             yield xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
 

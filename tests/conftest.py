@@ -58,6 +58,22 @@ def stage_env(workdir: Path) -> dict[str, str]:
 
 
 
+@pytest.fixture
+def ray_local(monkeypatch):
+    """A private local Ray instance (2 CPUs, 127.0.0.1, its own temp dir), shut down after the test."""
+    import ray
+
+    from pipeline import distributed
+
+    tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths are length-limited
+    monkeypatch.setenv("RAY_TMPDIR", tmp)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    distributed.init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real ``mlflow server`` on a free port of 127.0.0.1, with its own SQLite store and
