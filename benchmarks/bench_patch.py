@@ -90,6 +90,49 @@ def bare_step(model: torch.nn.Module, x: torch.Tensor, patch: torch.Tensor, rota
     return (patch.detach() - STEP * grad.sign()).clamp_(0, 1)
 
 
+def implementations(model: torch.nn.Module, x_u8: torch.Tensor, y: torch.Tensor, dev: str, rotation: float,
+                    scale: tuple[float, float]) -> dict[str, Callable[[], object]]:
+    """One patch step of each implementation in one setting, as zero-argument callables."""
+    n = len(x_u8)
+    x = x_u8.float().div(255).to(dev)
+    cfg = PatchTrainingConfig(side=SIDE, target=TARGET, epochs=1, step_size=STEP, decay_epochs=(),
+                              batch_size=n, rotation_deg=rotation, scale_range=scale)
+    state = {"patch": torch.zeros(3, SIDE, SIDE, device=dev)}
+    bf16 = amp_dtype(dev, True)
+
+    def bare() -> None:
+        state.update(patch=bare_step(model, x, state["patch"], rotation, scale))
+
+    def bare_amp() -> None:
+        with autocast(dev, bf16):
+            bare()
+
+    runs: dict[str, Callable[[], object]] = {
+        "bare": bare,
+        "project": lambda: train_universal_patch(model, x_u8, y, cfg, seed=0, device=dev),
+    }
+    if bf16 is not None:
+        cfg_amp = dataclasses.replace(cfg, amp=True)
+        runs["bare_amp"] = bare_amp
+        runs["project_amp"] = lambda: train_universal_patch(model, x_u8, y, cfg_amp, seed=0, device=dev)
+    try:
+        from art.attacks.evasion import AdversarialPatchPyTorch
+        from art.estimators.classification import PyTorchClassifier
+    except ImportError:
+        return runs
+    clf = PyTorchClassifier(model=model, loss=torch.nn.CrossEntropyLoss(), input_shape=(3, IMAGE, IMAGE),
+                            nb_classes=10, clip_values=(0.0, 1.0), preprocessing=None,
+                            device_type="gpu" if dev.startswith("cuda") else "cpu")
+    base = SIDE / IMAGE  # ART scales its patch, resized to the image side, by this
+    art = AdversarialPatchPyTorch(clf, rotation_max=rotation, scale_min=base * scale[0], scale_max=base * scale[1],
+                                  learning_rate=STEP, max_iter=1, batch_size=n, patch_shape=(3, SIDE, SIDE),
+                                  patch_type="square", optimizer="pgd", targeted=True, verbose=False)
+    x_np = x.cpu().numpy()
+    y_np = np.eye(10, dtype=np.float32)[np.full(n, TARGET)]
+    runs["art"] = lambda: art.generate(x_np, y=y_np)
+    return runs
+
+
 def main() -> None:
     """Parse the arguments, time each implementation in each setting, print JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -108,47 +151,12 @@ def main() -> None:
     x_u8 = torch.randint(0, 256, (n, 3, IMAGE, IMAGE), dtype=torch.uint8)
     y = torch.randint(0, 10, (n,))
     y[y == TARGET] = (TARGET + 1) % 10
-    x = x_u8.float().div(255).to(dev)
-
-    try:
-        from art.attacks.evasion import AdversarialPatchPyTorch
-        from art.estimators.classification import PyTorchClassifier
-    except ImportError:
-        AdversarialPatchPyTorch = None  # noqa: N806
     result = {"benchmark": "patch_step", "batch": n, "patch_side": SIDE, "image": IMAGE, "device": device_name(dev),
               "machine": machine(), "repeats": args.repeats, "settings": {}}
     for setting, (rotation, scale) in SETTINGS.items():
-        cfg = PatchTrainingConfig(side=SIDE, target=TARGET, epochs=1, step_size=STEP, decay_epochs=(),
-                                  batch_size=n, rotation_deg=rotation, scale_range=scale)
-        state = {"patch": torch.zeros(3, SIDE, SIDE, device=dev)}
-        runs: dict[str, Callable[[], object]] = {
-            "bare": lambda r=rotation, s=scale: state.update(patch=bare_step(model, x, state["patch"], r, s)),
-            "project": lambda c=cfg: train_universal_patch(model, x_u8, y, c, seed=0, device=dev),
-        }
-        bf16 = amp_dtype(dev, True)
-        if bf16 is not None:
-            cfg_amp = dataclasses.replace(cfg, amp=True)
-
-            def bare_amp(r: float = rotation, s: tuple[float, float] = scale) -> None:
-                with autocast(dev, bf16):
-                    state.update(patch=bare_step(model, x, state["patch"], r, s))
-
-            runs["bare_amp"] = bare_amp
-            runs["project_amp"] = lambda c=cfg_amp: train_universal_patch(model, x_u8, y, c, seed=0, device=dev)
-        if AdversarialPatchPyTorch is not None:
-            clf = PyTorchClassifier(model=model, loss=torch.nn.CrossEntropyLoss(), input_shape=(3, IMAGE, IMAGE),
-                                    nb_classes=10, clip_values=(0.0, 1.0), preprocessing=None,
-                                    device_type="gpu" if dev.startswith("cuda") else "cpu")
-            base = SIDE / IMAGE
-            art = AdversarialPatchPyTorch(clf, rotation_max=rotation, scale_min=base * scale[0],
-                                          scale_max=base * scale[1], learning_rate=STEP, max_iter=1, batch_size=n,
-                                          patch_shape=(3, SIDE, SIDE), patch_type="square", optimizer="pgd",
-                                          targeted=True, verbose=False)
-            x_np = x.cpu().numpy()
-            y_np = np.eye(10, dtype=np.float32)[np.full(n, TARGET)]
-            runs["art"] = lambda a=art: a.generate(x_np, y=y_np)
+        runs = implementations(model, x_u8, y, dev, rotation, scale)
         timed = interleaved_medians(runs, args.repeats, dev)
-        rows = {}
+        rows: dict = {}
         for label, (wall, cpu) in timed.items():
             bare_wall, bare_cpu = timed["bare_amp" if label.endswith("_amp") else "bare"]  # same precision
             rows[label] = {"images_per_s": round(n / wall, 1), "ms_per_step": round(wall * 1000, 2),

@@ -34,7 +34,6 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from timing import device_name, emit, interleaved_medians, machine, say
 
 from pipeline.attacks.pgd import ThreatModel, pgd

@@ -26,7 +26,6 @@ second.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +52,45 @@ def workloads(device: str) -> list[tuple[str, str, bool, dict | None]]:
     return out
 
 
+def time_workload(arch: str, amp: bool, adversarial: dict | None, train: tuple, test: tuple, dev: str, batches: int,
+                  repeats: int) -> tuple[float, float]:
+    """Images per second of one Trainer epoch and of the bare loop of the same steps."""
+    info = DATASETS["cifar10"]
+    spec = model_spec(arch, 10, info.mean, info.std, None)
+    cfg = {**CFG, "epochs": 1000, "amp": amp, **({"adversarial": adversarial} if adversarial else {})}
+    trainer = Trainer(spec, train, test, cfg, seed=0, num_threads=torch.get_num_threads())
+    if trainer.device.type != torch.device(dev).type:
+        raise SystemExit(f"the Trainer chose {trainer.device}, not {dev}")
+    epoch = iter(range(1000))
+    model = build_from_spec(spec).to(dev, memory_format=torch.channels_last).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    xb = torch.rand(128, 3, 32, 32, device=dev).contiguous(memory_format=torch.channels_last)
+    yb = torch.randint(0, 10, (128,), device=dev)
+    dtype = amp_dtype(dev, amp)
+
+    def bare() -> None:
+        for _ in range(batches):
+            x = xb
+            if adversarial:  # PGD-10 from a random start, model frozen in eval mode, as adversarial_examples
+                model.eval()
+                x = (xb + torch.empty_like(xb).uniform_(-8 / 255, 8 / 255)).clamp(0, 1)
+                for _ in range(10):
+                    x.requires_grad_(True)
+                    (grad,) = torch.autograd.grad(F.cross_entropy(model(x), yb), x)
+                    x = torch.min(torch.max(x.detach() + 2 / 255 * grad.sign(), xb - 8 / 255), xb + 8 / 255)
+                    x = x.clamp(0, 1)
+                model.train()
+            with autocast(dev, dtype):
+                loss = F.cross_entropy(model(x).float(), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    timed = interleaved_medians({"bare": bare, "trainer": lambda: trainer.run_epoch(next(epoch))}, repeats, dev)
+    n = len(train[1])
+    return n / timed["trainer"][0], n / timed["bare"][0]
+
+
 def main() -> None:
     """Parse the arguments, time every workload, print JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -61,46 +99,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     dev, n = args.device, 128 * args.batches
-    info = DATASETS["cifar10"]
     g = torch.Generator().manual_seed(0)
     train = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g), torch.randint(0, 10, (n,), generator=g)
     test = train[0][:128], train[1][:128]
     result: dict = {"benchmark": "train", "images_per_epoch": n, "batch": 128, "device": device_name(dev),
                     "machine": machine(), "repeats": args.repeats, "workloads": {}}
     for label, arch, amp, adversarial in workloads(dev):
-        spec = model_spec(arch, 10, info.mean, info.std, None)
-        cfg = {**CFG, "epochs": 1000, "amp": amp, **({"adversarial": adversarial} if adversarial else {})}
-        trainer = Trainer(spec, train, test, cfg, seed=0, num_threads=torch.get_num_threads())
-        if str(trainer.device) != dev and not (dev == "cuda" and trainer.device.type == "cuda"):
-            raise SystemExit(f"the Trainer chose {trainer.device}, not {dev}")
-        epoch = iter(range(1000))
-        model = build_from_spec(spec).to(dev, memory_format=torch.channels_last).train()
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
-        xb = torch.rand(128, 3, 32, 32, device=dev).contiguous(memory_format=torch.channels_last)
-        yb = torch.randint(0, 10, (128,), device=dev)
-        dtype = amp_dtype(dev, amp)
-
-        def bare() -> None:
-            for _ in range(args.batches):
-                x = xb
-                if adversarial:  # PGD-10 from a random start, model frozen in eval mode, as adversarial_examples
-                    model.eval()
-                    x = (xb + torch.empty_like(xb).uniform_(-8 / 255, 8 / 255)).clamp(0, 1)
-                    for _ in range(10):
-                        x.requires_grad_(True)
-                        (grad,) = torch.autograd.grad(F.cross_entropy(model(x), yb), x)
-                        x = torch.min(torch.max(x.detach() + 2 / 255 * grad.sign(), xb - 8 / 255), xb + 8 / 255)
-                        x = x.clamp(0, 1)
-                    model.train()
-                with autocast(dev, dtype):
-                    loss = F.cross_entropy(model(x).float(), yb)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-
-        runs: dict[str, Callable[[], object]] = {"bare": bare, "trainer": lambda t=trainer, e=epoch: t.run_epoch(next(e))}
-        timed = interleaved_medians(runs, args.repeats, dev)
-        bare_ips, trainer_ips = n / timed["bare"][0], n / timed["trainer"][0]
+        trainer_ips, bare_ips = time_workload(arch, amp, adversarial, train, test, dev, args.batches, args.repeats)
         result["workloads"][label] = {"trainer_images_per_s": round(trainer_ips, 1), "bare_images_per_s": round(bare_ips, 1),
                                       "trainer_share_of_bare": round(trainer_ips / bare_ips, 3)}
         say(f"{label:22s} trainer {trainer_ips:8.1f} img/s  bare {bare_ips:8.1f} img/s  "

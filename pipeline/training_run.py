@@ -117,7 +117,8 @@ def train_resumable(
         bar = tqdm(range(start_epoch, epochs), initial=start_epoch, total=epochs, desc=desc, unit="epoch",
                    dynamic_ncols=True)
         trainer_state = state["trainer"] if state else None
-        for epoch, m, trainer_state, (t0, t1) in source.epochs(start_epoch, trainer_state):
+        for epoch, m, epoch_state, (t0, t1) in source.epochs(start_epoch, trainer_state):
+            trainer_state = epoch_state
             record_compute(t0, t1)
             m["epoch_seconds"] = t1 - t0
             if epoch == start_epoch:  # where it runs, once the workers have said

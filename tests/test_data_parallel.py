@@ -76,7 +76,7 @@ def test_shards_partition_every_global_batch(monkeypatch):
     finally:
         dist.destroy_process_group()
     assert len(full) == len(r0) == len(r1) == 4  # 100 images, batches of 32
-    for whole, a, b in zip(full, r0, r1):
+    for whole, a, b in zip(full, r0, r1, strict=True):
         assert sorted(a + b) == sorted(whole) and not set(a) & set(b)
         assert abs(len(a) - len(b)) <= 1
 
