@@ -114,8 +114,7 @@ def train_resumable(
     epochs = cfg["epochs"]
     with stage_run(stage, experiment, section, {**tags, "train_workers": str(workers)},
                    run_id=state["mlflow_run_id"] if state else None) as run:
-        bar = tqdm(range(start_epoch, epochs), initial=start_epoch, total=epochs, desc=desc, unit="epoch",
-                   dynamic_ncols=True)
+        bar = tqdm(initial=start_epoch, total=epochs, desc=desc, unit="epoch", dynamic_ncols=True)
         trainer_state = state["trainer"] if state else None
         for epoch, m, epoch_state, (t0, t1) in source.epochs(start_epoch, trainer_state):
             trainer_state = epoch_state
