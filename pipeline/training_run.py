@@ -133,7 +133,7 @@ def train_resumable(
             log.info("epoch %d/%d: loss %.4f, train acc %.4f, test acc %.4f%s (%.0f s)", epoch + 1, epochs,
                      m["train_loss"], m["train_accuracy"], m["test_accuracy"], extra, m["epoch_seconds"])
         bar.close()
-        state_dict = source.final_state_dict(trainer_state)
+        state_dict = dict(trainer_state["model"])  # the weights part of the last state (Trainer.state)
         run_id = run.info.run_id
     source.close()
     return state_dict, history, run_id
@@ -190,10 +190,6 @@ class _ActorEpochs:
             trainer_state = ray.get(self.actor.state.remote())
             yield epoch, m, trainer_state, (t0, time.time())
 
-    def final_state_dict(self, trainer_state: dict[str, Any] | None) -> dict[str, Any]:
-        """The trained weights (CPU tensors)."""
-        return ray.get(self.actor.model_state_dict.remote())
-
     def close(self) -> None:
         """Stop the actor."""
         if self.actor is not None:
@@ -233,7 +229,8 @@ class _RayTrainEpochs:
         precision = next(iter(self.seen.values()))[1] if self.seen else ""
         return {"node_id": nodes[0] if len(nodes) == 1 else "", "node_ids": ",".join(nodes), "precision": precision}
 
-    def _fit(self, start_epoch: int, trainer_state: dict[str, Any] | None, queue: Any) -> threading.Thread:
+    def _fit(self, start_epoch: int, trainer_state: dict[str, Any] | None,
+             queue: Any) -> tuple[threading.Thread, dict[str, BaseException]]:
         from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
@@ -255,9 +252,8 @@ class _RayTrainEpochs:
                 outcome["error"] = exc
 
         thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
-        thread.outcome = outcome  # type: ignore[attr-defined]
         thread.start()
-        return thread
+        return thread, outcome
 
     def epochs(self, start_epoch: int, trainer_state: dict[str, Any] | None) -> Iterator[Epoch]:
         """Run epochs ``start_epoch .. epochs - 1`` from ``trainer_state``."""
@@ -267,7 +263,7 @@ class _RayTrainEpochs:
             if start_epoch >= self.epochs_total:
                 return
             queue = Queue(actor_options={"num_cpus": 0})
-            thread = self._fit(start_epoch, trainer_state, queue)
+            thread, outcome = self._fit(start_epoch, trainer_state, queue)
             while True:
                 try:
                     item = queue.get(timeout=1.0)
@@ -284,7 +280,7 @@ class _RayTrainEpochs:
                     yield epoch, m, trainer_state, (t0, t1)
             thread.join()
             ray.kill(queue.actor, no_restart=True)
-            error = thread.outcome.get("error")  # type: ignore[attr-defined]
+            error = outcome.get("error")
             if error is None:
                 return
             diverged = _find_cause(error, FloatingPointError)
@@ -294,10 +290,6 @@ class _RayTrainEpochs:
                 raise error
             log.warning("data-parallel training failed during epoch %d (%s); restarting the workers from the last "
                         "checkpoint", start_epoch + 1, type(error).__name__)
-
-    def final_state_dict(self, trainer_state: dict[str, Any] | None) -> dict[str, Any]:
-        """The trained weights: the model part of the last state."""
-        return dict(trainer_state["model"])
 
     def close(self) -> None:
         """Nothing to stop: the Ray Train workers end with ``fit``."""
