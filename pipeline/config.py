@@ -32,7 +32,7 @@ from pipeline.attacks.base import Budget
 from pipeline.defenses.adversarial import AdversarialTrainingParams
 from pipeline.models import list_models
 
-DATASETS = ("cifar10", "gtsrb")
+DATASETS = ("cifar10", "gtsrb", "imagenet")
 """Datasets the prepare stage knows (class names, normalisation constants)."""
 
 RESERVED_SECTIONS = ("profile", "seed", "data", "model", "train", "resources", "fnc", "patch", "evaluate", "rp2",
@@ -78,7 +78,7 @@ class _Strict(BaseModel):
 class DataConfig(_Strict):
     """``data``: where the dataset is and how much of it to prepare."""
 
-    dataset: Literal["cifar10", "gtsrb"] = "cifar10"
+    dataset: Literal["cifar10", "gtsrb", "imagenet"] = "cifar10"
     root: str = Field(description="folder holding the dataset (any accepted layout)")
     download: bool = Field(False, description="use torchvision's download when root holds nothing")
     train_per_class: int | None = Field(None, gt=0, description="keep this many training images a class")
@@ -87,6 +87,16 @@ class DataConfig(_Strict):
     lazy_threshold_mb: float = Field(
         4096.0, gt=0, description="datasets larger than this when decoded are indexed, not decoded"
     )
+    image_size: int | None = Field(
+        None, ge=8, le=1024, description="resize the shorter side to image_size / 0.875 and centre-crop "
+                                         "image_size x image_size (ImageNet's evaluation view); null: as stored")
+
+    @model_validator(mode="after")
+    def _imagenet_needs_a_size(self) -> DataConfig:
+        if self.dataset == "imagenet" and self.image_size is None:
+            raise ValueError("ImageNet's images differ in size: set data.image_size (224 for resnet50 and "
+                             "mobilenet_v2, 299 for inception_v3)")
+        return self
 
 
 class ModelConfig(_Strict):
@@ -94,15 +104,29 @@ class ModelConfig(_Strict):
 
     name: str = "resnet20"
     checkpoint: str | None = Field(
-        None, description="a state dict for this architecture; skips baseline training"
+        None, description="a state dict for this architecture, or torchvision:<WEIGHTS> for torchvision's "
+                          "published weights (downloaded once by train_baseline); skips baseline training"
     )
 
     @field_validator("checkpoint")
     @classmethod
     def _checkpoint_exists(cls, v: str | None) -> str | None:
-        if v is not None and not Path(v).expanduser().is_file():
-            raise ValueError(f"no such file {v!r}; give the path of a state dict for model.name, or null to train")
+        if v is not None and not v.startswith("torchvision:") and not Path(v).expanduser().is_file():
+            raise ValueError(f"no such file {v!r}; give the path of a state dict for model.name, "
+                             "torchvision:<WEIGHTS> for a torchvision model, or null to train")
         return v
+
+    @model_validator(mode="after")
+    def _torchvision_weights_exist(self) -> ModelConfig:
+        if self.checkpoint is not None and self.checkpoint.startswith("torchvision:"):
+            from pipeline.models.registry import torchvision_weights_file
+
+            try:  # checks the names only: nothing is downloaded while validating
+                torchvision_weights_file(self.name, self.checkpoint.removeprefix("torchvision:"), download=False)
+            except ValueError as exc:
+                if "downloaded by train_baseline" not in str(exc):
+                    raise
+        return self
 
     @field_validator("name")
     @classmethod

@@ -22,6 +22,7 @@ from pipeline.data import load_meta, load_tensors
 from pipeline.data.datasets import DATASETS
 from pipeline.io import atomic_write, save_json
 from pipeline.models import build_model
+from pipeline.models.registry import TORCHVISION_PREFIX, torchvision_weights_file
 from pipeline.tracking import log_metrics, stage_run
 from pipeline.train import accuracy
 from pipeline.training_run import train_resumable
@@ -46,7 +47,10 @@ def main(params: Params) -> None:
 
     if params.model.checkpoint:  # the user's own weights: evaluate and adopt, no training
         try:
-            model = build_model(name, spec["num_classes"], spec["mean"], spec["std"], weights=params.model.checkpoint)
+            weights = params.model.checkpoint
+            if weights.startswith(TORCHVISION_PREFIX):  # torchvision's published weights, downloaded once
+                weights = torchvision_weights_file(name, weights.removeprefix(TORCHVISION_PREFIX))
+            model = build_model(name, spec["num_classes"], spec["mean"], spec["std"], weights=weights)
         except ValueError as exc:
             raise ParamsError(f"model.checkpoint: {exc}") from None
         spec["state_dict"] = model.state_dict()

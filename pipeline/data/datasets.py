@@ -8,9 +8,11 @@ Two storage modes, chosen by the prepare stage from the decoded size:
   members and labels; :class:`LazyImageDataset` decodes one image at a time
   from the archive or folder, so the set is never decoded whole.
 
-Known datasets (:data:`DATASETS`, chosen by ``data.dataset``): ``cifar10`` and
+Known datasets (:data:`DATASETS`, chosen by ``data.dataset``): ``cifar10``,
 ``gtsrb`` (43 traffic-sign classes at 32x32, Stallkamp et al., IJCNN 2011, read
-from ``train.zip`` / ``test.zip`` + ``classes.csv``).
+from ``train.zip`` / ``test.zip`` + ``classes.csv``) and ``imagenet`` (ILSVRC-2012,
+Russakovsky et al., IJCV 2015: a local ``train/<wnid>/`` + ``val/<wnid>/`` tree, images
+resized and centre-cropped to ``data.image_size`` when decoded).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from torchvision.models import ResNet50_Weights
 
 from pipeline.io import load_torch
 
@@ -70,6 +73,10 @@ class DatasetInfo:
         horizontal_flip: whether a left-right mirror keeps every label valid (True
             for CIFAR-10; False for traffic signs, where it turns "keep left" into
             "keep right", so training must not use flip augmentation).
+        folders_sorted: the class folders are the source's own names (ImageNet's
+            WordNet ids ``n01440764`` ...), any names, as many as ``classes``; label ``i``
+            is the ``i``-th folder in sorted order (the ImageFolder convention, which is
+            the label order of torchvision's ImageNet weights).
     """
 
     classes: tuple[str, ...]
@@ -81,6 +88,7 @@ class DatasetInfo:
     downloadable: bool = False
     source_hint: str = ""
     horizontal_flip: bool = True
+    folders_sorted: bool = False
 
     @property
     def folder_names(self) -> tuple[str, ...]:
@@ -121,11 +129,36 @@ DATASETS: dict[str, DatasetInfo] = {
         ),
         horizontal_flip=False,
     ),
+    # ILSVRC-2012 (Russakovsky et al., IJCV 2015): 1,000 classes, 1.28M training and 50,000
+    # validation images of varying size; mean / std the ones torchvision's ImageNet weights
+    # were trained with. The class names are torchvision's (label order = sorted wnids).
+    "imagenet": DatasetInfo(
+        classes=tuple(ResNet50_Weights.IMAGENET1K_V1.meta["categories"]),
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+        image_size=224,
+        downloadable=False,
+        source_hint=(
+            "ImageNet has no automatic download (its licence needs a login at image-net.org); point data.root at "
+            "a folder with train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (the validation images sorted into class "
+            "folders, e.g. by torchvision.datasets.ImageNet or the usual valprep.sh)"
+        ),
+        folders_sorted=True,
+    ),
 }
 
 
-def decode_image(blob: bytes, name: str = "<image>") -> np.ndarray:
+def decode_image(blob: bytes, name: str = "<image>", size: int | None = None) -> np.ndarray:
     """Decode PNG/JPEG bytes to a uint8 array (3, H, W), RGB.
+
+    Args:
+        blob: the encoded file.
+        name: its name, for error messages.
+        size: None keeps the image as it is; otherwise the standard ImageNet evaluation
+            view, with torchvision's own ``Resize(round(size / 0.875))`` + ``CenterCrop(size)``
+            (the transform of torchvision's ImageNet weights): the shorter side resized to
+            ``round(size / 0.875)`` pixels (256 for 224) with antialiased bilinear
+            interpolation, then the central ``size`` x ``size`` square: (3, size, size).
 
     Raises:
         ValueError: the bytes are not a decodable image (message names ``name``).
@@ -134,10 +167,22 @@ def decode_image(blob: bytes, name: str = "<image>") -> np.ndarray:
 
     try:
         with Image.open(io.BytesIO(blob)) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+            im = im.convert("RGB")
+            if size is not None:
+                im = _resize_center_crop(im, size)
+            arr = np.asarray(im, dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise ValueError(f"{name}: not a decodable image ({exc}); replace the file") from exc
     return arr.transpose(2, 0, 1).copy()
+
+
+def _resize_center_crop(im: Any, size: int) -> Any:
+    """PIL image -> torchvision's ``Resize(round(size / 0.875))`` then ``CenterCrop(size)``."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as F
+
+    im = F.resize(im, round(size / 0.875), interpolation=InterpolationMode.BILINEAR, antialias=True)
+    return F.center_crop(im, [size, size])
 
 
 class TensorImageDataset(Dataset):
@@ -174,7 +219,9 @@ class LazyImageDataset(Dataset):
 
     Args:
         index: the ``<split>_index.json`` content written by the prepare stage
-            (``layout`` "zip" or "folder", ``source`` path, ``members``, ``labels``).
+            (``layout`` "zip" or "folder", ``source`` path, ``members``, ``labels``, and
+            ``image_size``: the side every image is resized and centre-cropped to when
+            decoded, see :func:`decode_image`; absent or null: as stored).
         transform: callable on uint8 (3, H, W) giving a fixed-size uint8 (3, S, S)
             (for example ``v2.Compose([v2.Resize(256), v2.CenterCrop(224)])``);
             required for batching images of different sizes.
@@ -185,6 +232,7 @@ class LazyImageDataset(Dataset):
         self.source = Path(index["source"])
         self.members = list(index["members"])
         self.y = torch.tensor(index["labels"], dtype=torch.int64)
+        self.size = index.get("image_size")
         self.transform = transform
         self._zip: zipfile.ZipFile | None = None
 
@@ -200,7 +248,7 @@ class LazyImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         name = self.members[i]
-        img = torch.from_numpy(decode_image(self._read(name), name))
+        img = torch.from_numpy(decode_image(self._read(name), name, self.size))
         if self.transform is not None:
             img = self.transform(img)
         return img, self.y[i]

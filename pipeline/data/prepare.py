@@ -38,17 +38,21 @@ log = logging.getLogger(__name__)
 Mapper = Callable[[Callable[[Any], Any], Sequence[Any]], list[Any]]
 
 
-def decode_shard(shard: tuple[list[str], list[bytes]]) -> np.ndarray:
-    """Decode one shard: ``(names, encoded bytes)`` to uint8 (n, 3, H, W).
+def decode_shard(shard: tuple[list[str], list[bytes], int | None]) -> np.ndarray:
+    """Decode one shard: ``(names, encoded bytes, image_size)`` to uint8 (n, 3, H, W).
+
+    ``image_size`` None keeps the images as stored; an int resizes and centre-crops each
+    to (3, image_size, image_size) (:func:`pipeline.data.datasets.decode_image`).
 
     Raises:
         ValueError: an image does not decode, or the images differ in size.
     """
-    names, blobs = shard
-    arrays = [decode_image(b, n) for n, b in zip(names, blobs, strict=True)]
+    names, blobs, size = shard
+    arrays = [decode_image(b, n, size) for n, b in zip(names, blobs, strict=True)]
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
-        raise ValueError(f"images differ in size ({sorted(shapes)[:3]}...); such a set is prepared lazily")
+        raise ValueError(f"images differ in size ({sorted(shapes)[:3]}...); set data.image_size to resize and "
+                         "centre-crop them")
     return np.stack(arrays) if arrays else np.zeros((0, 3, 1, 1), np.uint8)
 
 
@@ -141,11 +145,15 @@ def prepare_dataset(cfg: DataConfig, out_dir: str | Path, seed: int, mapper: Map
     if detect_layout(root) == "cifar_batches" and cfg.dataset != "cifar10":
         raise DatasetError(f"data.root {root} holds CIFAR-10 batch files, not {cfg.dataset}; check data.root")
     names = class_names(cfg, root)
-    listings = {s: list_split(root, s, list(info.folder_names)) for s in SPLITS}
+    expected = None if info.folders_sorted else list(info.folder_names)
+    listings = {s: list_split(root, s, expected) for s in SPLITS}
+    if info.folders_sorted:
+        _check_sorted_folders(listings, info.num_classes, cfg.dataset, root)
     per_class = {"train": cfg.train_per_class, "test": cfg.test_per_class}
     keep = {s: subset_per_class(listings[s].labels, per_class[s], seed) for s in SPLITS}
 
-    mode, shape = _storage_mode(listings["train"], keep["train"], len(keep["test"]), cfg.lazy_threshold_mb)
+    mode, shape = _storage_mode(listings["train"], keep["train"], len(keep["test"]), cfg.lazy_threshold_mb,
+                                cfg.image_size)
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -162,11 +170,12 @@ def prepare_dataset(cfg: DataConfig, out_dir: str | Path, seed: int, mapper: Map
                         "source": str(listing.source.resolve()),
                         "members": [listing.members[i] for i in idx],
                         "labels": y.tolist(),
+                        "image_size": cfg.image_size,
                     },
                     tmp / f"{s}_index.json",
                 )
             else:
-                x = _decode_split(listing, idx, cfg.num_shards, mapper)
+                x = _decode_split(listing, idx, cfg.num_shards, mapper, cfg.image_size)
                 save_torch({"x": torch.from_numpy(x), "y": torch.from_numpy(y)}, tmp / f"{s}.pt")
             counts[s] = {
                 "n_images": int(len(idx)),
@@ -186,6 +195,7 @@ def prepare_dataset(cfg: DataConfig, out_dir: str | Path, seed: int, mapper: Map
                 "sha256": _checksums(root, info.classes_file),
             },
             "subset": {"train_per_class": cfg.train_per_class, "test_per_class": cfg.test_per_class, "seed": seed},
+            "image_size": cfg.image_size,
         }
         save_json(meta, tmp / "meta.json")
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -205,21 +215,45 @@ def _checksums(root: Path, classes_file: str | None) -> dict[str, str]:
 
 
 def _storage_mode(
-    train: SplitListing, train_idx: np.ndarray, n_test: int, threshold_mb: float
+    train: SplitListing, train_idx: np.ndarray, n_test: int, threshold_mb: float, size: int | None = None,
 ) -> tuple[str, tuple[int, ...]]:
-    """``("tensor" | "lazy", (3, H, W))`` from the first image's size and the image count."""
+    """``("tensor" | "lazy", (3, H, W))`` from the first image's size (after the resize to
+    ``size``, if any) and the image count."""
     if train.arrays is not None:
         return "tensor", tuple(train.arrays.shape[1:])
-    first = decode_image(read_members(train, train_idx[:1])[0], train.members[train_idx[0]])
+    first = decode_image(read_members(train, train_idx[:1])[0], train.members[train_idx[0]], size)
     decoded_mb = (len(train_idx) + n_test) * first.size / 2**20
     return ("lazy" if decoded_mb > threshold_mb else "tensor"), tuple(first.shape)
 
 
-def _decode_split(listing: SplitListing, idx: np.ndarray, num_shards: int, mapper: Mapper) -> np.ndarray:
+def _check_sorted_folders(listings: dict[str, SplitListing], num_classes: int, dataset: str, root: Path) -> None:
+    """A dataset labelled by sorted folder names (ImageNet) needs all its classes, the same in both splits.
+
+    Raises:
+        DatasetError: a split has another number of class folders, or the splits' folders differ.
+    """
+    for listing in listings.values():
+        if len(listing.classes) != num_classes:
+            raise DatasetError(
+                f"{listing.source}: {len(listing.classes)} class folders, {dataset} has {num_classes}; labels follow "
+                "the sorted folder names, so every class folder must be there (use data.train_per_class / "
+                f"test_per_class for a smaller set); check data.root {root}")
+    train, test = (listings[s].classes for s in SPLITS)
+    if train != test:
+        diff = sorted(set(train) ^ set(test))
+        raise DatasetError(f"{root}: the train and test class folders differ (e.g. {diff[:3]}); they must be the same")
+
+
+def _decode_split(
+    listing: SplitListing, idx: np.ndarray, num_shards: int, mapper: Mapper, size: int | None = None,
+) -> np.ndarray:
     if listing.arrays is not None:
+        if size is not None and listing.arrays.shape[-1] != size:
+            raise DatasetError(f"{listing.source}: data.image_size {size} needs decoded images; CIFAR-10 batch files "
+                               f"are {listing.arrays.shape[-1]}x{listing.arrays.shape[-1]}: set data.image_size: null")
         return np.ascontiguousarray(listing.arrays[idx])
     shards = [s for s in np.array_split(idx, num_shards) if len(s)]
-    items = [([listing.members[i] for i in s], read_members(listing, s)) for s in shards]
+    items = [([listing.members[i] for i in s], read_members(listing, s), size) for s in shards]
     try:
         parts = mapper(decode_shard, items)
     except Exception as exc:  # a Ray task error wraps the original ValueError

@@ -5,7 +5,8 @@ Accepted layouts under ``data.root`` (checked in this order):
 1. ``train.zip`` / ``test.zip`` archives holding an ImageFolder tree
    (``train/<class>/<file>`` or ``<class>/<file>``), read in place, never
    unpacked to disk (the layout of ``shared/datasets/cifar10-jpeg``);
-2. an ImageFolder tree ``train/<class>/*`` and ``test/<class>/*``;
+2. an ImageFolder tree ``train/<class>/*`` and ``test/<class>/*`` (``val/`` is accepted
+   for ``test/``: ImageNet's names, ``train/<wnid>/*.JPEG`` and ``val/<wnid>/*.JPEG``);
 3. torchvision's ``cifar-10-batches-py`` (the folder itself or ``root/cifar-10-batches-py``).
 
 A dataset may also need a class-list file beside the archives (GTSRB's
@@ -165,11 +166,19 @@ def _list_cifar_batches(folder: Path, split: str) -> SplitListing:
     )
 
 
+def split_folder(root: Path, split: str) -> Path:
+    """The folder of ``split`` in an ImageFolder tree: ``root/<split>``, or ``root/val`` for
+    ``test`` when there is no ``root/test`` (ImageNet's name for its held-out split)."""
+    if split == "test" and not (root / "test").is_dir() and (root / "val").is_dir():
+        return root / "val"
+    return root / split
+
+
 def detect_layout(root: Path) -> str | None:
     """Which accepted layout ``root`` holds: ``zip``, ``folder``, ``cifar_batches`` or None."""
     if all((root / f"{s}.zip").is_file() for s in SPLITS):
         return "zip"
-    if all((root / s).is_dir() for s in SPLITS):
+    if all(split_folder(root, s).is_dir() for s in SPLITS):
         return "folder"
     if (root / "data_batch_1").is_file() or (root / "cifar-10-batches-py").is_dir():
         return "cifar_batches"
@@ -193,12 +202,12 @@ def list_split(root: Path, split: str, expected_classes: list[str] | None = None
     if layout == "zip":
         return _list_zip(root / f"{split}.zip", split, expected_classes)
     if layout == "folder":
-        return _list_folder(root / split, expected_classes)
+        return _list_folder(split_folder(root, split), expected_classes)
     if layout == "cifar_batches":
         folder = root if (root / "data_batch_1").is_file() else root / "cifar-10-batches-py"
         return _list_cifar_batches(folder, split)
     raise DatasetError(
-        f"{root}: no dataset found; expected train.zip + test.zip, train/ + test/ class folders, "
+        f"{root}: no dataset found; expected train.zip + test.zip, train/ + test/ (or val/) class folders, "
         "or cifar-10-batches-py (or set data.download: true)"
     )
 
@@ -285,8 +294,9 @@ def read_members(listing: SplitListing, indices: np.ndarray) -> list[bytes]:
 def source_checksums(root: Path) -> dict[str, str]:
     """SHA-256 of the source files the layout reads (archives or batch files).
 
-    For an ImageFolder tree, one digest over the sorted relative paths and
-    contents of every image per split.
+    For an ImageFolder tree, one digest per split over the sorted relative paths and
+    sizes of its files: reading every image of an ImageNet-size tree would take hours, so an
+    image rewritten at the same size is not noticed (archives are hashed whole).
     """
     layout = detect_layout(root)
     out: dict[str, str] = {}
@@ -300,10 +310,11 @@ def source_checksums(root: Path) -> dict[str, str]:
                 out[f.name] = sha256_file(f)
     elif layout == "folder":
         for s in SPLITS:
+            folder = split_folder(root, s)
             h = hashlib.sha256()
-            for p in sorted((root / s).rglob("*")):
+            for p in sorted(folder.rglob("*")):
                 if p.is_file():
-                    h.update(p.relative_to(root).as_posix().encode())
-                    h.update(p.read_bytes())
+                    h.update(p.relative_to(folder).as_posix().encode())
+                    h.update(str(p.stat().st_size).encode())
             out[s] = h.hexdigest()
     return out

@@ -44,6 +44,7 @@ __all__ = [
     "load_state_dict_file",
     "model_info",
     "register_model",
+    "torchvision_weights_file",
 ]
 
 ModelFactory = Callable[[int], nn.Module]
@@ -181,6 +182,62 @@ class Normalized(nn.Module):
 # Prefixes added by wrappers around a model: nn.DataParallel / DistributedDataParallel
 # ("module.") and torch.compile ("_orig_mod.").
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+TORCHVISION_PREFIX = "torchvision:"
+"""``model.checkpoint`` of the form ``torchvision:<WEIGHTS>`` names torchvision's published
+weights of the architecture (e.g. ``torchvision:IMAGENET1K_V1`` for resnet50)."""
+
+
+def torchvision_weights_file(name: str, weights: str, download: bool = True) -> Path:
+    """The local file of torchvision's published weights ``weights`` of model ``name``.
+
+    Looks in torch hub's cache (``$TORCH_HOME/hub/checkpoints/``, where torchvision's own
+    ``weights=`` argument keeps them) and, when the file is not there and ``download``,
+    downloads it with :func:`torch.hub.download_url_to_file`, checking the SHA-256 prefix
+    in its name as torchvision does.
+
+    Args:
+        name: a registered model of the ``torchvision`` family (``resnet50``, ...).
+        weights: a member name of its torchvision weights enum, e.g. ``"IMAGENET1K_V1"``.
+        download: fetch the file when it is not cached.
+
+    Returns:
+        The path of the state dict file (torchvision's naming, e.g. ``resnet50-0676ba61.pth``).
+
+    Raises:
+        ValueError: ``name`` has no torchvision weights, ``weights`` is not one of them, or
+            the download failed / is not allowed (the message names the file to place).
+    """
+    import os
+    import re
+    import urllib.parse
+
+    info = model_info(name)
+    if info.family != "torchvision":
+        raise ValueError(f"{name!r} is not a torchvision model; torchvision: weights exist for "
+                         f"{', '.join(n for n in list_models() if _REGISTRY[n][0].family == 'torchvision')}")
+    from torchvision.models import get_model_weights
+
+    enum = get_model_weights(name)
+    if weights not in enum.__members__:
+        raise ValueError(f"torchvision has no weights {weights!r} for {name}; choose one of: "
+                         f"{', '.join(enum.__members__)}")
+    url = enum[weights].url
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urllib.parse.urlparse(url).path)
+    if path.is_file():
+        return path
+    if not download:
+        raise ValueError(f"torchvision's {name} {weights} weights are not in {path.parent}; they are downloaded "
+                         "by train_baseline")
+    match = re.search(r"-([a-f0-9]*)\.", path.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(url, str(path), hash_prefix=match.group(1) if match else None, progress=True)
+    except Exception as exc:  # no network, a proxy, a truncated file
+        raise ValueError(f"downloading {url} failed ({_first_line(exc)}); fetch it where there is internet and "
+                         f"place it at {path}, or give a local state dict file") from None
+    return path
 
 
 def _first_line(err: BaseException) -> str:
