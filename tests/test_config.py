@@ -52,7 +52,7 @@ def test_fraction_strings_are_budgets():
         (lambda p: p["fnc"].update(alpha=-1.0), "fnc.alpha"),
         (lambda p: p["patch"].update(area_fraction=1.5), "patch.area_fraction"),
         (lambda p: p["patch"].update(area_fraction=0), "patch.area_fraction"),
-        (lambda p: p["model"].update(name="resnet21"), "choose one of: inception_v3"),
+        (lambda p: p["model"].update(name="resnet21"), "choose one of: densenet161, inception_v3"),
         (lambda p: p["evaluate"].update(defenses=["none", "blur"]), "unknown defense 'blur'"),
         (lambda p: p["fnc"].update(alhpa=1.0), "fnc.alhpa: unknown key"),
         (lambda p: p.update(extra_section={}), "extra_section: unknown key"),

@@ -69,7 +69,8 @@ def test_names_listed_sorted_and_consistent():
 @pytest.mark.parametrize(
     ("name", "size", "family"),
     [("resnet20", 32, "cifar_resnet"), ("resnet110", 32, "cifar_resnet"), ("resnet50", 224, "torchvision"),
-     ("mobilenet_v2", 224, "torchvision"), ("inception_v3", 299, "torchvision")],
+     ("mobilenet_v2", 224, "torchvision"), ("inception_v3", 299, "torchvision"),
+     ("densenet161", 224, "torchvision")],
 )
 def test_model_info(name, size, family):
     info = model_info(name)
@@ -82,7 +83,7 @@ def test_unknown_name_lists_allowed_names():
     msg = str(exc.value)
     assert "\n" not in msg
     assert "'resnet21'" in msg
-    assert "choose one of: inception_v3, mobilenet_v2, resnet110, resnet20" in msg
+    assert "choose one of: densenet161, inception_v3, mobilenet_v2, resnet110, resnet20" in msg
     for name in ALL_NAMES:
         assert name in msg
     with pytest.raises(ValueError, match="resnet21"):
@@ -223,6 +224,29 @@ def test_inception_official_state_dict_with_aux_logits_loads(tmp_path):
     assert len(loaded) > 0
     for key, value in loaded.items():
         assert torch.equal(value, state[key]), key
+
+
+def test_densenet_official_state_dict_with_old_key_names_loads(tmp_path):
+    """torchvision's published DenseNet weights name layers ``norm.1`` / ``conv.2``; they load
+    into our densenet161 (renamed as torchvision's own loader does) with every value kept."""
+    import re
+
+    from torchvision.models import densenet161
+
+    torch.manual_seed(4)
+    state = densenet161(weights=None, num_classes=4).state_dict()
+    old = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v for k, v in state.items()
+           if not k.endswith("num_batches_tracked")}  # the published file predates that buffer
+    assert "features.denseblock1.denselayer1.norm.1.weight" in old
+    path = tmp_path / "densenet161_imagenet.pth"
+    torch.save(old, path)
+    model = build_model("densenet161", 4, IMAGENET_MEAN, IMAGENET_STD, weights=path)
+    loaded = model.net.state_dict()
+    assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[k], state[k]) for k in state if not k.endswith("num_batches_tracked"))
+    from pipeline.attacks.gradcam import default_gradcam_layer
+
+    assert default_gradcam_layer(model) is model.net.features
 
 
 # --------------------------------------------------------------------------- Normalized

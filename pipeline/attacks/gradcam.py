@@ -40,6 +40,8 @@ def default_gradcam_layer(model: nn.Module) -> nn.Module:
     * torchvision ResNet (``resnet50``): ``net.layer4``;
     * torchvision MobileNetV2: ``net.features`` (ends with the 1x1 conv to 1280 channels);
     * torchvision Inception3: ``net.Mixed_7c``;
+    * torchvision DenseNet (``densenet161``): ``net.features`` (ends with the last BatchNorm,
+      before the ReLU and pooling of its ``forward``);
     * any other network: its last ``nn.Conv2d`` (in module registration order).
 
     Args:
@@ -51,7 +53,7 @@ def default_gradcam_layer(model: nn.Module) -> nn.Module:
     Raises:
         ValueError: the model has no ``nn.Conv2d`` at all.
     """
-    from torchvision.models import Inception3, MobileNetV2, ResNet
+    from torchvision.models import DenseNet, Inception3, MobileNetV2, ResNet
 
     from pipeline.models.cifar_resnet import CifarResNet
 
@@ -64,6 +66,8 @@ def default_gradcam_layer(model: nn.Module) -> nn.Module:
         return net.features
     if isinstance(net, Inception3):
         return net.Mixed_7c
+    if isinstance(net, DenseNet):
+        return net.features
     convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
     if not convs:
         raise ValueError(f"{type(net).__name__} has no nn.Conv2d; pass the Grad-CAM layer explicitly")

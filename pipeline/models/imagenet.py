@@ -1,4 +1,4 @@
-"""ImageNet-style torchvision classifiers: resnet50, mobilenet_v2, inception_v3.
+"""ImageNet-style torchvision classifiers: resnet50, mobilenet_v2, inception_v3, densenet161.
 
 All are built with ``weights=None`` (random initialisation; nothing is ever downloaded)
 and the requested ``num_classes``. Pretrained weights can be given to
@@ -22,6 +22,11 @@ official ImageNet state dicts saved beforehand.
   which converts ImageNet-normalised inputs to that), so pass ``mean=std=(0.5,)*3`` to
   ``build_model`` when using them.
 
+* ``densenet161``: Huang et al., "Densely Connected Convolutional Networks", CVPR 2017,
+  Table 1 (DenseNet-161, growth rate 48); input 224x224. The network of the Mask-FGSM paper
+  (seed 002). torchvision's published state dict uses the old ``norm.1`` key names, which
+  :func:`~pipeline.models.registry.build_model` renames as torchvision does.
+
 Tensors: input ``float32`` ``(N, 3, H, W)``, already normalised; output logits
 ``(N, num_classes)``. torchvision is imported lazily, inside the factories.
 """
@@ -32,7 +37,7 @@ from torch import nn
 
 from .registry import register_model
 
-__all__ = ["inception_v3", "mobilenet_v2", "resnet50"]
+__all__ = ["densenet161", "inception_v3", "mobilenet_v2", "resnet50"]
 
 
 @register_model("resnet50", input_size=224, family="torchvision")
@@ -61,3 +66,11 @@ def inception_v3(num_classes: int) -> nn.Module:
     from torchvision.models import inception_v3 as _inception_v3
 
     return _inception_v3(weights=None, num_classes=num_classes, aux_logits=False, init_weights=True)
+
+
+@register_model("densenet161", input_size=224, family="torchvision")
+def densenet161(num_classes: int) -> nn.Module:
+    """torchvision ``densenet161(weights=None, num_classes=num_classes)`` (28.7M parameters at 1000 classes)."""
+    from torchvision.models import densenet161 as _densenet161
+
+    return _densenet161(weights=None, num_classes=num_classes)

@@ -12,7 +12,7 @@ Registered models (see :func:`list_models`; ``MODEL_NAMES`` is the same, as a tu
   ResNets of He et al., "Deep Residual Learning for Image Recognition", CVPR 2016,
   Section 4.2 (family ``"cifar_resnet"``, input 32x32), see
   :mod:`pipeline.models.cifar_resnet`.
-* ``resnet50`` (224), ``mobilenet_v2`` (224), ``inception_v3`` (299) from torchvision,
+* ``resnet50`` (224), ``mobilenet_v2`` (224), ``inception_v3`` (299), ``densenet161`` (224) from torchvision,
   randomly initialised (family ``"torchvision"``), see :mod:`pipeline.models.imagenet`.
 * ``traffic_cnn`` -- the 4-layer traffic-sign CNN of BlurNet / RP2 (LISA-CNN: 3 conv + 1
   dense, Eykholt et al., CVPR 2018), family ``"traffic_cnn"``, input exactly 32x32 (no
@@ -27,6 +27,7 @@ shape ``(N, num_classes)``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,7 +211,6 @@ def torchvision_weights_file(name: str, weights: str, download: bool = True) -> 
             the download failed / is not allowed (the message names the file to place).
     """
     import os
-    import re
     import urllib.parse
 
     info = model_info(name)
@@ -339,6 +339,13 @@ def _adapt_keys(state: dict[str, torch.Tensor], net: nn.Module, info: ModelInfo,
     if info.family == "cifar_resnet" and "fc.weight" in net_keys and "linear.weight" in state:
         # akamaster/pytorch_resnet_cifar10 names the classifier "linear"; ours is "fc".
         state = {("fc." + k[len("linear."):] if k.startswith("linear.") else k): v for k, v in state.items()}
+    if info.name.startswith("densenet"):
+        # torchvision's published DenseNet weights name BatchNorm/conv layers "norm.1",
+        # "conv.2"; the module names are "norm1", "conv2" (torchvision's own densenet
+        # _load_state_dict renames them with this pattern).
+        pattern = re.compile(
+            r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+        state = {(m.group(1) + m.group(2) if (m := pattern.match(k)) else k): v for k, v in state.items()}
     if not any(k.startswith("AuxLogits.") for k in net_keys):
         # torchvision's ImageNet inception_v3 weights include the auxiliary classifier;
         # our inception_v3 is built with aux_logits=False, so those keys are dropped.
