@@ -16,10 +16,20 @@ FNC_CIFAR10 = {
     "setting": "ResNet-110 (the authors' CIFAR-10 model), 30 patch epochs optimised on the test set",
 }
 
+FNC_IMAGENET = {
+    "source": "Yu et al., ICCV 2021, Table 2 (ImageNet: ResNet-50, Inception-V3, MobileNet-V2); its numbers are "
+              "not printed in the seed documents, so none is filled in here",
+    "clean_accuracy": None,
+    "advp": None,
+    "lavan": None,
+    "setting": "the authors' patch size, target and schedule on ImageNet are not in the seeds either",
+}
+
 IFNR_RESNET50 = {
     "source": "Yu et al., ICCV 2021, Section 3, via seed 000: mean IFNR per stage of ResNet-50 on ImageNet",
     "stages": ["conv2_3", "conv3_4", "conv4_6", "conv5_3"],
     "values": [1.05, 1.80, 2.98, 3.39],
+    "blocks": [3, 7, 13, 16],  # the same stages as bottleneck blocks of torchvision's resnet50 (3+4+6+3)
 }
 
 MADRY_CIFAR10 = {

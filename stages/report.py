@@ -90,7 +90,7 @@ class Report:
             elif kind == "p":
                 out.append(v)
             elif kind == "table":
-                out.append(v.to_markdown(index=False))
+                out.append(v.to_markdown(index=False, disable_numparse=True))  # cells are formatted already
             else:
                 out.append(f"![{v[1]}](../{v[0].as_posix()})\n\n*{v[1]}*")
         return "\n\n".join(out) + "\n"
@@ -161,7 +161,7 @@ def _fnc(rep: Report, params: Params, ev: dict, run) -> None:
     if "fnc" not in ev:
         rep.p("FNC is not evaluated in this profile (`evaluate.defenses`).")
         return
-    p = papers.FNC_CIFAR10
+    p = papers.FNC_IMAGENET if params.data.dataset == "imagenet" else papers.FNC_CIFAR10
     rows = []
     for label, attack, key, paper in (("clean accuracy", "none", "clean_accuracy", p["clean_accuracy"]),
                                       ("accuracy under AdvP (transferred)", "advp", "robust_accuracy", p["advp"]),
@@ -189,16 +189,21 @@ def _fnc(rep: Report, params: Params, ev: dict, run) -> None:
         for i, stage in enumerate(q["stages"]):
             row = {"depth": f"{(i + 1) / 4:.2f} of the network", "paper stage": stage,
                    "paper (ResNet-50, ImageNet)": f"{q['values'][i]:.2f}"}
-            k = max(1, round((i + 1) / 4 * df["depth"].max()))  # our block nearest this fraction of the depth
+            if params.model.name == "resnet50":  # the paper's own network: its stages exactly
+                k = q["blocks"][i]
+            else:  # our block nearest this fraction of the depth
+                k = max(1, round((i + 1) / 4 * df["depth"].max()))
             row["our block"] = f"{k} of {df['depth'].max()}"
             for d, g in df.groupby("defense", sort=False):
                 row[f"ours: {d}"] = f"{float(g[g.depth == k]['ifnr_mean'].iloc[0]):.2f}"
             rows.append(row)
         rep.h(3, "Incremental feature norm ratio by depth")
         rep.table(pd.DataFrame(rows))
-        rep.p(f"Paper: {q['source']}. Ours: mean over {int(df['n_images'].iloc[0])} CIFAR-10 test images at the "
-              f"blocks nearest each quarter of the depth (a different network and dataset: compare the trend). "
-              f"MLflow run {run('analyze@feature_norms')}.")
+        same = params.model.name == "resnet50" and params.data.dataset == "imagenet"
+        where = ("the paper's stages (the same network and dataset: compare digit for digit)" if same else
+                 "the blocks nearest each quarter of the depth (a different network or dataset: compare the trend)")
+        rep.p(f"Paper: {q['source']}. Ours: mean over {int(df['n_images'].iloc[0])} {params.data.dataset} test "
+              f"images at {where}. MLflow run {run('analyze@feature_norms')}.")
         rep.figure(ifnr.parent / "ifnr.png", "IFNR against relative depth, with the paper's ResNet-50 row")
         rep.figure(ifnr.parent / "norm_maps_none.png", "channel-norm maps of one image, clean and patched")
     rep.figure(Path("plots/evaluate.png"), "the evaluation matrix: accuracy clean and under each attack")

@@ -59,3 +59,35 @@ def test_report_puts_ours_beside_the_papers(tmp_path, monkeypatch):
     assert "![the evaluation matrix" in md
     page = Path("reports/report.html").read_text()
     assert page.startswith("<!doctype html>") and "data:image/png;base64," in page and "<table" in page
+
+
+def test_imagenet_fnc_rows_are_marked_not_published_and_ifnr_uses_resnet50_stages(tmp_path, monkeypatch):
+    """On ImageNet the seeds print none of FNC's numbers (no CIFAR-10 figure is borrowed), and for
+    ResNet-50 the IFNR table reads the paper's own stages: bottleneck blocks 3, 7, 13 and 16."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    raw = yaml.safe_load((ROOT / "params" / "fnc-imagenet-reduced.yaml").read_text())
+    raw["data"]["root"] = str(tmp_path)
+    Path("params.yaml").write_text(yaml.safe_dump(raw))
+    cell = {"clean_accuracy": 0.7, "robust_accuracy": 0.5, "attack_success_rate": 0.3, "n_images": 999}
+    _write("metrics/evaluate.json", {"resnet50": {
+        "none": {"none": {"clean_accuracy": 0.76, "n_images": 1000}, "advp": cell},
+        "fnc": {"none": {"clean_accuracy": 0.7, "n_images": 1000}, "advp": {**cell, "robust_accuracy": 0.6}}}})
+    _write("metrics/train_baseline.json", {"clean_accuracy": 0.76, "epochs": 0})
+    folder = Path("analysis/resnet50/feature_norms")
+    folder.mkdir(parents=True)
+    lines = ["depth,defense,ifnr_mean,n_images"] + [f"{k},{d},{k / 10 + (d == 'fnc')},50"
+                                                     for d in ("none", "fnc") for k in range(1, 17)]
+    (folder / "ifnr.csv").write_text("\n".join(lines) + "\n")
+    import stages.report as stage
+
+    stage.main(load_params("params.yaml"))
+    md = Path("reports/report.md").read_text()
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in md.splitlines() if line.startswith("|")]
+    row = next(r for r in rows if r[:2] == ["accuracy under AdvP (transferred)", "fnc"])
+    assert row[2:5] == ["not published", "60.00 %", ""]
+    ifnr = {r[1]: r for r in rows if r[1] in ("conv2_3", "conv3_4", "conv4_6", "conv5_3")}
+    assert [ifnr[s][3] for s in ("conv2_3", "conv3_4", "conv4_6", "conv5_3")] == ["3 of 16", "7 of 16", "13 of 16",
+                                                                                 "16 of 16"]
+    assert ifnr["conv3_4"][2] == "1.80" and ifnr["conv3_4"][4:6] == ["0.70", "1.70"]
+    assert "the same network and dataset" in md
