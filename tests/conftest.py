@@ -126,8 +126,8 @@ def smoke_project(tmp_path_factory, mlflow_server):
 @pytest.fixture(scope="session")
 def defenses_project(smoke_project, tmp_path_factory):
     """The smoke project copied after its run, switched to ``params/smoke-defenses.yaml``
-    (every defense as a defended model) and reproduced: data, baseline and patches are
-    reused, only the defended models and evaluate run."""
+    (every defense as a defended model) and reproduced: data and baseline are reused;
+    the patches (one seed), the defended models and evaluate run."""
     work = tmp_path_factory.mktemp("defenses") / "project"
     shutil.copytree(smoke_project["dir"], work, symlinks=True)
     params = _write_profile(work, "smoke-defenses")
