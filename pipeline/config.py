@@ -42,16 +42,19 @@ RESERVED_SECTIONS = ("profile", "seed", "data", "model", "train", "resources", "
 PATCH_ATTACKS = ("advp", "lavan")
 """Universal patch attacks made by ``generate_patches`` (:mod:`pipeline.attacks.patch`)."""
 
-ADAPTIVE_PATCH_ATTACKS = {f"{a}_adaptive": a for a in PATCH_ATTACKS}
+ADAPTIVE_PATCH_ATTACKS = {f"{a}_{kind}": a for kind in ("adaptive", "bpda") for a in PATCH_ATTACKS}
 """Evaluate cells whose patches are optimised against each defended model itself
-(white box, adaptive; Athalye et al. 2018) rather than transferred from the baseline."""
+(white box, adaptive; Athalye et al. 2018) rather than transferred from the baseline:
+``<attack>_adaptive`` differentiates through the defended model as it is (input transforms
+by BPDA), ``<attack>_bpda`` also passes FNC's clipping by BPDA (identity backward)."""
 
 
 def evaluate_attack_names() -> tuple[str, ...]:
     """Names ``evaluate.attacks`` accepts: ``none`` (clean), the universal patch
     attacks, ``occlusion`` (the control of a same-size uniform-noise patch at the
     same placements, DESIGN.md), the adaptive patch cells (``advp_adaptive``,
-    ``lavan_adaptive``: patches optimised against each defended model) and every
+    ``lavan_adaptive``: patches optimised against each defended model; ``advp_bpda``,
+    ``lavan_bpda``: the same with FNC's clipping passed by BPDA) and every
     registered per-image attack (:func:`pipeline.attacks.base.list_attacks`)."""
     from pipeline.attacks.base import list_attacks
 

@@ -28,13 +28,17 @@ def _get(value: Any) -> Any:
 
 def patch_task(item: dict[str, Any]) -> dict[str, Any]:
     """Train one universal patch. ``item``: spec, data (ref to (x, y) uint8/int64),
-    cfg (:class:`PatchTrainingConfig`), seed, num_threads."""
+    cfg (:class:`PatchTrainingConfig`), seed, num_threads, and optionally bpda (True:
+    gradients pass FNC's clipping as the identity, :func:`pipeline.defenses.fnc.set_fnc_bpda`)."""
+    from pipeline.defenses.fnc import set_fnc_bpda
+
     torch.set_num_threads(max(1, int(item["num_threads"])))
     x, y = _get(item["data"])
     start = time.perf_counter()
-    patch, history = train_universal_patch(
-        build_from_spec(item["spec"]), x, y, item["cfg"], item["seed"], default_device()
-    )
+    model = build_from_spec(item["spec"])
+    if item.get("bpda"):
+        set_fnc_bpda(model, True)
+    patch, history = train_universal_patch(model, x, y, item["cfg"], item["seed"], default_device())
     return {"patch": patch, "history": history, "seconds": time.perf_counter() - start, "node_id": node_id()}
 
 

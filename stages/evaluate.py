@@ -262,10 +262,12 @@ def _adaptive_patches(
 ) -> dict[tuple[str, str], tuple[torch.Tensor, Any]]:
     """Patches optimised against each defended model itself (white box, adaptive).
 
-    For every defense of ``evaluate.defenses`` and adaptive cell ``<attack>_adaptive``:
-    one patch per ``patch.seeds``, trained exactly as generate_patches trains the
-    baseline's (same params, images and seeds) but on the defended model, gradients
-    through its input transforms by BPDA (their own backward). For ``none`` these are
+    For every defense of ``evaluate.defenses`` and adaptive cell ``<attack>_adaptive`` or
+    ``<attack>_bpda``: one patch per ``patch.seeds``, trained exactly as generate_patches
+    trains the baseline's (same params, images and seeds) but on the defended model,
+    gradients through its input transforms by BPDA (their own backward); ``_bpda`` cells
+    also pass FNC's clipping by BPDA (Athalye et al. 2018; on a model without FNC they
+    are the ``_adaptive`` patches, computed once). For ``none`` these are
     the baseline's patches from ``patches/<model>/`` (``baseline_patches`` / ``baseline_ids``,
     as the stage read them). Each patch is cached under
     ``.cache/evaluate_patches/`` by the defended model's weights and the patch params;
@@ -286,17 +288,21 @@ def _adaptive_patches(
             if d == "none":  # the baseline's own patches are already white box
                 out[(d, cell)] = baseline_patches[attack], baseline_ids[attack]
                 continue
+            bpda = cell.endswith("_bpda") and _has_fnc(specs[d])
             for s in p.seeds:
                 key = {"patch": shared, "model": name, "weights": weights[d], "seed": params.seed,
                        "n_train": len(x), "attack": attack, "patch_seed": s}
+                if bpda:  # otherwise the same patch as the _adaptive cell: one cache entry for both
+                    key["bpda"] = True
                 files[(d, cell, s)] = resume_dir("evaluate_patches", key) / "result.pt"
-                if not files[(d, cell, s)].is_file():
+                if not files[(d, cell, s)].is_file() and files[(d, cell, s)] not in {files[j] for j in jobs}:
                     jobs.append((d, cell, s))
     if jobs:
         init_ray()
         data = ray.put((x, y))
         items = [{"spec": specs[d], "data": data, "cfg": patch_training_config(p, side, ADAPTIVE_PATCH_ATTACKS[c]),
-                  "seed": s, "num_threads": params.resources.num_cpus} for d, c, s in jobs]
+                  "seed": s, "num_threads": params.resources.num_cpus,
+                  "bpda": c.endswith("_bpda") and _has_fnc(specs[d])} for d, c, s in jobs]
         results = ray_map(patch_task, items, num_cpus=params.resources.num_cpus, num_gpus=params.resources.num_gpus,
                           desc="adaptive patches (defense x attack x seed)")
         for job, r in zip(jobs, results, strict=True):
@@ -307,6 +313,11 @@ def _adaptive_patches(
             out[(d, cell)] = (torch.stack([r["patch"] for r in runs]),
                               [files[(d, cell, s)].parent.name for s in p.seeds])
     return out
+
+
+def _has_fnc(spec: dict[str, Any]) -> bool:
+    """Whether a checkpoint dict's model has feature norm clipping (its defenses list)."""
+    return any((d.get("name") if isinstance(d, dict) else d) == "fnc" for d in spec.get("defenses", []))
 
 
 def fit_images(params: Params, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -324,7 +335,8 @@ def _markdown(df: pd.DataFrame, params: Params) -> str:
     head = (f"# {params.model.name}: evaluation matrix ({params.profile} profile)\n\n"
             "Fractions in [0, 1]; `_std` is the standard deviation over patch seeds; `l0` is the fraction of input "
             "values changed, `l2`/`linf` in pixel units of [0, 1]. Patch attacks are made on the undefended model "
-            "and transferred; `*_adaptive` patches are made on each defended model itself (white box); per-image "
+            "and transferred; `*_adaptive` patches are made on each defended model itself (white box), `*_bpda` ones "
+            "also pass FNC's clipping as the identity in the backward pass (BPDA); per-image "
             "attacks are white-box on each model.\n\n")
     return head + df[cols].to_markdown(index=False, floatfmt=".4f", missingval="") + "\n"
 

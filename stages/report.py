@@ -167,7 +167,11 @@ def _fnc(rep: Report, params: Params, ev: dict, run) -> None:
                                       ("accuracy under AdvP (transferred)", "advp", "robust_accuracy", p["advp"]),
                                       ("accuracy under LaVAN (transferred)", "lavan", "robust_accuracy", p["lavan"]),
                                       ("accuracy under AdvP (adaptive)", "advp_adaptive", "robust_accuracy", None),
-                                      ("accuracy under LaVAN (adaptive)", "lavan_adaptive", "robust_accuracy", None)):
+                                      ("accuracy under LaVAN (adaptive)", "lavan_adaptive", "robust_accuracy", None),
+                                      ("accuracy under AdvP (adaptive, BPDA through FNC)", "advp_bpda",
+                                       "robust_accuracy", None),
+                                      ("accuracy under LaVAN (adaptive, BPDA through FNC)", "lavan_bpda",
+                                       "robust_accuracy", None)):
         for d in ("none", "fnc"):
             ours = _cell(ev, d, attack, key)
             if ours is None:

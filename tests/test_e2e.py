@@ -218,6 +218,18 @@ def test_adaptive_patches_are_white_box_on_each_defense(smoke_project):
         assert fnc[attack] != fnc[attack.removesuffix("_adaptive")]  # other patches, other numbers
 
 
+def test_bpda_patches_pass_the_clipping_on_fnc_only(smoke_project):
+    """``advp_bpda``: on the baseline the baseline's patches; on FNC patches trained with the
+    clipping's backward replaced by the identity, other patches than the plain adaptive ones,
+    that still do harm."""
+    cells = json.loads((smoke_project["dir"] / "metrics" / "evaluate.json").read_text())["resnet20"]
+    assert cells["none"]["advp_bpda"] == cells["none"]["advp"]
+    fnc = cells["fnc"]["advp_bpda"]
+    assert fnc["n_seeds"] == len(smoke_project["params"]["patch"]["seeds"])
+    assert fnc["robust_accuracy"] < fnc["clean_accuracy"]
+    assert fnc != cells["fnc"]["advp_adaptive"]
+
+
 def test_a_new_defended_model_reruns_only_its_own_stage(smoke_project):
     """Adding a defended model to ``defended`` adds one train_defended instance and reruns
     nothing upstream; once it exists, evaluate (which reads the models folder) is stale."""

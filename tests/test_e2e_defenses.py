@@ -42,6 +42,16 @@ def test_every_defense_is_in_the_matrix(defenses_project):
         assert m["clean_accuracy"] == pytest.approx(cells[name]["none"]["clean_accuracy"], abs=tol), name
 
 
+def test_bpda_cells_equal_the_adaptive_ones_without_fnc(defenses_project):
+    """``advp_bpda`` only differs from ``advp_adaptive`` where there is a clipping to pass: every
+    other defense reuses the adaptive patches (one cache entry), FNC gets its own."""
+    cells = _evaluate(defenses_project)
+    for defense, row in cells.items():
+        if defense != "fnc":
+            assert row["advp_bpda"] == row["advp_adaptive"], defense
+    assert cells["fnc"]["advp_bpda"] != cells["fnc"]["advp_adaptive"]
+
+
 def test_adversarial_training_raises_pgd_robustness(defenses_project):
     cells = _evaluate(defenses_project)
     m = json.loads((defenses_project["dir"] / "metrics" / "train_defended" / "madry.json").read_text())

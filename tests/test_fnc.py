@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.defenses.fnc import FeatureNormClipping, feature_norm_clip, fnc_modules, insert_fnc, set_fnc_alpha
+from pipeline.defenses.fnc import (
+    FeatureNormClipping,
+    feature_norm_clip,
+    fnc_modules,
+    insert_fnc,
+    set_fnc_alpha,
+    set_fnc_bpda,
+)
 from pipeline.models import build_model
 
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
@@ -126,3 +133,38 @@ def test_bad_alpha_and_double_insertion_rejected():
         insert_fnc(model, 1.0)
     with pytest.raises(ValueError, match="no block"):
         insert_fnc(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1)), 1.0)
+
+
+def test_bpda_keeps_the_forward_and_passes_the_gradient_as_the_identity():
+    """Athalye et al. 2018, Section 4.1: the clipped map forward, the identity backward. Without
+    BPDA the gradient along a clipped vector's own direction is only alpha / (H W) (its norm is
+    pinned at the threshold, which moves with the mean norm alone), which is what starves a
+    white-box patch attack on FNC."""
+    torch.manual_seed(0)
+    f = torch.rand(2, 4, 16, 16)
+    f[0, :, 1, 1] *= 50  # one vector far above the mean: clipped
+    a = f.clone().requires_grad_(True)
+    b = f.clone().requires_grad_(True)
+    out_exact, out_bpda = feature_norm_clip(a, 1.0), feature_norm_clip(b, 1.0, bpda=True)
+    assert torch.allclose(out_exact, out_bpda, atol=1e-6)  # equal up to float rounding
+    v = f[0, :, 1, 1] / f[0, :, 1, 1].norm()  # the clipped vector's direction
+    w = torch.zeros_like(f)
+    w[0, :, 1, 1] = v
+    (out_exact * w).sum().backward()
+    (out_bpda * w).sum().backward()
+    assert torch.equal(b.grad, w)  # identity
+    along = float(a.grad[0, :, 1, 1] @ v)  # the exact gradient along the clipped direction
+    assert along == pytest.approx(1.0 / 256, rel=0.05)  # alpha / (H W): through the mean norm only
+
+
+def test_set_fnc_bpda_switches_every_module_and_leaves_predictions():
+    torch.manual_seed(1)
+    model = build_model("resnet20", 10, (0.5,) * 3, (0.25,) * 3).eval()
+    insert_fnc(model, 1.0)
+    x = torch.rand(3, 3, 32, 32)
+    before = model(x)
+    assert set_fnc_bpda(model, True) == len(fnc_modules(model)) == 9
+    assert all(m.bpda for m in fnc_modules(model))
+    assert torch.allclose(model(x), before, atol=1e-6)
+    set_fnc_bpda(model, False)
+    assert not any(m.bpda for m in fnc_modules(model))

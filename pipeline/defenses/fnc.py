@@ -29,7 +29,7 @@ from pipeline.defenses.base import DefenseParams, register_defense
 from pipeline.models import fnc_block_types
 
 
-def feature_norm_clip(f: torch.Tensor, alpha: float, eps: float = 1e-6) -> torch.Tensor:
+def feature_norm_clip(f: torch.Tensor, alpha: float, eps: float = 1e-6, bpda: bool = False) -> torch.Tensor:
     """Clip the channel L2 norm at every position to ``alpha`` x the sample's mean norm.
 
     Args:
@@ -37,6 +37,11 @@ def feature_norm_clip(f: torch.Tensor, alpha: float, eps: float = 1e-6) -> torch
         alpha: clipping factor, > 0 (the authors use 1.0 to 1.2).
         eps: added to norms before dividing, so all-zero vectors (common after
             ReLU) stay zero instead of becoming NaN.
+        bpda: Backward Pass Differentiable Approximation (Athalye et al., ICML 2018,
+            Section 4.1): the forward value is the clipped map, the backward pass
+            treats the clipping as the identity (straight-through). For an adaptive
+            attacker: the clipping's own gradient vanishes along exactly the feature
+            vectors a patch inflates (their norm is fixed at the threshold once clipped).
 
     Returns:
         Tensor of the same shape, dtype and device: vectors whose norm is at most
@@ -51,6 +56,10 @@ def feature_norm_clip(f: torch.Tensor, alpha: float, eps: float = 1e-6) -> torch
         raise ValueError(f"fnc.alpha must be > 0, got {alpha}")
     norm = torch.linalg.vector_norm(f, ord=2, dim=1, keepdim=True)  # (N, 1, H, W)
     threshold = alpha * norm.mean(dim=(2, 3), keepdim=True)  # (N, 1, 1, 1), per sample
+    if bpda:
+        with torch.no_grad():
+            scale = torch.clamp(threshold / (norm + eps), max=1.0)
+        return f + (f * scale - f).detach()
     scale = torch.clamp(threshold / (norm + eps), max=1.0)
     return f * scale
 
@@ -61,6 +70,10 @@ class FeatureNormClipping(nn.Module):
     Args:
         alpha: clipping factor ``fnc.alpha`` (> 0).
         eps: zero-norm guard.
+
+    Attributes:
+        bpda: when True the backward pass treats the clipping as the identity (see
+            :func:`feature_norm_clip`); set by :func:`fnc_bpda` for adaptive attacks only.
     """
 
     def __init__(self, alpha: float, eps: float = 1e-6) -> None:
@@ -68,10 +81,11 @@ class FeatureNormClipping(nn.Module):
         if alpha <= 0:
             raise ValueError(f"fnc.alpha must be > 0, got {alpha}")
         self.alpha, self.eps = float(alpha), float(eps)
+        self.bpda = False
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, C, H, W), see :func:`feature_norm_clip`."""
-        return feature_norm_clip(f, self.alpha, self.eps)
+        return feature_norm_clip(f, self.alpha, self.eps, self.bpda)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, eps={self.eps}"
@@ -127,6 +141,15 @@ def insert_fnc(
 def fnc_modules(model: nn.Module) -> list[FeatureNormClipping]:
     """The :class:`FeatureNormClipping` modules inserted in ``model``."""
     return [m for m in model.modules() if isinstance(m, FeatureNormClipping)]
+
+
+def set_fnc_bpda(model: nn.Module, on: bool) -> int:
+    """Switch BPDA (identity backward through the clipping) on or off for every FNC module of
+    ``model``; the forward values never change. Returns the number of modules switched."""
+    modules = fnc_modules(model)
+    for m in modules:
+        m.bpda = bool(on)
+    return len(modules)
 
 
 def set_fnc_alpha(model: nn.Module, alpha: float) -> None:
