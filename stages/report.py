@@ -219,10 +219,13 @@ def _madry(rep: Report, params: Params, ev: dict, run) -> None:
     p = papers.MADRY_CIFAR10
     if adv:
         rows = []
-        for d in adv:
-            for label, attack, key, paper in (("clean accuracy", "none", "clean_accuracy", p["clean_accuracy"]),
-                                              ("accuracy under PGD", "pgd", "robust_accuracy", p["pgd20"])):
+        for d in ["none", *adv]:  # the undefended model for context; the paper's row is its adversarial one
+            for label, attack, key, published in (("clean accuracy", "none", "clean_accuracy", p["clean_accuracy"]),
+                                                  ("accuracy under PGD", "pgd", "robust_accuracy", p["pgd20"])):
                 ours = _cell(ev, d, attack, key)
+                if ours is None:
+                    continue
+                paper = None if d == "none" else published
                 rows.append({"metric": label, "model": d, "paper": _pct(paper), "ours": _pct(ours),
                              "difference": _diff(ours, paper), "MLflow run": run("evaluate")})
         rep.table(pd.DataFrame(rows))
