@@ -230,8 +230,12 @@ def _madry(rep: Report, params: Params, ev: dict, run) -> None:
                              "difference": _diff(ours, paper), "MLflow run": run("evaluate")})
         rep.table(pd.DataFrame(rows))
         pgd = params.attack_params("pgd")
+        how = "; ".join(f"{d}: {(c := params.defended_config(d)).train['adversarial'].get('method', 'pgd')} "
+                        f"training, {c.train.get('epochs', params.train.epochs)} epochs from "
+                        f"{'scratch' if c.init == 'scratch' else 'the baseline'}" for d in adv)
         rep.p(f"Paper: {p['source']}; {p['setting']}. Ours: {params.model.name}, PGD with {pgd['steps']} steps and "
-              f"{pgd['restarts']} restart(s) on {pgd['n_images']} test images, training as in each model's section.")
+              f"{pgd['restarts']} restart(s) on {pgd['n_images']} test images; {how}. FGSM with a random start "
+              f"(Wong et al. 2020) is the budget method; PGD-7 (params/madry-cifar10.yaml) reproduces the paper's.")
     else:
         rep.p("No adversarially trained model in this profile (a `defended` recipe with `train.adversarial`; see "
               "params/smoke-defenses.yaml). Paper: clean 87.3 %, PGD-20 45.8 % (" + p["source"] + ").")
