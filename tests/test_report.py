@@ -23,12 +23,17 @@ def _write(path: str, obj) -> None:
     Path(path).write_text(json.dumps(obj))
 
 
-def test_report_puts_ours_beside_the_papers(tmp_path, monkeypatch):
+def _project(tmp_path: Path, monkeypatch, profile: str) -> None:
+    """Work in ``tmp_path`` with ``params/<profile>.yaml`` as params.yaml and a private MLflow store."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    raw = yaml.safe_load((ROOT / "params" / "smoke.yaml").read_text())
+    raw = yaml.safe_load((ROOT / "params" / f"{profile}.yaml").read_text())
     raw["data"]["root"] = str(tmp_path)
     Path("params.yaml").write_text(yaml.safe_dump(raw))
+
+
+def test_report_puts_ours_beside_the_papers(tmp_path, monkeypatch):
+    _project(tmp_path, monkeypatch, "smoke")
     cell = {"clean_accuracy": 0.8, "robust_accuracy": 0.5, "attack_success_rate": 0.3, "n_images": 900}
     _write("metrics/evaluate.json", {"resnet20": {
         "none": {"none": {"clean_accuracy": 0.8, "n_images": 1000}, "advp": cell},
@@ -64,11 +69,7 @@ def test_report_puts_ours_beside_the_papers(tmp_path, monkeypatch):
 def test_imagenet_fnc_rows_are_marked_not_published_and_ifnr_uses_resnet50_stages(tmp_path, monkeypatch):
     """On ImageNet the seeds print none of FNC's numbers (no CIFAR-10 figure is borrowed), and for
     ResNet-50 the IFNR table reads the paper's own stages: bottleneck blocks 3, 7, 13 and 16."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    raw = yaml.safe_load((ROOT / "params" / "fnc-imagenet-reduced.yaml").read_text())
-    raw["data"]["root"] = str(tmp_path)
-    Path("params.yaml").write_text(yaml.safe_dump(raw))
+    _project(tmp_path, monkeypatch, "fnc-imagenet-reduced")
     cell = {"clean_accuracy": 0.7, "robust_accuracy": 0.5, "attack_success_rate": 0.3, "n_images": 999}
     _write("metrics/evaluate.json", {"resnet50": {
         "none": {"none": {"clean_accuracy": 0.76, "n_images": 1000}, "advp": cell},
