@@ -46,8 +46,13 @@ def test_bpda_cells_equal_the_adaptive_ones_without_fnc(defenses_project):
     """``advp_bpda`` only differs from ``advp_adaptive`` where there is a clipping to pass: every
     other defense reuses the adaptive patches (one cache entry), FNC gets its own."""
     cells = _evaluate(defenses_project)
+    randomized = {"random_resize_pad", "prm"}  # the same patches, but a new random draw at every evaluation
     for defense, row in cells.items():
-        if defense != "fnc":
+        if defense in randomized:
+            assert row["advp_bpda"]["clean_accuracy"] == row["advp_adaptive"]["clean_accuracy"], defense
+            assert row["advp_bpda"]["robust_accuracy"] == pytest.approx(row["advp_adaptive"]["robust_accuracy"],
+                                                                        abs=0.04), defense
+        elif defense != "fnc":
             assert row["advp_bpda"] == row["advp_adaptive"], defense
     assert cells["fnc"]["advp_bpda"] != cells["fnc"]["advp_adaptive"]
 
