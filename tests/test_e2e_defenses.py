@@ -46,12 +46,14 @@ def test_bpda_cells_equal_the_adaptive_ones_without_fnc(defenses_project):
     """``advp_bpda`` only differs from ``advp_adaptive`` where there is a clipping to pass: every
     other defense reuses the adaptive patches (one cache entry), FNC gets its own."""
     cells = _evaluate(defenses_project)
-    randomized = {"random_resize_pad", "prm"}  # the same patches, but a new random draw at every evaluation
+    # the same patches, but a new random draw at every evaluation: two draws on 900 images differ by
+    # about 0.02 (one standard deviation), so 0.08 fails by chance about once in 10,000 runs
+    randomized = {"random_resize_pad", "prm"}
     for defense, row in cells.items():
         if defense in randomized:
             assert row["advp_bpda"]["clean_accuracy"] == row["advp_adaptive"]["clean_accuracy"], defense
             assert row["advp_bpda"]["robust_accuracy"] == pytest.approx(row["advp_adaptive"]["robust_accuracy"],
-                                                                        abs=0.04), defense
+                                                                        abs=0.08), defense
         elif defense != "fnc":
             assert row["advp_bpda"] == row["advp_adaptive"], defense
     assert cells["fnc"]["advp_bpda"] != cells["fnc"]["advp_adaptive"]
