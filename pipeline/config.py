@@ -31,6 +31,7 @@ from pydantic import (
 from pipeline.attacks.base import Budget
 from pipeline.defenses.adversarial import AdversarialTrainingParams
 from pipeline.models import list_models
+from pipeline.models.registry import TORCHVISION_PREFIX, torchvision_weights
 
 DATASETS = ("cifar10", "gtsrb", "imagenet")
 """Datasets the prepare stage knows (class names, normalisation constants)."""
@@ -114,21 +115,15 @@ class ModelConfig(_Strict):
     @field_validator("checkpoint")
     @classmethod
     def _checkpoint_exists(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith("torchvision:") and not Path(v).expanduser().is_file():
+        if v is not None and not v.startswith(TORCHVISION_PREFIX) and not Path(v).expanduser().is_file():
             raise ValueError(f"no such file {v!r}; give the path of a state dict for model.name, "
                              "torchvision:<WEIGHTS> for a torchvision model, or null to train")
         return v
 
     @model_validator(mode="after")
     def _torchvision_weights_exist(self) -> ModelConfig:
-        if self.checkpoint is not None and self.checkpoint.startswith("torchvision:"):
-            from pipeline.models.registry import torchvision_weights_file
-
-            try:  # checks the names only: nothing is downloaded while validating
-                torchvision_weights_file(self.name, self.checkpoint.removeprefix("torchvision:"), download=False)
-            except ValueError as exc:
-                if "downloaded by train_baseline" not in str(exc):
-                    raise
+        if self.checkpoint is not None and self.checkpoint.startswith(TORCHVISION_PREFIX):
+            torchvision_weights(self.name, self.checkpoint.removeprefix(TORCHVISION_PREFIX))  # names only
         return self
 
     @field_validator("name")

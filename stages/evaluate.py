@@ -281,28 +281,29 @@ def _adaptive_patches(
                                  p.train_images, params.seed)
     shared = patch_cache_params(p)
     out: dict[tuple[str, str], tuple[torch.Tensor, Any]] = {}
-    jobs, files = [], {}
+    jobs, files, bpda_of, queued = [], {}, {}, set()
     for d in params.evaluate.defenses:
         for cell in attacks:
             attack = ADAPTIVE_PATCH_ATTACKS[cell]
             if d == "none":  # the baseline's own patches are already white box
                 out[(d, cell)] = baseline_patches[attack], baseline_ids[attack]
                 continue
-            bpda = cell.endswith("_bpda") and _has_fnc(specs[d])
+            bpda = bpda_of[(d, cell)] = cell.endswith("_bpda") and _has_fnc(specs[d])
             for s in p.seeds:
                 key = {"patch": shared, "model": name, "weights": weights[d], "seed": params.seed,
                        "n_train": len(x), "attack": attack, "patch_seed": s}
                 if bpda:  # otherwise the same patch as the _adaptive cell: one cache entry for both
                     key["bpda"] = True
                 files[(d, cell, s)] = resume_dir("evaluate_patches", key) / "result.pt"
-                if not files[(d, cell, s)].is_file() and files[(d, cell, s)] not in {files[j] for j in jobs}:
+                if not files[(d, cell, s)].is_file() and files[(d, cell, s)] not in queued:
                     jobs.append((d, cell, s))
+                    queued.add(files[(d, cell, s)])
     if jobs:
         init_ray()
         data = ray.put((x, y))
         items = [{"spec": specs[d], "data": data, "cfg": patch_training_config(p, side, ADAPTIVE_PATCH_ATTACKS[c]),
                   "seed": s, "num_threads": params.resources.num_cpus,
-                  "bpda": c.endswith("_bpda") and _has_fnc(specs[d])} for d, c, s in jobs]
+                  "bpda": bpda_of[(d, c)]} for d, c, s in jobs]
         results = ray_map(patch_task, items, num_cpus=params.resources.num_cpus, num_gpus=params.resources.num_gpus,
                           desc="adaptive patches (defense x attack x seed)")
         for job, r in zip(jobs, results, strict=True):

@@ -56,10 +56,10 @@ def feature_norm_clip(f: torch.Tensor, alpha: float, eps: float = 1e-6, bpda: bo
         raise ValueError(f"fnc.alpha must be > 0, got {alpha}")
     norm = torch.linalg.vector_norm(f, ord=2, dim=1, keepdim=True)  # (N, 1, H, W)
     threshold = alpha * norm.mean(dim=(2, 3), keepdim=True)  # (N, 1, 1, 1), per sample
-    if bpda:
+    if bpda:  # the identity-backward of input_transforms.bpda, the clipping computed without a graph
         with torch.no_grad():
-            scale = torch.clamp(threshold / (norm + eps), max=1.0)
-        return f + (f * scale - f).detach()
+            clipped = feature_norm_clip(f, alpha, eps)
+        return f + (clipped - f).detach()
     scale = torch.clamp(threshold / (norm + eps), max=1.0)
     return f * scale
 
@@ -73,7 +73,7 @@ class FeatureNormClipping(nn.Module):
 
     Attributes:
         bpda: when True the backward pass treats the clipping as the identity (see
-            :func:`feature_norm_clip`); set by :func:`fnc_bpda` for adaptive attacks only.
+            :func:`feature_norm_clip`); set by :func:`set_fnc_bpda` for adaptive attacks only.
     """
 
     def __init__(self, alpha: float, eps: float = 1e-6) -> None:

@@ -31,6 +31,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,6 +46,7 @@ __all__ = [
     "load_state_dict_file",
     "model_info",
     "register_model",
+    "torchvision_weights",
     "torchvision_weights_file",
 ]
 
@@ -190,6 +192,25 @@ TORCHVISION_PREFIX = "torchvision:"
 weights of the architecture (e.g. ``torchvision:IMAGENET1K_V1`` for resnet50)."""
 
 
+def torchvision_weights(name: str, weights: str) -> Any:
+    """torchvision's weights enum member ``weights`` of model ``name`` (nothing is downloaded).
+
+    Raises:
+        ValueError: ``name`` is not a torchvision model, or has no weights called ``weights``
+            (the message lists the ones it has).
+    """
+    if model_info(name).family != "torchvision":
+        raise ValueError(f"{name!r} is not a torchvision model; torchvision: weights exist for "
+                         f"{', '.join(n for n in list_models() if _REGISTRY[n][0].family == 'torchvision')}")
+    from torchvision.models import get_model_weights
+
+    enum = get_model_weights(name)
+    if weights not in enum.__members__:
+        raise ValueError(f"torchvision has no weights {weights!r} for {name}; choose one of: "
+                         f"{', '.join(enum.__members__)}")
+    return enum[weights]
+
+
 def torchvision_weights_file(name: str, weights: str, download: bool = True) -> Path:
     """The local file of torchvision's published weights ``weights`` of model ``name``.
 
@@ -213,17 +234,7 @@ def torchvision_weights_file(name: str, weights: str, download: bool = True) -> 
     import os
     import urllib.parse
 
-    info = model_info(name)
-    if info.family != "torchvision":
-        raise ValueError(f"{name!r} is not a torchvision model; torchvision: weights exist for "
-                         f"{', '.join(n for n in list_models() if _REGISTRY[n][0].family == 'torchvision')}")
-    from torchvision.models import get_model_weights
-
-    enum = get_model_weights(name)
-    if weights not in enum.__members__:
-        raise ValueError(f"torchvision has no weights {weights!r} for {name}; choose one of: "
-                         f"{', '.join(enum.__members__)}")
-    url = enum[weights].url
+    url = torchvision_weights(name, weights).url
     path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urllib.parse.urlparse(url).path)
     if path.is_file():
         return path
