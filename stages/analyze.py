@@ -172,8 +172,23 @@ def _pixel_robustness(results, out_dir: Path, params: Params, specs, inputs) -> 
     metrics = {f"{d}.{w}_k{k:g}.accuracy": float(v) for (d, w, k), v in
                df.set_index(["defense", "which", "k"])["accuracy"].items()}
     # PRM's metric (Hwang et al. 2019): IoU of the top gradient pixels with the designated set
-    metrics.update({f"{d}.prm_iou": r["prm_iou"] for d, r in results.items() if r.get("prm_iou") is not None})
+    iou = {d: r["prm_iou"] for d, r in results.items() if r.get("prm_iou") is not None}
+    metrics.update({f"{d}.prm_iou": v for d, v in iou.items()})
+    if iou:  # the report's PRM table reads it
+        from pipeline.analysis.pixel_robustness import PRM_IOU_CSV, random_set_iou
+
+        table = pd.DataFrame([{"defense": d, "prm_iou": v, "random_set_iou": random_set_iou(_prm_fraction(params, d))}
+                              for d, v in iou.items()])
+        atomic_write(out_dir / PRM_IOU_CSV, lambda f: f.write(table.to_csv(index=False).encode()))
     return metrics
+
+
+def _prm_fraction(params: Params, defense: str) -> float:
+    """The designated fraction of defended model ``defense``'s PRM layer (params)."""
+    from pipeline.defenses.prm import PRMParams
+
+    entry = next(e for e in params.defended_config(defense).defenses if e["name"] == "prm")
+    return PRMParams.model_validate({k: v for k, v in entry.items() if k != "name"}).fraction
 
 
 def _loss_landscape(results, out_dir: Path, params: Params, specs, inputs) -> dict:

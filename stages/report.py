@@ -22,6 +22,7 @@ import mlflow
 import pandas as pd
 
 from pipeline import papers
+from pipeline.analysis.pixel_robustness import PRM_IOU_CSV
 from pipeline.cli import run_stage
 from pipeline.config import Params
 from pipeline.io import atomic_write
@@ -277,9 +278,20 @@ def _prm(rep: Report, params: Params, ev: dict, run) -> None:
         rep.figure(csv.parent / "pixel_robustness.png", "robustness maps and accuracy against the fraction attacked")
     prm = [d for d in params.defended if any(e["name"] == "prm" for e in params.defended_config(d).defenses)]
     if prm:
-        rows = [{"model": d, "clean": _pct(_cell(ev, d, "none", "clean_accuracy")),
-                 "PGD": _pct(_cell(ev, d, "pgd", "robust_accuracy")), "paper": NOT_PUBLISHED} for d in prm]
+        iou_csv = csv.parent / PRM_IOU_CSV
+        iou = pd.read_csv(iou_csv).set_index("defense") if iou_csv.is_file() else None
+        rows = []
+        for d in prm:
+            row = {"model": d, "clean": _pct(_cell(ev, d, "none", "clean_accuracy")),
+                   "PGD": _pct(_cell(ev, d, "pgd", "robust_accuracy"))}
+            if iou is not None and d in iou.index:
+                row |= {"IoU (top gradient pixels, designated set)": f"{iou.at[d, 'prm_iou']:.3f}",
+                        "IoU of a random set": f"{iou.at[d, 'random_set_iou']:.3f}"}
+            rows.append(row | {"paper": NOT_PUBLISHED})
         rep.table(pd.DataFrame(rows))
+        rep.p("Clean and PGD accuracy of each PRM model with its designated pixels re-drawn at every inference (the "
+              "defense); the IoU is measured with the set it was trained on held fixed (`analysis.defenses` must list "
+              "the model for it). The seed document gives no PRM numbers.")
 
 
 def _blurnet(rep: Report, params: Params, rp2: dict, run) -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline.checkpoint import model_spec, save_checkpoint
+from pipeline.checkpoint import apply_defenses, model_spec, save_checkpoint
 from pipeline.config import DataConfig, load_params
 from pipeline.data.prepare import prepare_dataset
 from pipeline.io import save_torch
@@ -44,7 +44,7 @@ def project(tmp_path, monkeypatch):
 
     monkeypatch.setattr(stage, "init_ray", lambda: None)
     monkeypatch.setattr(stage, "ray_map", lambda fn, items, **_: [fn(i) for i in items])
-    return {"dir": tmp_path, "stage": stage, "raw": raw}
+    return {"dir": tmp_path, "stage": stage, "raw": raw, "meta": meta}
 
 
 def test_feature_norms_ifnr_per_block_and_defense(project):
@@ -94,3 +94,23 @@ def test_spectrum_of_the_victims(project):
     assert len(df) == 2 * 2 * 2  # defenses x (input, layer 1) x (natural, perturbed)
     assert df["high_frequency_fraction"].between(0, 1).all()
     assert Path("analysis/resnet20/spectrum/spectrum_none.png").is_file()
+
+
+def test_pixel_robustness_writes_prm_iou_for_prm_models(project):
+    """A PRM model with lambda 1 sees only its designated pixels: the analysis' IoU with the
+    set it was trained with is 1, beside the random-set reference 0.143; the baseline has
+    no PRM layer and no row."""
+    raw, tmp = project["raw"], project["dir"]
+    meta = project["meta"]
+    prm = [{"name": "prm", "fraction": 0.25, "lam": 1.0}]
+    model = apply_defenses(build_model("resnet20", 10, meta["mean"], meta["std"]), prm)
+    save_checkpoint(model_spec("resnet20", 10, meta["mean"], meta["std"], model.state_dict(), prm),
+                    tmp / "models/resnet20/prm.pt")
+    raw["defended"] = ["fnc", "prm"]
+    raw["prm"] = {"defenses": prm, "train": {"epochs": 1}}
+    raw["analysis"]["defenses"] = ["none", "prm"]
+    Path("params.yaml").write_text(yaml.safe_dump(raw))
+    project["stage"].main(load_params("params.yaml"), "pixel_robustness")
+    iou = pd.read_csv("analysis/resnet20/pixel_robustness/prm_iou.csv")
+    assert list(iou["defense"]) == ["prm"]
+    assert iou["prm_iou"].iloc[0] == pytest.approx(1.0) and iou["random_set_iou"].iloc[0] == pytest.approx(1 / 7)

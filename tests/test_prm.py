@@ -110,3 +110,15 @@ def test_prm_iou_measures_the_training_set_even_when_the_defense_redraws_it():
     rmap = pixel_robustness_map(model, x, y, batch_size=8)
     assert designated_iou(rmap, layer.training_mask(32, 32)) < 0.5
     assert prm_iou(build_model("resnet20", 10, MEAN, STD).eval(), x, y) is None
+
+
+def test_random_set_iou_is_the_mean_iou_of_unrelated_sets():
+    """f / (2 - f) is what a ranking unrelated to the designated set scores: the mean
+    IoU of random 25 % masks against a random map over many draws (0.143 for f = 0.25)."""
+    from pipeline.analysis.pixel_robustness import random_set_iou
+
+    gen = torch.Generator().manual_seed(0)
+    draws = [designated_iou(torch.rand(32, 32, generator=gen), designated_mask(32, 32, 0.25, gen)) for _ in range(400)]
+    assert sum(draws) / len(draws) == pytest.approx(random_set_iou(0.25), abs=0.005)
+    assert random_set_iou(0.25) == pytest.approx(1 / 7)
+    assert random_set_iou(1.0) == 1.0

@@ -92,3 +92,26 @@ def test_imagenet_fnc_rows_are_marked_not_published_and_ifnr_uses_resnet50_stage
                                                                                  "16 of 16"]
     assert ifnr["conv3_4"][2] == "1.80" and ifnr["conv3_4"][4:6] == ["0.70", "1.70"]
     assert "the same network and dataset" in md
+
+
+def test_prm_table_reads_the_iou_of_the_pixel_robustness_analysis(tmp_path, monkeypatch):
+    _project(tmp_path, monkeypatch, "prm-cifar10-reduced")
+    _write("metrics/evaluate.json", {"resnet20": {
+        "none": {"none": {"clean_accuracy": 0.9, "n_images": 1000}, "pgd": {"robust_accuracy": 0.0}},
+        "prm": {"none": {"clean_accuracy": 0.8, "n_images": 1000}, "pgd": {"robust_accuracy": 0.125}}}})
+    _write("metrics/train_baseline.json", {"clean_accuracy": 0.9, "epochs": 30})
+    _write("metrics/rp2.json", {"enabled": False})
+    out = Path("analysis/resnet20/pixel_robustness")
+    out.mkdir(parents=True)
+    (out / "accuracy_vs_k.csv").write_text("defense,which,k,accuracy\nnone,top,0.25,0.1\nprm,top,0.25,0.3\n")
+    (out / "prm_iou.csv").write_text("defense,prm_iou,random_set_iou\nprm,0.6123,0.142857\n")
+    import stages.report as stage
+
+    stage.main(load_params("params.yaml"))
+    md = Path("reports/report.md").read_text()
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in md.splitlines() if line.startswith("|")]
+    header = next(r for r in rows if "IoU of a random set" in r)
+    row = dict(zip(header, next(r for r in rows if r[0] == "prm" and len(r) == len(header)), strict=True))
+    assert row["clean"] == "80.00 %" and row["PGD"] == "12.50 %"
+    assert row["IoU (top gradient pixels, designated set)"] == "0.612" and row["IoU of a random set"] == "0.143"
+    assert row["paper"] == "not published"
