@@ -24,7 +24,7 @@ import pandas as pd
 from pipeline import papers
 from pipeline.analysis.pixel_robustness import PRM_IOU_CSV
 from pipeline.cli import run_stage
-from pipeline.config import Params
+from pipeline.config import PATCH_ATTACKS, Params
 from pipeline.io import atomic_write
 from pipeline.tracking import git_commit, stage_run, tracking_uri
 
@@ -40,6 +40,11 @@ def _load(path: str | Path) -> Any:
 
 def _pct(v: float | None) -> str:
     return NOT_PUBLISHED if v is None else ("n/a" if isinstance(v, float) and math.isnan(v) else f"{100 * v:.2f} %")
+
+
+def _ours(v: float | None) -> str:
+    """Our number in percent, or empty where this run has no such cell."""
+    return "" if v is None else _pct(v)
 
 
 def _diff(ours: float | None, paper: float | None) -> str:
@@ -139,6 +144,7 @@ def main(params: Params) -> None:
         rows.append({"model": d, "clean accuracy": _pct(m.get("clean_accuracy")), "epochs": m.get("epochs", 0),
                      "MLflow run": run(f"train_defended@{d}")})
     rep.table(pd.DataFrame(rows))
+    _defense_suite(rep, params, ev, run)
     _fnc(rep, params, ev, run)
     _madry(rep, params, ev, run)
     _mask_fgsm(rep, params, ev, run)
@@ -155,6 +161,52 @@ def main(params: Params) -> None:
 
 def _cell(ev: dict, defense: str, attack: str, key: str) -> float | None:
     return ev.get(defense, {}).get(attack, {}).get(key)
+
+
+PATCH_KINDS = (("", "transferred"), ("_adaptive", "adaptive"), ("_bpda", "BPDA through FNC"))
+"""Patch cells of one universal patch attack: made on the baseline, on each defended model
+(white box), and on each defended model with FNC passed by BPDA (Athalye et al. 2018)."""
+
+
+def _defense_suite(rep: Report, params: Params, ev: dict, run) -> None:
+    """One row per evaluated model: clean accuracy, PGD, and every patch cell with its
+    attack success rate; the worst patch cell is the defense's patch robustness."""
+    defenses = [d for d in params.evaluate.defenses if d in ev]
+    if len(defenses) < 2:
+        return
+    rep.h(2, "Every defense in one matrix")
+    pgd = params.attack_params("pgd") if "pgd" in params.evaluate.attacks else None
+    rows = []
+    for d in defenses:
+        row = {"model": d, "clean": _ours(_cell(ev, d, "none", "clean_accuracy"))}
+        if pgd is not None:
+            row[f"PGD-{pgd['steps']} robust"] = _ours(_cell(ev, d, "pgd", "robust_accuracy"))
+        patch_cells = []
+        for attack in PATCH_ATTACKS:
+            for suffix, kind in PATCH_KINDS:
+                if f"{attack}{suffix}" not in params.evaluate.attacks:
+                    continue
+                cell = ev[d].get(f"{attack}{suffix}", {})
+                robust, success = cell.get("robust_accuracy"), cell.get("attack_success_rate")
+                row[f"{attack} {kind}: robust / success"] = \
+                    "" if robust is None else f"{_pct(robust)} / {_pct(success)}"
+                if robust is not None:
+                    patch_cells.append((robust, f"{attack} {kind}"))
+        if patch_cells:
+            worst = min(patch_cells)
+            row["worst patch cell"] = f"{_pct(worst[0])} ({worst[1]})"
+        rows.append(row)
+    rep.table(pd.DataFrame(rows))
+    pgd_text = (f"PGD: {pgd['steps']} steps of {float(pgd['step_size']) * 255:.3g}/255 within "
+                f"eps {float(pgd['eps']) * 255:.3g}/255 ({pgd['norm']}), {pgd['restarts']} restart(s), "
+                f"white box on each model, {pgd['n_images']} test images. ") if pgd is not None else ""
+    rep.p(f"Robust accuracy / attack success rate (target class {params.patch.target}) in percent. "
+          f"Patches: {params.patch.area_fraction:.0%} of the image, {len(params.patch.seeds)} seed(s), the target "
+          f"class's test images left out; 'transferred' made on the undefended model, 'adaptive' made on each "
+          f"model itself (BPDA through non-differentiable input transforms, EOT over randomized ones), 'BPDA through "
+          f"FNC' also passes FNC's clipping by its identity; on a model without FNC the last two are one patch. "
+          f"{pgd_text}No paper reports this matrix; each paper's own numbers are in its section below. MLflow "
+          f"run {run('evaluate')}.")
 
 
 def _fnc(rep: Report, params: Params, ev: dict, run) -> None:

@@ -59,6 +59,14 @@ def test_report_puts_ours_beside_the_papers(tmp_path, monkeypatch):
     assert row[2:5] == ["69.98 %", "60.00 %", "-9.98 pt"]  # paper, ours, ours minus paper
     row = next(r for r in rows if r[:2] == ["accuracy under AdvP (adaptive)", "fnc"])
     assert row[2:4] == ["not published", "40.00 %"]
+    # the defense-suite matrix: every patch cell with its success rate, the worst one named
+    header = next(r for r in rows if "worst patch cell" in r)
+    suite = {r[0]: dict(zip(header, r, strict=True)) for r in rows if len(r) == len(header) and r[0] in ("none", "fnc")}
+    assert suite["none"]["advp transferred: robust / success"] == "50.00 % / 30.00 %"
+    assert suite["fnc"]["advp transferred: robust / success"] == "60.00 % / 30.00 %"
+    assert suite["fnc"]["worst patch cell"] == "40.00 % (advp adaptive)"
+    assert suite["fnc"]["lavan adaptive: robust / success"] == ""  # listed in the profile, not in the metrics
+    assert suite["fnc"]["PGD-10 robust"] == ""  # no cell: a missing value is never invented
     black = next(r for r in rows if r[0] == "blurnet5")  # the slides' 5x5 row, black box
     assert "17.50 %" in black and "25.00 %" in black and "+7.50 pt" in black
     assert "![the evaluation matrix" in md
