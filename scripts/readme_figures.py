@@ -6,8 +6,8 @@ Run from the project root after the default profile has run to the end:
 
 Writes ``patch_fnc.png`` (the first AdvP patch, and test images clean, patched under the
 baseline, patched under FNC, each with its prediction) and copies the run's metrics,
-plots, report and ``dvc.lock`` into ``--out``. Nothing here is drawn by hand: every number
-and picture comes from the run's outputs.
+plots, report, every defended model's training metrics and ``dvc.lock`` into ``--out``.
+Nothing here is drawn by hand: every number and picture comes from the run's outputs.
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ from pipeline.config import load_params  # noqa: E402
 from pipeline.data import load_meta, load_tensors  # noqa: E402
 from pipeline.io import load_torch, save_figure  # noqa: E402
 
-COPY = ["metrics/prepare.json", "metrics/train_baseline.json", "metrics/train_defended/fnc.json",
-        "metrics/generate_patches.json", "metrics/evaluate.json", "metrics/evaluate.md", "plots/evaluate.csv",
-        "plots/evaluate.png", "plots/train_baseline.csv", "plots/patch_loss.csv", "reports/report.md",
-        "reports/report.html", "dvc.lock", "analysis/{model}/feature_norms/ifnr.png",
-        "analysis/{model}/feature_norms/ifnr.csv", "analysis/{model}/pixel_robustness/pixel_robustness.png",
+COPY = ["metrics/prepare.json", "metrics/train_baseline.json", "metrics/generate_patches.json",
+        "metrics/evaluate.json", "metrics/evaluate.md", "plots/evaluate.csv", "plots/evaluate.png",
+        "plots/train_baseline.csv", "plots/patch_loss.csv", "reports/report.md", "reports/report.html", "dvc.lock",
+        "analysis/{model}/feature_norms/ifnr.png", "analysis/{model}/feature_norms/ifnr.csv",
+        "analysis/{model}/pixel_robustness/pixel_robustness.png", "analysis/{model}/pixel_robustness/prm_iou.csv",
         "analysis/{model}/loss_landscape/loss_landscape.png",
         "analysis/{model}/gradcam_distance/confidence_vs_distance.png"]
 
@@ -80,8 +80,9 @@ def main() -> None:
     for rel in COPY:
         src = Path(rel.format(model=params.model.name))
         if src.is_file():
-            shutil.copy2(src, args.out / src.name.replace("fnc.json", "train_defended_fnc.json")
-                         if "train_defended" in rel else args.out / src.name)
+            shutil.copy2(src, args.out / src.name)
+    for src in sorted(Path("metrics/train_defended").glob("*.json")):  # one file per defended model
+        shutil.copy2(src, args.out / f"train_defended_{src.name}")
     print(patch_figure(params, args.out))
 
 
