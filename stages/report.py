@@ -190,11 +190,11 @@ def _defense_suite(rep: Report, params: Params, ev: dict, run) -> None:
                 robust, success = cell.get("robust_accuracy"), cell.get("attack_success_rate")
                 row[f"{attack} {kind}: robust / success"] = \
                     "" if robust is None else f"{_pct(robust)} / {_pct(success)}"
-                if robust is not None:
-                    patch_cells.append((robust, f"{attack} {kind}"))
+                if robust is not None:  # ties go to the first kind: the same patch under two names
+                    patch_cells.append((robust, len(patch_cells), f"{attack} {kind}"))
         if patch_cells:
-            worst = min(patch_cells)
-            row["worst patch cell"] = f"{_pct(worst[0])} ({worst[1]})"
+            robust, _, label = min(patch_cells)
+            row["worst patch cell"] = f"{_pct(robust)} ({label})"
         rows.append(row)
     rep.table(pd.DataFrame(rows))
     pgd_text = (f"PGD: {pgd['steps']} steps of {float(pgd['step_size']) * 255:.3g}/255 within "
