@@ -14,8 +14,27 @@ from pathlib import Path
 from typing import IO, Any
 
 
+def _umask() -> int:
+    """The process's file-creation mask (read from /proc where it can be, so that nothing
+    is changed; otherwise set and restored at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
-    """Call ``write(fileobj)`` on a temporary file, fsync it, rename it to ``path``."""
+    """Call ``write(fileobj)`` on a temporary file, fsync it, rename it to ``path``.
+
+    The file gets the permissions a plain ``open(path, "w")`` would give it (``0o666``
+    less the umask), not the owner-only ``0o600`` of ``tempfile.mkstemp``, so reports
+    and metrics can be read by the group or a web server as any other output.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -23,6 +42,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
+            os.chmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
