@@ -334,8 +334,8 @@ def _prm(rep: Report, params: Params, ev: dict, run) -> None:
         iou = pd.read_csv(iou_csv).set_index("defense") if iou_csv.is_file() else None
         rows = []
         for d in prm:
-            row = {"model": d, "clean": _pct(_cell(ev, d, "none", "clean_accuracy")),
-                   "PGD": _pct(_cell(ev, d, "pgd", "robust_accuracy"))}
+            row = {"model": d, "clean": _ours(_cell(ev, d, "none", "clean_accuracy")),
+                   "PGD": _ours(_cell(ev, d, "pgd", "robust_accuracy"))}
             if iou is not None and d in iou.index:
                 row |= {"IoU (top gradient pixels, designated set)": f"{iou.at[d, 'prm_iou']:.3f}",
                         "IoU of a random set": f"{iou.at[d, 'random_set_iou']:.3f}"}
