@@ -185,10 +185,10 @@ def _pixel_robustness(results, out_dir: Path, params: Params, specs, inputs) -> 
 
 def _prm_fraction(params: Params, defense: str) -> float:
     """The designated fraction of defended model ``defense``'s PRM layer (params)."""
-    from pipeline.defenses.prm import PRMParams
+    from pipeline.defenses.base import parse_defense
 
     entry = next(e for e in params.defended_config(defense).defenses if e["name"] == "prm")
-    return PRMParams.model_validate({k: v for k, v in entry.items() if k != "name"}).fraction
+    return parse_defense(entry)[1].fraction
 
 
 def _loss_landscape(results, out_dir: Path, params: Params, specs, inputs) -> dict:
