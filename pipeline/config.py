@@ -87,6 +87,10 @@ class DataConfig(_Strict):
     download: bool = Field(False, description="use torchvision's download when root holds nothing")
     train_per_class: int | None = Field(None, gt=0, description="keep this many training images a class")
     test_per_class: int | None = Field(None, gt=0, description="keep this many test images a class")
+    val_per_class: int = Field(
+        100, ge=0, description="training images a class held out as the validation split (val.pt): every selection "
+                               "and calibration (adaptive restarts, detector thresholds) reads it, never the test "
+                               "split; 0: no validation split")
     num_shards: int = Field(8, ge=1, le=1024, description="decoding tasks (Ray) per split")
     lazy_threshold_mb: float = Field(
         4096.0, gt=0, description="datasets larger than this when decoded are indexed, not decoded"
@@ -94,6 +98,13 @@ class DataConfig(_Strict):
     image_size: int | None = Field(
         None, ge=8, le=1024, description="resize the shorter side to image_size / 0.875 and centre-crop "
                                          "image_size x image_size (ImageNet's evaluation view); null: as stored")
+
+    @model_validator(mode="after")
+    def _validation_fits(self) -> DataConfig:
+        if self.train_per_class is not None and self.val_per_class >= self.train_per_class:
+            raise ValueError(f"data.val_per_class ({self.val_per_class}) must be below data.train_per_class "
+                             f"({self.train_per_class}): the validation images come out of the training images")
+        return self
 
     @model_validator(mode="after")
     def _imagenet_needs_a_size(self) -> DataConfig:

@@ -1,6 +1,7 @@
 """DVC stage ``prepare``: decode the dataset once into uint8 tensors + meta.json.
 
-Writes ``data/prepared/<dataset>/{train.pt,test.pt,meta.json}`` (or lazy
+Writes ``data/prepared/<dataset>/{train.pt,val.pt,test.pt,meta.json}`` (validation:
+``data.val_per_class`` training images a class held out) (or lazy
 indexes for sets too large to decode) and ``metrics/prepare.json``.
 """
 
@@ -36,12 +37,13 @@ def main(params: Params) -> None:
     seconds = time.perf_counter() - start
     summary = {
         "n_train": meta["splits"]["train"]["n_images"],
+        "n_val": meta["splits"]["val"]["n_images"],
         "n_test": meta["splits"]["test"]["n_images"],
         "seconds": round(seconds, 2),
     }
     save_json(summary, "metrics/prepare.json")
-    log.info("prepared %s: %d train, %d test images (%s) in %.1f s", cfg.dataset,
-             summary["n_train"], summary["n_test"], meta["mode"], seconds)
+    log.info("prepared %s: %d train, %d validation, %d test images (%s) in %.1f s", cfg.dataset,
+             summary["n_train"], summary["n_val"], summary["n_test"], meta["mode"], seconds)
     with stage_run("prepare", params.mlflow.experiment, {"data": cfg.model_dump(mode="json"), "seed": params.seed},
                    tags={"profile": params.profile, "paper": params.mlflow.paper, "dataset": cfg.dataset}):
         log_metrics(summary)

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from pipeline.config import DataConfig
-from pipeline.data import DatasetError, LazyImageDataset, load_meta, load_split, load_tensors
-from pipeline.data.prepare import prepare_dataset, subset_per_class
+from pipeline.data import DatasetError, LazyImageDataset, load_meta, load_split, load_tensors, load_validation
+from pipeline.data.prepare import prepare_dataset, split_validation, subset_per_class
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 PER_CLASS = {"train": 4, "test": 2}
@@ -69,7 +69,7 @@ def make_batches(root: Path) -> Path:
 
 
 def cfg(root: Path, **kw) -> DataConfig:
-    return DataConfig(root=str(root), num_shards=3, **kw)
+    return DataConfig(root=str(root), num_shards=3, **{"val_per_class": 0, **kw})
 
 
 def sorted_pairs(x: torch.Tensor, y: torch.Tensor) -> list:
@@ -98,6 +98,41 @@ def test_subsets_are_per_class_and_deterministic(tmp_path):
     assert torch.equal(load_tensors(tmp_path / "a", "train")[0], load_tensors(tmp_path / "b", "train")[0])
     labels = np.repeat(np.arange(3), 10)
     assert not np.array_equal(subset_per_class(labels, 4, 0), subset_per_class(labels, 4, 1))
+
+
+def test_the_validation_split_is_held_out_of_the_training_images(tmp_path):
+    root = make_zip(tmp_path / "src")
+    meta = prepare_dataset(cfg(root, val_per_class=2), tmp_path / "out", seed=0)
+    assert meta["splits"]["val"]["per_class"] == dict.fromkeys(CLASSES, 2)
+    assert meta["splits"]["train"]["n_images"] == 40 - 2 * len(CLASSES)
+    x_tr, y_tr = load_tensors(tmp_path / "out", "train")
+    x_val, y_val = load_validation(tmp_path / "out")
+    # disjoint, and together exactly the training images of the source
+    assert not {img.numpy().tobytes() for img in x_tr} & {img.numpy().tobytes() for img in x_val}
+    ex, ey = fake_images("train")
+    assert sorted_pairs(torch.cat([x_tr, x_val]), torch.cat([y_tr, y_val])) == \
+        sorted_pairs(torch.from_numpy(ex), torch.from_numpy(ey))
+    # the test split is untouched and the draw is deterministic
+    assert meta["splits"]["test"]["n_images"] == len(fake_images("test")[1])
+    again = prepare_dataset(cfg(root, val_per_class=2), tmp_path / "again", seed=0)
+    assert again["splits"] == meta["splits"]
+    assert torch.equal(load_validation(tmp_path / "again")[0], x_val)
+
+
+def test_no_validation_split_is_a_one_line_error(tmp_path):
+    root = make_zip(tmp_path / "src")
+    prepare_dataset(cfg(root, val_per_class=0), tmp_path / "out", seed=0)
+    with pytest.raises(DatasetError, match="val_per_class"):
+        load_validation(tmp_path / "out")
+    with pytest.raises(ValueError, match="val_per_class"):
+        cfg(root, train_per_class=3, val_per_class=3)
+
+
+def test_split_validation_keeps_one_training_image_of_a_small_class():
+    labels = np.array([0] * 5 + [1] * 2)
+    train, val = split_validation(labels, np.arange(7), 3, seed=0)
+    assert sorted(np.concatenate([train, val])) == list(range(7))
+    assert (labels[val] == 0).sum() == 3 and (labels[val] == 1).sum() == 1
 
 
 def test_ray_style_mapper_is_used_for_decoding(tmp_path):

@@ -51,7 +51,7 @@ def fake_gtsrb(root: Path) -> Path:
 
 
 def cfg(root: Path, **kw) -> DataConfig:
-    return DataConfig(dataset="gtsrb", root=str(root), num_shards=2, **kw)
+    return DataConfig(dataset="gtsrb", root=str(root), num_shards=2, **{"val_per_class": 0, **kw})
 
 
 def test_dataset_description():

@@ -8,6 +8,7 @@ from pipeline.data.datasets import (
     load_meta,
     load_split,
     load_tensors,
+    load_validation,
     to_float,
 )
 from pipeline.data.sources import DatasetError
@@ -21,5 +22,6 @@ __all__ = [
     "load_meta",
     "load_split",
     "load_tensors",
+    "load_validation",
     "to_float",
 ]

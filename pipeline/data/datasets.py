@@ -272,7 +272,7 @@ def load_meta(prepared_dir: str | Path) -> dict[str, Any]:
 
 
 def load_split(prepared_dir: str | Path, split: str, transform: Any = None) -> Dataset:
-    """The prepared ``split`` ("train" or "test") as a dataset of uint8 images.
+    """The prepared ``split`` ("train", "val" or "test") as a dataset of uint8 images.
 
     Returns:
         :class:`TensorImageDataset` (mode ``tensor``) or :class:`LazyImageDataset`
@@ -302,6 +302,24 @@ def load_tensors(prepared_dir: str | Path, split: str) -> tuple[torch.Tensor, to
             "it in memory: raise data.lazy_threshold_mb or use per-class subsets"
         )
     return ds.x, ds.y
+
+
+def load_validation(prepared_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The validation split, ``(x uint8 (N, 3, H, W), y int64 (N,))``: training images held out
+    by prepare (``data.val_per_class`` a class) for every selection and calibration, so that no
+    value is chosen by looking at test images.
+
+    Raises:
+        DatasetError: the folder has no validation split (``data.val_per_class`` 0, or prepared
+            before the split existed), or it was prepared lazily.
+    """
+    from pipeline.data.sources import DatasetError
+
+    meta = load_meta(prepared_dir)
+    if not meta["splits"].get("val", {}).get("n_images"):
+        raise DatasetError(f"{prepared_dir}: no validation split; set data.val_per_class > 0 and rerun prepare "
+                           "(dvc repro prepare)")
+    return load_tensors(prepared_dir, "val")
 
 
 def to_float(x: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@
 Reads ``data.root`` in any layout of :mod:`pipeline.data.sources` (archives are
 read in place), optionally keeps a deterministic per-class subset, decodes the
 images in shards (one task each, fanned out by the caller's ``mapper``, Ray in
-the stage), and writes ``train.pt``, ``test.pt`` and ``meta.json`` into the
+the stage), holds ``data.val_per_class`` training images a class out as the
+validation split, and writes ``train.pt``, ``val.pt``, ``test.pt`` and ``meta.json`` into the
 output folder through a temporary folder, so a failed run leaves nothing behind.
 """
 
@@ -70,6 +71,32 @@ def subset_per_class(labels: np.ndarray, per_class: int | None, seed: int) -> np
         idx = np.flatnonzero(labels == c)
         keep.append(np.sort(rng.permutation(idx)[:per_class]))
     return np.sort(np.concatenate(keep))
+
+
+def split_validation(
+    labels: np.ndarray, keep: np.ndarray, per_class: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Hold ``per_class`` images of every class out of the kept training images.
+
+    Args:
+        labels: int (N,) labels of the whole training listing.
+        keep: sorted indices into ``labels`` of the training images kept (:func:`subset_per_class`).
+        per_class: validation images a class (0: none); a class with fewer kept images gives
+            all but one of them.
+        seed: seeds the draw (a stream of its own, so the training subset does not shift it).
+
+    Returns:
+        ``(train, val)``: disjoint sorted index arrays whose union is ``keep``.
+    """
+    if per_class <= 0:
+        return keep, keep[:0]
+    rng = np.random.default_rng([seed, 1])
+    val = []
+    for c in np.unique(labels[keep]):
+        idx = keep[labels[keep] == c]
+        val.append(rng.permutation(idx)[: min(per_class, len(idx) - 1)])
+    val_idx = np.sort(np.concatenate(val))
+    return np.setdiff1d(keep, val_idx), val_idx
 
 
 def resolve_source(cfg: DataConfig) -> Path:
@@ -151,16 +178,18 @@ def prepare_dataset(cfg: DataConfig, out_dir: str | Path, seed: int, mapper: Map
         _check_sorted_folders(listings, info.num_classes, cfg.dataset, root)
     per_class = {"train": cfg.train_per_class, "test": cfg.test_per_class}
     keep = {s: subset_per_class(listings[s].labels, per_class[s], seed) for s in SPLITS}
+    keep["train"], keep["val"] = split_validation(listings["train"].labels, keep["train"], cfg.val_per_class, seed)
+    listings["val"] = listings["train"]  # the validation split is held out of the training images
 
-    mode, shape = _storage_mode(listings["train"], keep["train"], len(keep["test"]), cfg.lazy_threshold_mb,
-                                cfg.image_size)
+    mode, shape = _storage_mode(listings["train"], np.concatenate([keep["train"], keep["val"]]), len(keep["test"]),
+                                cfg.lazy_threshold_mb, cfg.image_size)
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         counts = {}
-        for s in SPLITS:
+        for s in (*SPLITS, "val"):
             listing, idx = listings[s], keep[s]
             y = listing.labels[idx]
             if mode == "lazy":
@@ -175,7 +204,8 @@ def prepare_dataset(cfg: DataConfig, out_dir: str | Path, seed: int, mapper: Map
                     tmp / f"{s}_index.json",
                 )
             else:
-                x = _decode_split(listing, idx, cfg.num_shards, mapper, cfg.image_size)
+                x = (_decode_split(listing, idx, cfg.num_shards, mapper, cfg.image_size) if len(idx)
+                     else np.zeros((0, *shape), np.uint8))
                 save_torch({"x": torch.from_numpy(x), "y": torch.from_numpy(y)}, tmp / f"{s}.pt")
             counts[s] = {
                 "n_images": int(len(idx)),
@@ -194,7 +224,8 @@ def prepare_dataset(cfg: DataConfig, out_dir: str | Path, seed: int, mapper: Map
                 "root": str(root),
                 "sha256": _checksums(root, info.classes_file),
             },
-            "subset": {"train_per_class": cfg.train_per_class, "test_per_class": cfg.test_per_class, "seed": seed},
+            "subset": {"train_per_class": cfg.train_per_class, "test_per_class": cfg.test_per_class,
+                       "val_per_class": cfg.val_per_class, "seed": seed},
             "image_size": cfg.image_size,
         }
         save_json(meta, tmp / "meta.json")
