@@ -28,6 +28,7 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline.analysis.masking import MaskingParams
 from pipeline.attacks.base import Budget
 from pipeline.defenses.adversarial import AdversarialTrainingParams
 from pipeline.models import list_models
@@ -281,6 +282,10 @@ class PatchConfig(_Strict):
     location: Literal["random", "fixed"] = Field(
         "random", description="random placement per image (EOT) or the fixed bottom-right corner"
     )
+    adaptive_restarts: int = Field(
+        2, ge=0, le=100, description="random starts of every adaptive (white-box) patch search, beside the warm "
+                                     "start from the transferred patch; the start that attacks the validation split "
+                                     "best is kept")
 
     @model_validator(mode="after")
     def _scale_order(self) -> PatchConfig:
@@ -367,7 +372,7 @@ class RP2Config(_Strict):
         return self
 
 
-ANALYSES = ("feature_norms", "pixel_robustness", "loss_landscape", "gradcam_distance", "spectrum")
+ANALYSES = ("feature_norms", "pixel_robustness", "loss_landscape", "gradcam_distance", "spectrum", "masking")
 """The analyses of ``analyze@<name>`` (:mod:`pipeline.analysis`), one DVC stage instance each."""
 
 
@@ -391,6 +396,9 @@ class AnalysisConfig(_Strict):
     block: int = Field(6, ge=1, description="side of the noise block of the Grad-CAM distance experiment (pixels)")
     angles: int = Field(8, ge=1)
     gradcam_images: int = Field(200, ge=1)
+    masking: MaskingParams = Field(
+        default_factory=MaskingParams, description="gradient-masking checks (analyze@masking; Carlini et al. 2019, "
+                                                   "Section 5): pipeline.analysis.masking.MaskingParams")
 
     @field_validator("ks")
     @classmethod

@@ -95,6 +95,62 @@ def predict_shard(
     return out
 
 
+@torch.no_grad()
+def score_patches(
+    spec: dict[str, Any],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    patches: torch.Tensor,
+    placements: Placements,
+    target: int | None,
+    attack: str = "advp",
+    batch_size: int = 500,
+    num_threads: int = 1,
+) -> dict[str, torch.Tensor]:
+    """How well each candidate patch attacks one model on held-out images: what the
+    adaptive patch search selects by (on the validation split, never the test split).
+
+    Args:
+        spec: checkpoint dict of the (defended) model.
+        x: uint8 (n, 3, H, W) validation images (for a targeted patch, none of the target class).
+        y: int64 (n,) their labels.
+        patches: float (K, 3, s, s) candidates in [0, 1].
+        placements: n placements (one per image, the same for every candidate).
+        target: the patch's target class, or None.
+        attack: the loss of :func:`~pipeline.attacks.patch.patch_loss` (``advp`` / ``lavan``).
+        batch_size: images per forward pass.
+        num_threads: torch threads of this task.
+
+    Returns:
+        ``{"robust_accuracy": float64 (K,), "loss": float64 (K,)}`` on the CPU: the accuracy
+        (:func:`pipeline.metrics.robust_accuracy`) and the mean patch loss of each candidate;
+        lower is a stronger patch on both.
+
+    Raises:
+        ValueError: placements and images differ in number.
+    """
+    from pipeline.attacks.patch import patch_loss
+
+    if len(placements) != len(x):
+        raise ValueError(f"{len(placements)} placements for {len(x)} images")
+    torch.set_num_threads(max(1, num_threads))
+    device = default_device()
+    model = build_from_spec(spec).to(device).eval()
+    acc = torch.empty(len(patches), dtype=torch.float64)
+    loss = torch.empty(len(patches), dtype=torch.float64)
+    for k, patch in enumerate(patches.to(device)):
+        preds, total = [], 0.0
+        for s in range(0, len(x), batch_size):
+            xb = x[s : s + batch_size].to(device).float().div_(255)
+            yb = y[s : s + batch_size].to(device)
+            logits = model(apply_patch(xb, patch, placements[slice(s, s + len(xb))])).float()
+            preds.append(logits.argmax(1).cpu())
+            total += float(patch_loss(logits, yb, target, attack)) * len(xb)
+        acc[k] = robust_accuracy(torch.cat(preds), y, target).value
+        loss[k] = total / max(len(x), 1)
+    return {"robust_accuracy": acc, "loss": loss}
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     vals = [v for v in values if not math.isnan(v)]
     if not vals:
@@ -126,21 +182,78 @@ def cell_metrics(
     if pred_adv is None:
         return {"clean_accuracy": clean.value, "n_images": clean.n_images}
     n_seeds, n_placements, _ = pred_adv.shape
-    per_seed: dict[str, list[float]] = {"robust_accuracy": [], "attack_success_rate": [], "fooling_rate": []}
-    n_counted = 0
-    for k in range(n_seeds):
-        adv = pred_adv[k].reshape(-1)
-        c = pred_clean.repeat(n_placements)
-        y = labels.repeat(n_placements)
-        ra = robust_accuracy(adv, y, target)
-        per_seed["robust_accuracy"].append(ra.value)
-        per_seed["attack_success_rate"].append(attack_success_rate(c, adv, y, target).value)
-        per_seed["fooling_rate"].append(fooling_rate(c, adv).value)
-        n_counted = ra.n_images // n_placements
+    per_seed = cell_metrics_per_seed(pred_clean, pred_adv, labels, target)
     out: dict[str, float | int] = {"clean_accuracy": clean.value}
     for name, values in per_seed.items():
         out[name], out[f"{name}_std"] = _mean_std(values)
+    n_counted = robust_accuracy(pred_clean, labels, target).n_images
     out.update({"n_images": n_counted, "n_seeds": n_seeds, "placements": n_placements})
+    return out
+
+
+def worst_case_metrics(
+    pred_clean: torch.Tensor, preds: dict[str, torch.Tensor], labels: torch.Tensor, target: int | None
+) -> dict[str, float | int | str]:
+    """The worst case over several ways of making one universal patch attack (transferred,
+    adaptive, BPDA, EOT), per patch seed: what a defense's robustness to the attack is, since an
+    evaluation can only bound robustness from above (Carlini et al., "On Evaluating Adversarial
+    Robustness", 2019, Section 3).
+
+    Args:
+        pred_clean: int64 (N,) clean predictions.
+        preds: cell name -> int64 (S, P, N) predictions under its S patches (one per seed, the
+            same seeds in every cell) at P placements.
+        labels: int64 (N,).
+        target: the patch's target class, or None.
+
+    Returns:
+        ``robust_accuracy``: the mean over seeds of the lowest robust accuracy over the cells,
+        ``attack_success_rate``: the mean over seeds of the highest attack success rate, their
+        ``_std`` over seeds, ``worst_attack`` (the cell of the lowest robust accuracy of each
+        seed, comma-separated), ``clean_accuracy``, ``n_images``, ``n_seeds``, ``placements``.
+
+    Raises:
+        ValueError: no cells, or cells with different numbers of seeds or placements.
+    """
+    if not preds or len({tuple(p.shape) for p in preds.values()}) != 1:
+        raise ValueError(f"worst case needs cells of equal shape (S, P, N), got "
+                         f"{ {a: tuple(p.shape) for a, p in preds.items()} }")
+    per_cell = {a: cell_metrics_per_seed(pred_clean, p, labels, target) for a, p in preds.items()}
+    n_seeds = len(next(iter(per_cell.values()))["robust_accuracy"])
+    worst, robust, success = [], [], []
+    for k in range(n_seeds):
+        a = min(per_cell, key=lambda c: per_cell[c]["robust_accuracy"][k])  # ties: the first cell listed
+        worst.append(a)
+        robust.append(per_cell[a]["robust_accuracy"][k])
+        success.append(max(m["attack_success_rate"][k] for m in per_cell.values()))
+    first = next(iter(preds.values()))
+    out: dict[str, float | int | str] = {"clean_accuracy": clean_accuracy(pred_clean, labels).value}
+    out["robust_accuracy"], out["robust_accuracy_std"] = _mean_std(robust)
+    out["attack_success_rate"], out["attack_success_rate_std"] = _mean_std(success)
+    over = labels != target if target is not None else torch.ones_like(labels, dtype=torch.bool)
+    out.update({"worst_attack": ",".join(worst), "n_images": int(over.sum()), "n_seeds": n_seeds,
+                "placements": first.shape[1]})
+    return out
+
+
+def cell_metrics_per_seed(
+    pred_clean: torch.Tensor, pred_adv: torch.Tensor, labels: torch.Tensor, target: int | None
+) -> dict[str, list[float]]:
+    """Robust accuracy, attack success rate and fooling rate of every patch seed of a cell.
+
+    Args:
+        pred_clean: int64 (N,); pred_adv: int64 (S, P, N); labels: int64 (N,); target: class or None.
+
+    Returns:
+        metric -> S fractions in [0, 1] (each pools the P placements).
+    """
+    n_placements = pred_adv.shape[1]
+    c, y = pred_clean.repeat(n_placements), labels.repeat(n_placements)
+    out: dict[str, list[float]] = {"robust_accuracy": [], "attack_success_rate": [], "fooling_rate": []}
+    for adv in pred_adv.reshape(len(pred_adv), -1):
+        out["robust_accuracy"].append(robust_accuracy(adv, y, target).value)
+        out["attack_success_rate"].append(attack_success_rate(c, adv, y, target).value)
+        out["fooling_rate"].append(fooling_rate(c, adv).value)
     return out
 
 

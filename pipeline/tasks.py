@@ -18,7 +18,7 @@ from pipeline.attacks.patch import train_universal_patch
 from pipeline.checkpoint import apply_defenses, build_from_spec
 from pipeline.defenses.adjust import finetune_classifier, recalibrate_batchnorm
 from pipeline.distributed import node_id
-from pipeline.evaluation import attack_shard, fit_attack, predict_shard
+from pipeline.evaluation import attack_shard, fit_attack, predict_shard, score_patches
 from pipeline.train import accuracy, default_device, iterate_batches
 
 
@@ -29,7 +29,8 @@ def _get(value: Any) -> Any:
 def patch_task(item: dict[str, Any]) -> dict[str, Any]:
     """Train one universal patch. ``item``: spec, data (ref to (x, y) uint8/int64),
     cfg (:class:`PatchTrainingConfig`), seed, num_threads, and optionally bpda (True:
-    gradients pass FNC's clipping as the identity, :func:`pipeline.defenses.fnc.set_fnc_bpda`)."""
+    gradients pass FNC's clipping as the identity, :func:`pipeline.defenses.fnc.set_fnc_bpda`)
+    and init (the starting patch, float (3, s, s) in [0, 1]; None: zeros)."""
     from pipeline.defenses.fnc import set_fnc_bpda
 
     torch.set_num_threads(max(1, int(item["num_threads"])))
@@ -38,8 +39,19 @@ def patch_task(item: dict[str, Any]) -> dict[str, Any]:
     model = build_from_spec(item["spec"])
     if item.get("bpda"):
         set_fnc_bpda(model, True)
-    patch, history = train_universal_patch(model, x, y, item["cfg"], item["seed"], default_device())
+    patch, history = train_universal_patch(model, x, y, item["cfg"], item["seed"], default_device(),
+                                           init=item.get("init"))
     return {"patch": patch, "history": history, "seconds": time.perf_counter() - start, "node_id": node_id()}
+
+
+def score_patches_task(item: dict[str, Any]) -> dict[str, Any]:
+    """Score candidate patches on one model (:func:`score_patches`). ``item``: spec,
+    data (ref to the validation (x, y)), patches (K, 3, s, s), placements, target,
+    attack, batch_size, num_threads."""
+    x, y = _get(item["data"])
+    scores = score_patches(item["spec"], x, y, item["patches"], item["placements"], item["target"], item["attack"],
+                           item["batch_size"], int(item["num_threads"]))
+    return {**scores, "node_id": node_id()}
 
 
 def rp2_task(item: dict[str, Any]) -> dict[str, Any]:

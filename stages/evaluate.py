@@ -50,7 +50,7 @@ from pipeline.attacks.patch import (  # noqa: E402
 from pipeline.checkpoint import load_checkpoint  # noqa: E402
 from pipeline.cli import resume_dir, run_stage  # noqa: E402
 from pipeline.config import ADAPTIVE_PATCH_ATTACKS, PATCH_ATTACKS, Params  # noqa: E402
-from pipeline.data import load_meta, load_tensors  # noqa: E402
+from pipeline.data import load_meta, load_tensors, load_validation  # noqa: E402
 from pipeline.distributed import init_ray, ray_map  # noqa: E402
 from pipeline.evaluation import (  # noqa: E402
     attack_cell_metrics,
@@ -58,9 +58,10 @@ from pipeline.evaluation import (  # noqa: E402
     fixed_placements,
     noise_patches,
     test_order,
+    worst_case_metrics,
 )
 from pipeline.io import atomic_write, load_torch, save_json, save_png, save_torch, sha256_file  # noqa: E402
-from pipeline.tasks import attack_task, evaluate_task, fit_task, patch_task  # noqa: E402
+from pipeline.tasks import attack_task, evaluate_task, fit_task, patch_task, score_patches_task  # noqa: E402
 from pipeline.tracking import log_metrics, stage_run  # noqa: E402
 
 log = logging.getLogger("evaluate")
@@ -104,8 +105,9 @@ def main(params: Params) -> None:
     patches_of = {d: dict(patches) for d in ev.defenses}  # defense -> attack -> (S, 3, side, side)
     ids_of = {d: dict(patch_ids) for d in ev.defenses}
     adaptive = [a for a in ev.attacks if a in ADAPTIVE_PATCH_ATTACKS]
+    selection: dict[tuple[str, str], dict[str, Any]] = {}
     if adaptive:
-        made = _adaptive_patches(params, specs, weights, adaptive, side, patches, patch_ids)
+        made, selection = _adaptive_patches(params, specs, weights, adaptive, side, patches, patch_ids)
         for d in ev.defenses:
             for a in adaptive:
                 patches_of[d][a], ids_of[d][a] = made[(d, a)]
@@ -220,6 +222,14 @@ def main(params: Params) -> None:
                 n = len(c["pred_adv"])
                 table[d][a] = attack_cell_metrics(c["pred_clean"], c["pred_adv"], y[:n],
                                                   params.attack_params(a).get("target"), c["sizes"])
+            if (d, a) in selection:
+                table[d][a].update(selection[(d, a)])
+        for attack in PATCH_ATTACKS:  # the worst case over every way of making this attack's patch
+            variants = [a for a in (attack, *(c for c, b in ADAPTIVE_PATCH_ATTACKS.items() if b == attack))
+                        if a in ev.attacks]
+            if len(variants) > 1 and clean is not None:
+                table[d][f"{attack}_worst"] = worst_case_metrics(
+                    clean, {a: cells[(d, a)]["preds"] for a in variants}, y, params.patch.target)
     metrics = {name: table}
     save_json(metrics, "metrics/evaluate.json")
 
@@ -259,61 +269,118 @@ def main(params: Params) -> None:
 def _adaptive_patches(
     params: Params, specs: dict[str, dict], weights: dict[str, str], attacks: list[str], side: int,
     baseline_patches: dict[str, torch.Tensor], baseline_ids: dict[str, Any],
-) -> dict[tuple[str, str], tuple[torch.Tensor, Any]]:
-    """Patches optimised against each defended model itself (white box, adaptive).
+) -> tuple[dict[tuple[str, str], tuple[torch.Tensor, Any]], dict[tuple[str, str], dict[str, Any]]]:
+    """Patches optimised against each defended model itself (white box, adaptive), with
+    several starts, the best chosen on the validation split.
 
     For every defense of ``evaluate.defenses`` and adaptive cell ``<attack>_adaptive`` or
-    ``<attack>_bpda``: one patch per ``patch.seeds``, trained exactly as generate_patches
-    trains the baseline's (same params, images and seeds) but on the defended model,
-    gradients through its input transforms by BPDA (their own backward); ``_bpda`` cells
-    also pass FNC's clipping by BPDA (Athalye et al. 2018; on a model without FNC they
-    are the ``_adaptive`` patches, computed once). For ``none`` these are
-    the baseline's patches from ``patches/<model>/`` (``baseline_patches`` / ``baseline_ids``,
-    as the stage read them). Each patch is cached under
-    ``.cache/evaluate_patches/`` by the defended model's weights and the patch params;
-    the missing ones are one Ray task each.
+    ``<attack>_bpda``, and every ``patch.seeds``: the search trains, exactly as
+    generate_patches trains the baseline's patch (same params and images) but on the defended
+    model, from a warm start (the transferred patch of that seed) and from
+    ``patch.adaptive_restarts`` uniform random starts; gradients pass the model's input
+    transforms by BPDA (their own backward) and ``_bpda`` cells also pass FNC's clipping by BPDA
+    (Athalye et al., ICML 2018, Section 4.1; on a model without FNC they are the ``_adaptive``
+    patches, computed once). Among the candidates, the transferred patch itself and every
+    trained start, the one with the lowest robust accuracy on the validation split (then the
+    lowest patch loss) is kept: a white-box search that knows the defense is therefore never
+    weaker on held-out data than the transfer attack it starts from (Carlini et al., "On
+    Evaluating Adversarial Robustness", 2019, Section 4), and no test image takes part in the
+    choice. For ``none`` these are the baseline's own patches (``baseline_patches`` /
+    ``baseline_ids``, as the stage read them). Every trained start is cached under
+    ``.cache/evaluate_patches/`` by the defended model's weights, the patch params and the start;
+    the missing ones are one Ray task each, and the scoring is one Ray task per (defense, cell).
 
     Returns:
-        ``(defense, cell) -> (patches float (S, 3, side, side) in [0, 1], cache id)``.
+        ``(patches, selection)``: ``(defense, cell) -> (patches float (S, 3, side, side) in
+        [0, 1], cache id)``, and ``(defense, cell) -> {"selected_start": names per seed,
+        "val_robust_accuracy": of the kept patch per seed, "val_images": n}`` for defended models.
+
+    Raises:
+        DatasetError: the prepared data has no validation split (``data.val_per_class`` 0).
     """
-    name, p = params.model.name, params.patch
-    x, y = patch_training_images(*load_tensors(PREPARED / params.data.dataset, p.train_on), p.target,
-                                 p.train_images, params.seed)
-    shared = patch_cache_params(p)
+    name, p, ev = params.model.name, params.patch, params.evaluate
     out: dict[tuple[str, str], tuple[torch.Tensor, Any]] = {}
-    jobs, files, bpda_of, queued = [], {}, {}, set()
-    for d in params.evaluate.defenses:
-        for cell in attacks:
-            attack = ADAPTIVE_PATCH_ATTACKS[cell]
-            if d == "none":  # the baseline's own patches are already white box
-                out[(d, cell)] = baseline_patches[attack], baseline_ids[attack]
-                continue
-            bpda = bpda_of[(d, cell)] = cell.endswith("_bpda") and _has_fnc(specs[d])
-            for s in p.seeds:
+    for cell in attacks:  # the baseline's own patches are already white box
+        if "none" in ev.defenses:
+            out[("none", cell)] = baseline_patches[ADAPTIVE_PATCH_ATTACKS[cell]], baseline_ids[ADAPTIVE_PATCH_ATTACKS[cell]]
+    defended = [(d, cell) for d in ev.defenses if d != "none" for cell in attacks]
+    if not defended:
+        return out, {}
+    prepared = PREPARED / params.data.dataset
+    x_val, y_val = patch_training_images(*load_validation(prepared), p.target, None, params.seed)
+    x, y = patch_training_images(*load_tensors(prepared, p.train_on), p.target, p.train_images, params.seed)
+    shared = patch_cache_params(p)
+    starts = ["warm", *(f"random_{r}" for r in range(1, p.adaptive_restarts + 1))]
+    jobs, files, queued = [], {}, set()
+    for d, cell in defended:
+        attack = ADAPTIVE_PATCH_ATTACKS[cell]
+        bpda = cell.endswith("_bpda") and _has_fnc(specs[d])
+        for i, s in enumerate(p.seeds):
+            for start in starts:
                 key = {"patch": shared, "model": name, "weights": weights[d], "seed": params.seed,
-                       "n_train": len(x), "attack": attack, "patch_seed": s}
+                       "n_train": len(x), "attack": attack, "patch_seed": s, "start": start}
+                if start == "warm":
+                    key["init"] = baseline_ids[attack][i]
                 if bpda:  # otherwise the same patch as the _adaptive cell: one cache entry for both
                     key["bpda"] = True
-                files[(d, cell, s)] = resume_dir("evaluate_patches", key) / "result.pt"
-                if not files[(d, cell, s)].is_file() and files[(d, cell, s)] not in queued:
-                    jobs.append((d, cell, s))
-                    queued.add(files[(d, cell, s)])
+                f = files[(d, cell, s, start)] = resume_dir("evaluate_patches", key) / "result.pt"
+                if not f.is_file() and f not in queued:
+                    init = (baseline_patches[attack][i] if start == "warm" else  # random_<r>: its own stream
+                            torch.rand(3, side, side, generator=torch.Generator().manual_seed(
+                                10_000 * s + int(start.removeprefix("random_")))))
+                    jobs.append({"d": d, "cell": cell, "seed": s, "bpda": bpda, "init": init, "file": f})
+                    queued.add(f)
     if jobs:
         init_ray()
         data = ray.put((x, y))
-        items = [{"spec": specs[d], "data": data, "cfg": patch_training_config(p, side, ADAPTIVE_PATCH_ATTACKS[c]),
-                  "seed": s, "num_threads": params.resources.num_cpus,
-                  "bpda": bpda_of[(d, c)]} for d, c, s in jobs]
+        items = [{"spec": specs[j["d"]], "data": data, "seed": j["seed"], "init": j["init"], "bpda": j["bpda"],
+                  "cfg": patch_training_config(p, side, ADAPTIVE_PATCH_ATTACKS[j["cell"]]),
+                  "num_threads": params.resources.num_cpus} for j in jobs]
         results = ray_map(patch_task, items, num_cpus=params.resources.num_cpus, num_gpus=params.resources.num_gpus,
-                          desc="adaptive patches (defense x attack x seed)")
+                          desc=f"adaptive patches (defense x attack x seed x {len(starts)} start(s))")
         for job, r in zip(jobs, results, strict=True):
-            save_torch(r, files[job])
-    for d, cell, _s in files:
-        if (d, cell) not in out:
-            runs = [load_torch(files[(d, cell, s)]) for s in p.seeds]
-            out[(d, cell)] = (torch.stack([r["patch"] for r in runs]),
-                              [files[(d, cell, s)].parent.name for s in p.seeds])
-    return out
+            save_torch(r, job["file"])
+
+    # choose, per (defense, cell, seed), the candidate that attacks the validation split best
+    _, h, w = load_meta(prepared)["image_shape"]
+    if p.location == "fixed":
+        val_placements = corner_placements(len(x_val), (h, w), side)
+    else:  # a stream of its own: the test placements are not reused
+        val_placements = fixed_placements(len(x_val), 1, (h, w), side, ev.placement_seed + 1)
+    names = ["transferred", *starts]
+    groups: dict[tuple, list[str]] = {}  # (defense, attack, candidate files) -> the cells sharing them
+    for d, cell in defended:
+        group = tuple(files[(d, cell, s, start)] for s in p.seeds for start in starts)
+        groups.setdefault((d, ADAPTIVE_PATCH_ATTACKS[cell], group), []).append(cell)
+    candidates = {}
+    for (d, attack, group), _cells in groups.items():
+        trained = [load_torch(f)["patch"] for f in group]
+        per_seed = [[baseline_patches[attack][i], *trained[i * len(starts):(i + 1) * len(starts)]]
+                    for i in range(len(p.seeds))]
+        candidates[(d, attack, group)] = torch.stack([c for cs in per_seed for c in cs])
+    init_ray()
+    val_ref = ray.put((x_val, y_val))
+    items = [{"spec": specs[d], "data": val_ref, "patches": candidates[(d, attack, group)], "attack": attack,
+              "placements": val_placements, "target": p.target, "batch_size": ev.batch_size,
+              "num_threads": params.resources.num_cpus} for d, attack, group in groups]
+    scores = ray_map(score_patches_task, items, num_cpus=params.resources.num_cpus,
+                     num_gpus=params.resources.num_gpus, desc="select adaptive patches on the validation split")
+    selection: dict[tuple[str, str], dict[str, Any]] = {}
+    for (key, cells), score in zip(groups.items(), scores, strict=True):
+        k = len(names)
+        acc, loss = score["robust_accuracy"].view(-1, k), score["loss"].view(-1, k)
+        best = [min(range(k), key=lambda j, i=i: (float(acc[i, j]), float(loss[i, j]))) for i in range(len(p.seeds))]
+        chosen = torch.stack([candidates[key][i * k + j] for i, j in enumerate(best)])
+        d, attack, group = key
+        ids = [baseline_ids[attack][i] if j == 0 else group[i * len(starts) + j - 1].parent.name
+               for i, j in enumerate(best)]
+        info = {"selected_start": ",".join(names[j] for j in best),
+                "val_robust_accuracy": float(torch.stack([acc[i, j] for i, j in enumerate(best)]).mean()),
+                "val_robust_accuracy_transferred": float(acc[:, 0].mean()), "val_images": len(x_val)}
+        for cell in cells:
+            out[(d, cell)] = (chosen, ids)
+            selection[(d, cell)] = info
+    return out, selection
 
 
 def _has_fnc(spec: dict[str, Any]) -> bool:
@@ -331,13 +398,17 @@ def fit_images(params: Params, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _markdown(df: pd.DataFrame, params: Params) -> str:
     """The matrix as a markdown table (pandas + tabulate), one row per cell."""
     cols = [c for c in ("defense", "attack", "n_images", "clean_accuracy", "robust_accuracy", "robust_accuracy_std",
-                        "attack_success_rate", "attack_success_rate_std", "fooling_rate", "l0", "l2", "linf", "ssim")
+                        "attack_success_rate", "attack_success_rate_std", "fooling_rate", "l0", "l2", "linf", "ssim",
+                        "worst_attack", "selected_start", "val_robust_accuracy")
             if c in df]
     head = (f"# {params.model.name}: evaluation matrix ({params.profile} profile)\n\n"
             "Fractions in [0, 1]; `_std` is the standard deviation over patch seeds; `l0` is the fraction of input "
             "values changed, `l2`/`linf` in pixel units of [0, 1]. Patch attacks are made on the undefended model "
             "and transferred; `*_adaptive` patches are made on each defended model itself (white box), `*_bpda` ones "
-            "also pass FNC's clipping as the identity in the backward pass (BPDA); per-image "
+            "also pass FNC's clipping as the identity in the backward pass (BPDA); each adaptive search starts from "
+            "the transferred patch and from `patch.adaptive_restarts` random patches and keeps the start that attacks "
+            "the validation split best (`selected_start`, `val_robust_accuracy`); `*_worst` is the worst case over "
+            "the transferred and adaptive cells per seed (`worst_attack`: the cell that achieved it). Per-image "
             "attacks are white-box on each model.\n\n")
     return head + df[cols].to_markdown(index=False, floatfmt=".4f", missingval="") + "\n"
 

@@ -36,8 +36,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from torch import nn
 
 __all__ = [
-    "Attack", "AttackParams", "Budget", "attack_params_class", "build_attack", "frozen_eval", "list_attacks",
-    "register_attack",
+    "Attack", "AttackParams", "Budget", "attack_params_class", "build_attack", "frozen_eval", "is_randomized",
+    "list_attacks", "register_attack",
 ]
 
 
@@ -80,6 +80,14 @@ def frozen_eval(model: nn.Module) -> Iterator[nn.Module]:
         for p, g in zip(model.parameters(), grads, strict=True):
             p.requires_grad_(g)
         model.train(was_training)
+
+
+def is_randomized(model: nn.Module) -> bool:
+    """Whether ``model``'s forward pass is random in its current mode: some submodule has a
+    true ``randomized`` attribute (random resizing and padding; PRM re-drawing its designated
+    pixels at inference). Attacks average gradients over several draws on such a model
+    (expectation over transformation, EOT; Athalye et al., ICML 2018, Section 4.3)."""
+    return any(bool(getattr(m, "randomized", False)) for m in model.modules())
 
 
 class AttackParams(BaseModel):
@@ -197,7 +205,7 @@ def _load_all() -> None:
     """Import the modules that register attacks (idempotent)."""
     import importlib
 
-    for module in ("pgd", "mask_fgsm", "masked_pgd", "classic"):
+    for module in ("pgd", "mask_fgsm", "masked_pgd", "classic", "autoattack"):
         try:
             importlib.import_module(f"pipeline.attacks.{module}")
         except ModuleNotFoundError as exc:  # a module not written yet, not a missing dependency

@@ -242,6 +242,7 @@ def train_universal_patch(
     cfg: PatchTrainingConfig,
     seed: int,
     device: torch.device | str = "cpu",
+    init: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
     """Optimise one universal patch against ``model`` by signed-gradient descent on
     :func:`patch_loss` (AdvP or LaVAN), a fresh random placement (EOT) per image
@@ -256,10 +257,15 @@ def train_universal_patch(
         cfg: patch settings.
         seed: seeds the placements and the image order.
         device: where to compute.
+        init: the starting patch, float (3, s, s) in [0, 1] (a warm start from a
+            transferred patch, or a random start); ``None``: zeros, as the FNC authors.
 
     Returns:
         ``(patch, history)``: float32 (3, s, s) in [0, 1] on the CPU, and the
         mean loss of every epoch (floats).
+
+    Raises:
+        ValueError: unknown attack or location, or ``init`` of another shape or outside [0, 1].
     """
     from tqdm.auto import tqdm
 
@@ -270,7 +276,12 @@ def train_universal_patch(
         p.requires_grad_(False)
     dtype = amp_dtype(device, cfg.amp)
     gen = torch.Generator().manual_seed(seed)
-    patch = torch.zeros(3, cfg.side, cfg.side, device=device)  # zero start, as the authors
+    if init is None:
+        patch = torch.zeros(3, cfg.side, cfg.side, device=device)  # zero start, as the authors
+    elif init.shape != (3, cfg.side, cfg.side) or init.min() < 0 or init.max() > 1:
+        raise ValueError(f"init patch must be (3, {cfg.side}, {cfg.side}) in [0, 1], got {tuple(init.shape)}")
+    else:
+        patch = init.detach().to(device, torch.float32).clone()
     n, _, h, w = images.shape
     history = []
     step = cfg.step_size
@@ -336,9 +347,10 @@ def patch_training_config(patch: Any, side: int, attack: str) -> PatchTrainingCo
 
 def patch_cache_params(patch: Any) -> dict[str, Any]:
     """The ``patch`` params a trained patch depends on, for its cache key: all but
-    ``attacks`` and ``seeds`` (each patch is keyed by its own attack and seed), and
+    ``attacks`` and ``seeds`` (each patch is keyed by its own attack and seed),
+    ``adaptive_restarts`` (each start of an adaptive search is keyed by its own name), and
     ``amp`` only when set (so that keys from before it existed stay valid)."""
-    return patch.model_dump(exclude={"attacks", "seeds"} | ({"amp"} if patch.amp is None else set()))
+    return patch.model_dump(exclude={"attacks", "seeds", "adaptive_restarts"} | ({"amp"} if patch.amp is None else set()))
 
 
 def patch_training_images(

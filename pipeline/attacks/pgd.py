@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
-from .base import Attack, AttackParams, Budget, frozen_eval, register_attack
+from .base import Attack, AttackParams, Budget, frozen_eval, is_randomized, register_attack
 
 __all__ = [
     "FGSMAttack", "FGSMParams", "L2Step", "LinfStep", "PGDAttack", "PGDParams", "PGDResult", "ThreatModel",
@@ -55,6 +55,11 @@ class ThreatModel:
         random_start: start uniformly in the ball (L-inf) or on a random point
             inside it (L2) instead of at the clean image.
         restarts: independent runs; each image keeps the worst one (>= 1).
+        eot_samples: on a model whose forward pass is random
+            (:func:`~pipeline.attacks.base.is_randomized`), every step follows the mean
+            gradient of this many forward/backward passes (expectation over
+            transformation, Athalye et al., ICML 2018, Section 4.3) (>= 1); on a
+            deterministic model one pass, since every pass gives the same gradient.
     """
 
     norm: Literal["linf", "l2"] = "linf"
@@ -63,14 +68,16 @@ class ThreatModel:
     steps: int = 10
     random_start: bool = True
     restarts: int = 1
+    eot_samples: int = 1
 
     def __post_init__(self) -> None:
         if self.norm not in ("linf", "l2"):
             raise ValueError(f"norm must be 'linf' or 'l2', got {self.norm!r}")
         if self.eps <= 0 or self.step_size <= 0:
             raise ValueError(f"eps and step_size must be > 0 (pixel units of [0, 1]), got {self.eps}, {self.step_size}")
-        if self.steps < 1 or self.restarts < 1:
-            raise ValueError(f"steps and restarts must be >= 1, got {self.steps}, {self.restarts}")
+        if self.steps < 1 or self.restarts < 1 or self.eot_samples < 1:
+            raise ValueError(f"steps, restarts and eot_samples must be >= 1, got {self.steps}, {self.restarts}, "
+                             f"{self.eot_samples}")
 
 
 class _MaskedStep:
@@ -249,18 +256,19 @@ def pgd(
         raise ValueError("pgd expects images in [0, 1]; undo any normalisation (models normalise inside)")
     x0 = x.detach()
     stepper = STEPS[threat.norm](x0, threat.eps, threat.step_size, check_mask(mask, x0))
+    eot = threat.eot_samples if is_randomized(model) else 1
     best_x, best_loss = x0.clone(), torch.full((len(x0),), -torch.inf, device=x0.device)
     if threat.restarts == 1 and not record_loss:  # exactly ``steps`` forward/backward passes
         xa = stepper.random_start(generator) if threat.random_start else x0
         for _ in range(threat.steps):
-            xa = _ascent_step(model, xa, y, target, stepper)[0]
+            xa = _ascent_step(model, xa, y, target, stepper, eot)[0]
         return PGDResult(xa, None, None, None)
     history, finals = [], []
     for _ in range(threat.restarts):
         xa = stepper.random_start(generator) if threat.random_start else x0.clone()
         curve = []
         for _ in range(threat.steps):
-            xa, loss = _ascent_step(model, xa, y, target, stepper)
+            xa, loss = _ascent_step(model, xa, y, target, stepper, eot)
             curve.append(loss.mean())
         with torch.no_grad():
             final = attack_loss(model(xa), y, target)
@@ -274,15 +282,19 @@ def pgd(
 
 
 def _ascent_step(
-    model: nn.Module, xa: torch.Tensor, y: torch.Tensor, target: int | None, stepper: LinfStep | L2Step
+    model: nn.Module, xa: torch.Tensor, y: torch.Tensor, target: int | None, stepper: LinfStep | L2Step,
+    eot_samples: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One PGD iteration from ``xa``: the projected step (detached) and the
-    per-image objective at ``xa`` (detached, float (N,))."""
+    """One PGD iteration from ``xa``: the projected step (detached) along the mean gradient of
+    ``eot_samples`` passes, and the mean per-image objective at ``xa`` (detached, float (N,))."""
     xa = xa.detach().requires_grad_(True)
-    loss = attack_loss(model(xa), y, target)
-    (grad,) = torch.autograd.grad(loss.sum(), xa)
+    grad, loss = torch.zeros_like(xa), torch.zeros(len(xa), device=xa.device)
+    for _ in range(eot_samples):
+        sample = attack_loss(model(xa), y, target)
+        grad += torch.autograd.grad(sample.sum(), xa)[0]
+        loss += sample.detach()
     with torch.no_grad():
-        return stepper.project(stepper.step(xa.detach(), grad)), loss.detach()
+        return stepper.project(stepper.step(xa.detach(), grad / eot_samples)), loss / eot_samples
 
 
 def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, target: int | None = None) -> torch.Tensor:
@@ -354,6 +366,7 @@ class PGDParams(AttackParams):
         steps: iterations (>= 1).
         random_start: start at a random point of the ball.
         restarts: independent runs, worst case kept per image (>= 1).
+        eot_samples: gradient passes averaged per step on a randomised model (EOT, >= 1).
         target: inherited; a class index for a targeted attack, ``None`` untargeted.
     """
 
@@ -363,6 +376,8 @@ class PGDParams(AttackParams):
     steps: int = Field(10, ge=1, description="iterations")
     random_start: bool = True
     restarts: int = Field(1, ge=1, description="independent runs, worst case kept")
+    eot_samples: int = Field(1, ge=1, le=1000, description="gradient passes averaged per step on a randomised "
+                                                             "model (EOT); deterministic models take one")
 
     @field_validator("eps", "step_size")
     @classmethod
@@ -378,7 +393,7 @@ class PGDParams(AttackParams):
     def threat_model(self) -> ThreatModel:
         """These params as a :class:`ThreatModel`."""
         return ThreatModel(norm=self.norm, eps=self.eps, step_size=self.step_size, steps=self.steps,
-                           random_start=self.random_start, restarts=self.restarts)
+                           random_start=self.random_start, restarts=self.restarts, eot_samples=self.eot_samples)
 
 
 @register_attack("pgd")

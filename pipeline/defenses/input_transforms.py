@@ -279,6 +279,9 @@ class RandomResizePadParams(DefenseParams):
 class RandomResizePad(nn.Module):
     """:func:`random_resize_pad` as a module, random in every forward pass (attack it with EOT)."""
 
+    randomized = True
+    """Random in every forward pass (:func:`pipeline.attacks.base.is_randomized`)."""
+
     def __init__(self, params: RandomResizePadParams) -> None:
         super().__init__()
         self.pad = params.pad

@@ -68,6 +68,11 @@ class PRMConv(nn.Module):
         self.generator = torch.Generator().manual_seed(seed)
         self.mask: torch.Tensor | None = None
 
+    @property
+    def randomized(self) -> bool:
+        """True when the forward pass draws a new designated set (``randomize`` in eval mode)."""
+        return self.randomize and not self.training
+
     def weights(self, height: int, width: int, device: torch.device) -> torch.Tensor:
         """The per-pixel input weights (1 on the designated set, ``1 - lam`` elsewhere), (H, W)."""
         if self.mask is None or self.mask.shape != (height, width) or (self.randomize and not self.training):
