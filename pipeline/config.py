@@ -38,7 +38,7 @@ DATASETS = ("cifar10", "gtsrb", "imagenet")
 """Datasets the prepare stage knows (class names, normalisation constants)."""
 
 RESERVED_SECTIONS = ("profile", "seed", "data", "model", "train", "resources", "fnc", "patch", "evaluate", "rp2",
-                     "analysis", "attacks", "mlflow", "defended", "none", "baseline")
+                     "analysis", "attacks", "mlflow", "report", "defended", "none", "baseline")
 """Top-level keys that cannot name a defended model (``fnc`` is the built-in one)."""
 
 PATCH_ATTACKS = ("advp", "lavan")
@@ -416,6 +416,14 @@ class MLflowConfig(_Strict):
     paper: str = Field("FNC (Yu et al., ICCV 2021)", description="the paper this profile reproduces (a run tag)")
 
 
+class ReportConfig(_Strict):
+    """``report``: how the report stage reads the numbers."""
+
+    max_clean_drop: float = Field(
+        0.05, ge=0, le=1, description="a defense whose clean accuracy falls by more than this (a fraction: 0.05 = 5 "
+                                      "points) below the undefended model's is marked in the defense matrix")
+
+
 class Params(_Strict):
     """The whole params file."""
 
@@ -435,6 +443,7 @@ class Params(_Strict):
         description="per-image attack name -> its params (threat model as data); defaults where omitted",
     )
     mlflow: MLflowConfig = MLflowConfig()
+    report: ReportConfig = ReportConfig()
     defended: list[str] = Field(
         default_factory=lambda: ["fnc"],
         description="defended models made by train_defended; each but fnc is a top-level section (DefendedConfig)")

@@ -33,7 +33,7 @@ import torch
 
 from pipeline.attacks.patch import Placements, apply_patch, sample_placements
 from pipeline.checkpoint import build_from_spec
-from pipeline.metrics import attack_success_rate, clean_accuracy, fooling_rate, robust_accuracy
+from pipeline.metrics import attack_success_rate, clean_accuracy, fooling_rate, robust_accuracy, wilson_interval
 from pipeline.train import default_device
 
 
@@ -172,7 +172,8 @@ def cell_metrics(
         target: the patch's target class, or None (untargeted).
 
     Returns:
-        Clean cell: ``clean_accuracy`` and ``n_images``. Attack cell: also
+        Clean cell: ``clean_accuracy``, its 95 % Wilson interval (``clean_accuracy_ci_low`` /
+        ``_high``) and ``n_images``. Attack cell: ``clean_accuracy`` and
         ``robust_accuracy``, ``attack_success_rate``, ``fooling_rate`` (means
         over the S seeds; each pools the P placements), their ``_std`` over
         seeds, ``n_images`` (images counted by robust accuracy and the
@@ -180,7 +181,9 @@ def cell_metrics(
     """
     clean = clean_accuracy(pred_clean, labels)
     if pred_adv is None:
-        return {"clean_accuracy": clean.value, "n_images": clean.n_images}
+        low, high = wilson_interval(int((pred_clean == labels).sum()), clean.n_images)
+        return {"clean_accuracy": clean.value, "clean_accuracy_ci_low": low, "clean_accuracy_ci_high": high,
+                "n_images": clean.n_images}
     n_seeds, n_placements, _ = pred_adv.shape
     per_seed = cell_metrics_per_seed(pred_clean, pred_adv, labels, target)
     out: dict[str, float | int] = {"clean_accuracy": clean.value}
@@ -358,8 +361,8 @@ def attack_cell_metrics(
         sizes: per-image perturbation sizes, float (n,) each.
 
     Returns:
-        ``clean_accuracy`` (on the attacked subset), ``robust_accuracy``,
-        ``attack_success_rate``, ``fooling_rate``, ``n_images`` (images robust
+        ``clean_accuracy`` (on the attacked subset), ``robust_accuracy`` with its 95 %
+        Wilson interval (``robust_accuracy_ci_low`` / ``_high``), ``attack_success_rate``, ``fooling_rate``, ``n_images`` (images robust
         accuracy counts over), and the mean of each perturbation size over all
         attacked images (``l0`` fraction of values changed, ``l2``, ``linf``,
         ``l2_dissimilarity``, ``ssim``).
@@ -367,6 +370,8 @@ def attack_cell_metrics(
     out: dict[str, float | int] = {"clean_accuracy": clean_accuracy(pred_clean, labels).value}
     ra = robust_accuracy(pred_adv, labels, target)
     out["robust_accuracy"] = ra.value
+    out["robust_accuracy_ci_low"], out["robust_accuracy_ci_high"] = wilson_interval(
+        round(ra.value * ra.n_images) if ra.n_images else 0, ra.n_images)
     out["attack_success_rate"] = attack_success_rate(pred_clean, pred_adv, labels, target).value
     out["fooling_rate"] = fooling_rate(pred_clean, pred_adv).value
     out["n_images"] = ra.n_images

@@ -38,6 +38,24 @@ class Metric:
         return Metric(float((hits & over).sum()) / n if n else math.nan, n)
 
 
+def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion ``k / n`` (Wilson 1927), from SciPy's
+    ``binomtest(k, n).proportion_ci(method="wilson")``: what a rate over ``n`` images can be
+    told apart from. ``(nan, nan)`` over no images.
+
+    Raises:
+        ValueError: ``k`` outside [0, n] or ``confidence`` outside (0, 1).
+    """
+    if n == 0:
+        return math.nan, math.nan
+    if not 0 <= k <= n or not 0 < confidence < 1:
+        raise ValueError(f"need 0 <= k <= n and a confidence in (0, 1), got k={k}, n={n}, {confidence}")
+    from scipy.stats import binomtest
+
+    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
 def _check(*tensors: torch.Tensor) -> None:
     n = tensors[0].shape
     for t in tensors:

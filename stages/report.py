@@ -144,7 +144,9 @@ def main(params: Params) -> None:
         rows.append({"model": d, "clean accuracy": _pct(m.get("clean_accuracy")), "epochs": m.get("epochs", 0),
                      "MLflow run": run(f"train_defended@{d}")})
     rep.table(pd.DataFrame(rows))
-    _defense_suite(rep, params, ev, run)
+    verdicts, checks = _masking(params, ev)
+    _defense_suite(rep, params, ev, run, verdicts)
+    _masking_section(rep, params, verdicts, checks, run)
     _fnc(rep, params, ev, run)
     _madry(rep, params, ev, run)
     _mask_fgsm(rep, params, ev, run)
@@ -153,8 +155,11 @@ def main(params: Params) -> None:
     OUT.mkdir(exist_ok=True)
     atomic_write(OUT / "report.md", lambda f: f.write(rep.markdown().encode()))
     atomic_write(OUT / "report.html", lambda f: f.write(rep.html(title).encode()))
-    with stage_run("report", params.mlflow.experiment, {"profile": params.profile},
-                   {"profile": params.profile, "paper": params.mlflow.paper, "model": name}):
+    tags = {"profile": params.profile, "paper": params.mlflow.paper, "model": name}
+    tags |= {f"masking.{d}": v for d, v in verdicts.items()}
+    if verdicts:  # the models suspected of masking, in one tag the runs table can filter on
+        tags["masking"] = ",".join(d for d, v in verdicts.items() if v != "not suspected") or "none suspected"
+    with stage_run("report", params.mlflow.experiment, {"profile": params.profile}, tags):
         mlflow.log_artifacts(str(OUT), artifact_path="report")
     log.info("wrote %s and %s", OUT / "report.md", OUT / "report.html")
 
@@ -168,45 +173,168 @@ PATCH_KINDS = (("", "transferred"), ("_adaptive", "adaptive"), ("_bpda", "BPDA t
 (white box), and on each defended model with FNC passed by BPDA (Athalye et al. 2018)."""
 
 
-def _defense_suite(rep: Report, params: Params, ev: dict, run) -> None:
-    """One row per evaluated model: clean accuracy, PGD, and every patch cell with its
-    attack success rate; the worst patch cell is the defense's patch robustness."""
+def _with_spread(cell: dict, key: str) -> str:
+    """``57.16 % ± 1.20`` (standard deviation over patch seeds) or ``34.90 % [31.9, 38.0]`` (95 %
+    Wilson interval over images), whichever the cell has; empty for a missing cell."""
+    v = cell.get(key)
+    if v is None:
+        return ""
+    if cell.get(f"{key}_ci_low") is not None and not math.isnan(cell[f"{key}_ci_low"]):
+        return f"{_pct(v)} [{100 * cell[f'{key}_ci_low']:.1f}, {100 * cell[f'{key}_ci_high']:.1f}]"
+    std = cell.get(f"{key}_std")
+    return _pct(v) + (f" ± {100 * std:.2f}" if std and cell.get("n_seeds", 1) > 1 else "")
+
+
+def _worst_patch(ev: dict, d: str, attacks: list[str]) -> tuple[float, str] | None:
+    """The lowest robust accuracy over every patch cell of defense ``d``, with the cell's name:
+    the ``<attack>_worst`` cells where the matrix has them, else every transferred/adaptive cell."""
+    found = []
+    for attack in PATCH_ATTACKS:
+        worst = ev.get(d, {}).get(f"{attack}_worst")
+        if worst is not None:
+            found.append((worst["robust_accuracy"], f"{attack}: {worst['worst_attack']}"))
+            continue
+        for suffix, _ in PATCH_KINDS:
+            cell = ev.get(d, {}).get(f"{attack}{suffix}")
+            if f"{attack}{suffix}" in attacks and cell is not None:
+                found.append((cell["robust_accuracy"], f"{attack}{suffix}"))
+    return min(found, key=lambda t: t[0]) if found else None
+
+
+def _patch_masking_checks(params: Params, ev: dict) -> list[dict[str, Any]]:
+    """Check (a) for universal patches, per defended model and patch attack: the adaptive
+    (white-box) patch's attack success rate is at least the transferred one's minus twice its
+    noise (the larger of the standard deviation over seeds and the binomial standard error over
+    the images). Rows in the layout of ``analysis/<model>/masking/checks.csv``."""
+    rows = []
+    for d in (d for d in params.evaluate.defenses if d != "none" and d in ev):
+        for attack in PATCH_ATTACKS:
+            transferred = ev[d].get(attack)
+            adaptive = [(ev[d][f"{attack}{s}"], f"{attack}{s}") for s, _ in PATCH_KINDS[1:] if f"{attack}{s}" in ev[d]]
+            if transferred is None or not adaptive:
+                continue
+            best, name = max(adaptive, key=lambda t: t[0]["attack_success_rate"])
+            p, n = transferred["attack_success_rate"], max(int(transferred.get("n_images", 0)), 1)
+            noise = max(transferred.get("attack_success_rate_std") or 0.0, math.sqrt(p * (1 - p) / n))
+            passed = best["attack_success_rate"] >= p - 2 * noise
+            rows.append({"defense": d, "check": "a", "description": "white box not weaker than transfer (patch)",
+                         "value_label": f"{name} attack success rate", "value": best["attack_success_rate"],
+                         "reference_label": f"{attack} (transferred) attack success rate", "reference": p,
+                         "n_images": n, "p_value": math.nan, "passed": str(passed),
+                         "detail": f"{best['attack_success_rate']:.3f} >= {p:.3f} - 2 x {noise:.3f}"})
+    return rows
+
+
+def _masking(params: Params, ev: dict) -> tuple[dict[str, str], pd.DataFrame | None]:
+    """The gradient-masking verdict of every evaluated model ("suspected: a, d" or "not
+    suspected") from ``analysis/<model>/masking/checks.csv`` (analyze@masking) and the patch
+    check of :func:`_patch_masking_checks`, and all the checks as one table (None without any)."""
+    csv = Path("analysis") / params.model.name / "masking" / "checks.csv"
+    frames = [pd.read_csv(csv, dtype={"passed": str})] if csv.is_file() else []
+    patch_rows = _patch_masking_checks(params, ev)
+    if patch_rows:
+        frames.append(pd.DataFrame(patch_rows))
+    if not frames:
+        return {}, None
+    df = pd.concat(frames, ignore_index=True)
+    verdicts = {}
+    for d, g in df.groupby("defense", sort=False):
+        failed = sorted(set(g.loc[g["passed"] == "False", "check"]))
+        verdicts[d] = f"suspected: {', '.join(failed)}" if failed else "not suspected"
+    return verdicts, df
+
+
+def _masking_section(rep: Report, params: Params, verdicts: dict[str, str], df: pd.DataFrame | None, run) -> None:
+    """The gradient-masking checks of every model, each with its numbers and pass/fail."""
+    if df is None:
+        return
+    rep.h(2, "Gradient-masking checks")
+    table = df.assign(value=df["value"].map(lambda v: f"{100 * v:.2f} %"),
+                      reference=df["reference"].map(lambda v: f"{100 * v:.2f} %"),
+                      verdict=df["defense"].map(verdicts))
+    rep.table(table[["defense", "check", "description", "value_label", "value", "reference_label", "reference",
+                     "n_images", "passed", "verdict"]])
+    rep.p("Checks of Carlini et al. (2019, Section 5) and Athalye et al. (ICML 2018, Section 3): (a) white box not "
+          "weaker than transfer, for PGD (analyze@masking) and for the patches (adaptive attack success rate at least "
+          "the transferred one's minus twice its noise); (b) accuracy falls with eps and reaches the floor at 64/255; "
+          "(c) more iterations and restarts are not weaker; (d) the gradient-free Square attack is not markedly "
+          "stronger than the gradient attacks; (e) uniform noise is weaker than PGD. Per-image checks compare two "
+          "attacks on the same images with an exact McNemar test. A model failing any check is marked 'masking "
+          f"suspected': its robust numbers are upper bounds that a stronger attack may lower. MLflow runs "
+          f"{run('analyze@masking')} and {run('report')}.")
+    rep.figure(Path("analysis") / params.model.name / "masking" / "eps_sweep.png",
+               "robust accuracy under PGD against eps, per model, with Wilson intervals")
+
+
+def _defense_suite(rep: Report, params: Params, ev: dict, run, masking: dict[str, str]) -> None:
+    """One row per evaluated model: clean accuracy and its drop from the undefended model's,
+    per-image attacks, every patch cell with its attack success rate, and the headline: the
+    worst case over every patch cell, with the attack that achieved it."""
     defenses = [d for d in params.evaluate.defenses if d in ev]
     if len(defenses) < 2:
         return
+    attacks = params.evaluate.attacks
     rep.h(2, "Every defense in one matrix")
-    pgd = params.attack_params("pgd") if "pgd" in params.evaluate.attacks else None
-    rows = []
+    max_drop = params.report.max_clean_drop
+    base_clean = _cell(ev, "none", "none", "clean_accuracy")
+    per_image = [a for a in ("pgd", "autoattack") if a in attacks]
+    rows, notes = [], []
     for d in defenses:
-        row = {"model": d, "clean": _ours(_cell(ev, d, "none", "clean_accuracy"))}
-        if pgd is not None:
-            row[f"PGD-{pgd['steps']} robust"] = _ours(_cell(ev, d, "pgd", "robust_accuracy"))
-        patch_cells = []
+        clean = _cell(ev, d, "none", "clean_accuracy")
+        row = {"model": d, f"clean (n={ev[d]['none']['n_images']})": _with_spread(ev[d]["none"], "clean_accuracy")}
+        drop = None if base_clean is None or clean is None or d == "none" else base_clean - clean
+        marked = drop is not None and drop > max_drop + 1e-9  # 0.80 - 0.75 is not above 0.05
+        row["clean drop"] = "" if drop is None else f"{100 * drop:.2f} pt" + (" (marked)" if marked else "")
+        for a in per_image:
+            ap = params.attack_params(a)
+            label = f"PGD-{ap['steps']}" if a == "pgd" else "AutoAttack"
+            row[f"{label} (n={ap['n_images']})"] = _with_spread(ev[d].get(a, {}), "robust_accuracy")
         for attack in PATCH_ATTACKS:
+            if attack not in attacks and not any(f"{attack}{s}" in attacks for s, _ in PATCH_KINDS):
+                continue
             for suffix, kind in PATCH_KINDS:
-                if f"{attack}{suffix}" not in params.evaluate.attacks:
-                    continue
-                cell = ev[d].get(f"{attack}{suffix}", {})
-                robust, success = cell.get("robust_accuracy"), cell.get("attack_success_rate")
-                row[f"{attack} {kind}: robust / success"] = \
-                    "" if robust is None else f"{_pct(robust)} / {_pct(success)}"
-                if robust is not None:  # ties go to the first kind: the same patch under two names
-                    patch_cells.append((robust, len(patch_cells), f"{attack} {kind}"))
-        if patch_cells:
-            robust, _, label = min(patch_cells)
-            row["worst patch cell"] = f"{_pct(robust)} ({label})"
+                cell = ev[d].get(f"{attack}{suffix}")
+                if f"{attack}{suffix}" not in attacks or cell is None or (suffix and d == "none"):
+                    continue  # the baseline's adaptive patches are its transferred ones
+                text = f"{_with_spread(cell, 'robust_accuracy')} / {_pct(cell['attack_success_rate'])}"
+                if cell.get("selected_start"):
+                    text += f" (start: {cell['selected_start']})"
+                row[f"{attack} {kind}: robust / success"] = text
+        worst = _worst_patch(ev, d, attacks)
+        if worst is not None:
+            row["worst case under a patch (attack)"] = f"{_pct(worst[0])} ({worst[1]})"
+        if masking:
+            row["gradient masking"] = masking.get(d, "")
+        flags = []
+        if marked:
+            flags.append(f"clean accuracy {100 * drop:.1f} pt below the undefended model's (more than "
+                         f"{100 * max_drop:.0f} pt): its robust numbers buy robustness with accuracy")
+        if worst is not None and clean is not None and worst[0] > clean:
+            flags.append("more accurate under the patch than clean: the defense damages clean images (its detector "
+                         "or filter fires on the image's own content) and the patch draws it away; not robustness")
+        if flags:
+            notes.append(f"{d}: " + "; ".join(flags) + ".")
         rows.append(row)
     rep.table(pd.DataFrame(rows))
+    pgd = params.attack_params("pgd") if "pgd" in attacks else None
     pgd_text = (f"PGD: {pgd['steps']} steps of {float(pgd['step_size']) * 255:.3g}/255 within "
                 f"eps {float(pgd['eps']) * 255:.3g}/255 ({pgd['norm']}), {pgd['restarts']} restart(s), "
-                f"white box on each model, {pgd['n_images']} test images. ") if pgd is not None else ""
-    rep.p(f"Robust accuracy / attack success rate (target class {params.patch.target}) in percent. "
-          f"Patches: {params.patch.area_fraction:.0%} of the image, {len(params.patch.seeds)} seed(s), the target "
-          f"class's test images left out; 'transferred' made on the undefended model, 'adaptive' made on each "
-          f"model itself (BPDA through non-differentiable input transforms, EOT over randomized ones), 'BPDA through "
-          f"FNC' also passes FNC's clipping by its identity; on a model without FNC the last two are one patch. "
-          f"{pgd_text}No paper reports this matrix; each paper's own numbers are in its section below. MLflow "
-          f"run {run('evaluate')}.")
+                f"{pgd.get('eot_samples', 1)} EOT sample(s) on randomised models, white box on each model. "
+                ) if pgd is not None else ""
+    rep.p(f"Robust accuracy / attack success rate (target class {params.patch.target}) in percent; '± x' is the "
+          f"standard deviation over {len(params.patch.seeds)} patch seed(s), '[a, b]' a 95 % Wilson interval over the "
+          f"images counted; differences inside these are not findings. 'clean drop': points below the undefended "
+          f"model's clean accuracy, marked above {100 * max_drop:.0f} pt (`report.max_clean_drop`). Patches: "
+          f"{params.patch.area_fraction:.0%} of the image, the target class's test images left out; 'transferred' "
+          f"made on the undefended model; 'adaptive' searched on each model itself (BPDA through non-differentiable "
+          f"input transforms, EOT over randomised ones) from the transferred patch and "
+          f"{params.patch.adaptive_restarts} random start(s), the start kept being the one that attacks the validation "
+          f"split best ('start'); 'BPDA through FNC' also passes FNC's clipping by its identity. The headline is the "
+          f"worst case over all of them, per seed: a defense is as robust as its strongest known attack leaves it "
+          f"(Carlini et al. 2019). {pgd_text}No paper reports this matrix; each paper's own numbers are in its "
+          f"section below. MLflow run {run('evaluate')}.")
+    for note in notes:
+        rep.p(note)
 
 
 def _fnc(rep: Report, params: Params, ev: dict, run) -> None:

@@ -60,18 +60,51 @@ def test_report_puts_ours_beside_the_papers(tmp_path, monkeypatch):
     row = next(r for r in rows if r[:2] == ["accuracy under AdvP (adaptive)", "fnc"])
     assert row[2:4] == ["not published", "40.00 %"]
     # the defense-suite matrix: every patch cell with its success rate, the worst one named
-    header = next(r for r in rows if "worst patch cell" in r)
+    header = next(r for r in rows if "worst case under a patch (attack)" in r)
     suite = {r[0]: dict(zip(header, r, strict=True)) for r in rows if len(r) == len(header) and r[0] in ("none", "fnc")}
     assert suite["none"]["advp transferred: robust / success"] == "50.00 % / 30.00 %"
     assert suite["fnc"]["advp transferred: robust / success"] == "60.00 % / 30.00 %"
-    assert suite["fnc"]["worst patch cell"] == "40.00 % (advp adaptive)"  # a tie names the first kind
-    assert suite["fnc"]["lavan adaptive: robust / success"] == ""  # listed in the profile, not in the metrics
-    assert suite["fnc"]["PGD-10 robust"] == ""  # no cell: a missing value is never invented
+    assert suite["fnc"]["worst case under a patch (attack)"] == "40.00 % (advp_adaptive)"  # a tie: the first kind
+    assert "lavan adaptive: robust / success" not in header  # listed in the profile, not in the metrics
+    assert suite["fnc"]["PGD-10 (n=200)"] == ""  # no cell: a missing value is never invented
+    assert suite["fnc"]["clean drop"] == "5.00 pt"  # 80 % -> 75 %: not above report.max_clean_drop (5 pt)
+    # the patch masking check: the adaptive patch succeeds as often as the transferred one
+    assert suite["fnc"]["gradient masking"] == "not suspected"
     black = next(r for r in rows if r[0] == "blurnet5")  # the slides' 5x5 row, black box
     assert "17.50 %" in black and "25.00 %" in black and "+7.50 pt" in black
     assert "![the evaluation matrix" in md
     page = Path("reports/report.html").read_text()
     assert page.startswith("<!doctype html>") and "data:image/png;base64," in page and "<table" in page
+
+
+def test_defense_matrix_marks_clean_cost_masking_and_robust_above_clean(tmp_path, monkeypatch):
+    """A defense that loses clean accuracy is marked, one whose adaptive patch is weaker than the
+    transferred one is 'masking suspected', and accuracy above clean is never read as robustness."""
+    _project(tmp_path, monkeypatch, "smoke")
+    cell = {"clean_accuracy": 0.8, "robust_accuracy": 0.1, "attack_success_rate": 0.8, "attack_success_rate_std": 0.0,
+            "n_images": 900}
+    weak = {**cell, "clean_accuracy": 0.5, "robust_accuracy": 0.6, "attack_success_rate": 0.05}
+    _write("metrics/evaluate.json", {"resnet20": {
+        "none": {"none": {"clean_accuracy": 0.8, "n_images": 1000}, "advp": cell},
+        "fnc": {"none": {"clean_accuracy": 0.5, "clean_accuracy_ci_low": 0.47, "clean_accuracy_ci_high": 0.53,
+                         "n_images": 1000},
+                "advp": {**weak, "attack_success_rate": 0.25}, "advp_adaptive": weak, "advp_bpda": weak,
+                "advp_worst": {**weak, "robust_accuracy": 0.55, "worst_attack": "advp"}}}})
+    _write("metrics/train_baseline.json", {"clean_accuracy": 0.8, "epochs": 6})
+    import stages.report as stage
+
+    stage.main(load_params("params.yaml"))
+    md = Path("reports/report.md").read_text()
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in md.splitlines() if line.startswith("|")]
+    header = next(r for r in rows if "worst case under a patch (attack)" in r)
+    fnc = dict(zip(header, next(r for r in rows if r[0] == "fnc" and len(r) == len(header)), strict=True))
+    assert fnc["clean drop"] == "30.00 pt (marked)"
+    assert fnc["clean (n=1000)"] == "50.00 % [47.0, 53.0]"
+    assert fnc["worst case under a patch (attack)"] == "55.00 % (advp: advp)"
+    assert fnc["gradient masking"] == "suspected: a"  # adaptive success 5 % against 25 % transferred
+    assert "more accurate under the patch than clean" in md and "30.0 pt below the undefended" in md
+    checks = next(r for r in rows if r[:2] == ["fnc", "a"])
+    assert "False" in checks and "suspected: a" in checks
 
 
 def test_imagenet_fnc_rows_are_marked_not_published_and_ifnr_uses_resnet50_stages(tmp_path, monkeypatch):
