@@ -1,14 +1,19 @@
-"""Calibrate the dense-gradient patch detector of LGS and DW on a finished run's data.
+"""Calibrate the patch detector of LGS and DW on the validation split of a finished run.
 
-For each (window, stride, threshold) it prints, over the first ``--images`` test images, the
-fraction of clean pixels the detector flags and, with the run's first AdvP patch pasted at
-a random place in each image, the fraction of patch pixels it flags (recall) and of the
-other pixels (false alarms). Run from the project root after ``dvc repro``:
+Run from the project root after ``dvc repro`` (it reads ``params.yaml``, the prepared
+validation split ``data/prepared/<dataset>/val.pt`` and ``models/<model>/baseline.pt``):
 
-    python scripts/calibrate_patch_detector.py [--images 1000] [--attack advp]
+    python scripts/calibrate_patch_detector.py [--defense lgs] [--max-clean-drop 0.05]
 
-Pixels in [0, 1]; windows and strides in pixels; thresholds on the per-image min-max
-normalised gradient magnitude (:func:`pipeline.defenses.input_transforms.dense_gradient_mask`).
+It first makes a calibration patch on the undefended model, with the run's patch params
+but on training images drawn with a seed of its own (``--patch-seed``) and not on the
+evaluation's patches, then measures every (window, stride, threshold) of the grid on the
+validation images: the defended model's clean and robust accuracy, and what the detector
+flags (:mod:`pipeline.defenses.calibration`). Neither the test split nor the evaluation's
+patches are read. It prints the table and the setting to keep (the highest validation
+robust accuracy among those losing at most ``--max-clean-drop`` of clean accuracy), and
+writes the table to ``--out`` (CSV). Pixels in [0, 1]; windows and strides in pixels;
+thresholds on the per-image min-max normalised gradient magnitude.
 """
 
 from __future__ import annotations
@@ -16,49 +21,72 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import pandas as pd
 import torch
 
+from pipeline.attacks.patch import (
+    corner_placements,
+    patch_side,
+    patch_training_config,
+    patch_training_images,
+    train_universal_patch,
+)
+from pipeline.checkpoint import build_from_spec, load_checkpoint
 from pipeline.config import load_params
-from pipeline.data import load_tensors
-from pipeline.defenses.input_transforms import dense_gradient_mask
+from pipeline.data import load_meta, load_tensors, load_validation
+from pipeline.defenses.calibration import calibrate_detector, detector_grid, select_setting
+from pipeline.evaluation import fixed_placements
+from pipeline.io import atomic_write
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Calibrate one detector; see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=1000)
-    parser.add_argument("--attack", default="advp")
-    parser.add_argument("--windows", default="8:4,6:2,10:2", help="window:stride pairs")
-    parser.add_argument("--thresholds", default="0.15,0.2,0.25,0.3,0.35,0.4")
-    args = parser.parse_args()
+    parser.add_argument("--defense", default="lgs", choices=["lgs", "dw"])
+    parser.add_argument("--windows", default="8:4,6:2,10:2,12:4", help="window:stride pairs (pixels)")
+    parser.add_argument("--thresholds", default="0.1,0.15,0.2,0.25,0.3,0.35,0.4,0.5")
+    parser.add_argument("--max-clean-drop", type=float, default=0.05, help="fraction (0.05 = 5 points)")
+    parser.add_argument("--patch-seed", type=int, default=1000, help="seed of the calibration patch's images")
+    parser.add_argument("--patch-epochs", type=int, default=None, help="default: patch.epochs of params.yaml")
+    parser.add_argument("--out", default=None, help="CSV of the table (default: calibration/<defense>.csv)")
+    args = parser.parse_args(argv)
     params = load_params()
-    x, _ = load_tensors(Path("data/prepared") / params.data.dataset, "test")
-    x = x[: args.images].float() / 255
-    patch = torch.load(Path("patches") / params.model.name / args.attack / "seed_0.pt", weights_only=True)
-    n, side, (h, w) = len(x), patch.shape[-1], x.shape[-2:]
-    gen = torch.Generator().manual_seed(0)
-    top = torch.randint(0, h - side + 1, (n,), generator=gen)
-    left = torch.randint(0, w - side + 1, (n,), generator=gen)
-    rows = torch.arange(h).view(1, h, 1)
-    cols = torch.arange(w).view(1, 1, w)
-    region = ((rows >= top.view(n, 1, 1)) & (rows < top.view(n, 1, 1) + side)
-              & (cols >= left.view(n, 1, 1)) & (cols < left.view(n, 1, 1) + side)).unsqueeze(1)  # (N, 1, H, W)
-    canvas = torch.zeros_like(x)
-    for i in range(n):  # paste: n small copies, once
-        canvas[i, :, top[i]:top[i] + side, left[i]:left[i] + side] = patch
-    patched = torch.where(region, canvas, x)
-    out = []
-    for pair in args.windows.split(","):
-        window, stride = (int(v) for v in pair.split(":"))
-        for thr in (float(t) for t in args.thresholds.split(",")):
-            flagged = dense_gradient_mask(patched, window, stride, thr)
-            out.append({"window": window, "stride": stride, "threshold": thr,
-                        "clean_flagged": dense_gradient_mask(x, window, stride, thr).float().mean().item(),
-                        "patch_recall": (flagged & region).sum().item() / region.sum().item(),
-                        "other_flagged": (flagged & ~region).sum().item() / (~region).sum().item()})
-    print(f"{params.data.dataset}, {n} test images, {args.attack} patch {side}x{side} of {params.model.name}")
-    print(pd.DataFrame(out).to_markdown(index=False, floatfmt=("g", "g", ".2f", ".3f", ".3f", ".3f")))
+    prepared = Path("data/prepared") / params.data.dataset
+    _, h, w = load_meta(prepared)["image_shape"]
+    p = params.patch
+    side = patch_side(p.area_fraction, h, w)
+    x_val, y_val = patch_training_images(*load_validation(prepared), p.target, None, params.seed)
+    spec = load_checkpoint(Path("models") / params.model.name / "baseline.pt")
+
+    # the calibration patch: the run's recipe on training images of its own draw
+    x_tr, y_tr = patch_training_images(*load_tensors(prepared, "train"), p.target, p.train_images, args.patch_seed)
+    cfg = patch_training_config(p, side, "advp")
+    if args.patch_epochs is not None:
+        cfg.epochs = args.patch_epochs
+    patch, _ = train_universal_patch(build_from_spec(spec), x_tr, y_tr, cfg, args.patch_seed)
+
+    placements = (corner_placements(len(x_val), (h, w), side) if p.location == "fixed"
+                  else fixed_placements(len(x_val), 1, (h, w), side, args.patch_seed))
+    windows = [tuple(int(v) for v in pair.split(":")) for pair in args.windows.split(",")]
+    grid = detector_grid(windows, [float(t) for t in args.thresholds.split(",")])
+    table = calibrate_detector(spec, args.defense, x_val, y_val, patch, placements, p.target, grid)
+    out = Path(args.out or f"calibration/{args.defense}.csv")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda f: f.write(table.to_csv(index=False).encode()))
+    print(f"{params.data.dataset} validation split: {len(x_val)} images (target class {p.target} left out), "
+          f"calibration AdvP patch {side}x{side} on {len(x_tr)} training images (seed {args.patch_seed}), "
+          f"{params.model.name}, defense {args.defense}")
+    print(table.to_markdown(index=False, floatfmt=".3f"))
+    best = select_setting(table, args.max_clean_drop)
+    if best is None:
+        print(f"no setting keeps clean accuracy within {args.max_clean_drop:.0%} of the undefended model's; "
+              f"the smallest drop is {table['clean_drop'].min():.1%}")
+    else:
+        print(f"keep: window {int(best['window'])}, stride {int(best['stride'])}, threshold {best['threshold']:g} "
+              f"(validation clean {best['clean_accuracy']:.1%}, drop {best['clean_drop']:.1%}, robust "
+              f"{best['robust_accuracy']:.1%})")
+    print(f"table written to {out}")
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(max(1, torch.get_num_threads()))
     main()
