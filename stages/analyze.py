@@ -7,7 +7,10 @@ accuracy after masked PGD on its top / bottom ``k`` of pixels. ``loss_landscape`
 003): PGD loss over many random restarts. ``gradcam_distance`` (seed 002): confidence
 with a noise block at a distance from the Grad-CAM centre. ``spectrum`` (seed 001):
 spectra of RP2's natural and sticker-perturbed stop signs (only where ``rp2.enabled``;
-otherwise a note).
+otherwise a note). ``masking`` (Carlini et al. 2019, Section 5): the gradient-masking checks
+(:mod:`pipeline.analysis.masking`), a pass / fail per check and model, the eps sweep with
+Wilson intervals, and an MLflow tag ``masking.<defense>`` ("suspected: b, d" or "not
+suspected"); check (a) transfers from the baseline, whose checkpoint the stage always loads.
 
 One Ray task per model. Writes ``analysis/<model>/<name>/`` (CSV tables and PNG
 figures, shown by ``dvc plots show``) and logs them to MLflow.
@@ -64,12 +67,14 @@ def main(params: Params, analysis: str) -> None:
              for d in a.defenses}
     meta = load_meta(PREPARED / params.data.dataset)
     inputs = _inputs(params, name, meta)
+    if name == "masking":  # check (a) transfers PGD examples from the undefended baseline
+        inputs["baseline"] = specs.get("none") or load_checkpoint(Path("models") / model_name / "baseline.pt")
     cfg = a.model_dump(mode="json")
     cfg.update(eps=float(a.eps), step_size=float(a.step_size))
     init_ray()
     ref = ray.put(inputs)
-    items = [{"name": name, "spec": specs[d], "inputs": ref, "cfg": cfg, "num_threads": params.resources.num_cpus}
-             for d in a.defenses]
+    items = [{"name": name, "spec": specs[d], "inputs": ref, "cfg": {**cfg, "defense": d},
+              "num_threads": params.resources.num_cpus} for d in a.defenses]
     results = dict(zip(a.defenses, ray_map(analysis_task, items, num_cpus=params.resources.num_cpus,
                                             num_gpus=params.resources.num_gpus, desc=f"analysis {name} (per model)"),
                        strict=True))
@@ -78,6 +83,8 @@ def main(params: Params, analysis: str) -> None:
     tags = {"profile": params.profile, "paper": params.mlflow.paper, "model": model_name,
             "defenses": ",".join(a.defenses), "analysis": name,
             "node_ids": ",".join(sorted({r["node_id"] for r in results.values()}))}
+    if name == "masking":
+        tags.update({f"masking.{d}": r["verdict"] for d, r in results.items()})
     with stage_run(f"analyze@{name}", params.mlflow.experiment, section, tags):
         log_metrics(summary)
         mlflow.log_artifacts(str(out_dir), artifact_path=f"analysis/{name}")
@@ -101,7 +108,7 @@ def _inputs(params: Params, name: str, meta: dict) -> dict:
         return {"victims": victims, "adversarial": apply_rp2(victims.float() / 255, load_torch(sticker), mask, fill),
                 "target": r.targets[0]}
     x, y = load_tensors(PREPARED / params.data.dataset, "test")
-    order = test_order(len(x), ev.subset_seed)[: a.images]
+    order = test_order(len(x), ev.subset_seed)[: a.masking.images if name == "masking" else a.images]
     inputs = {"x": x[order].contiguous(), "y": y[order].contiguous()}
     if name == "feature_norms":
         attack = "advp" if "advp" in params.patch.attacks else params.patch.attacks[0]
@@ -240,8 +247,42 @@ def _spectrum(results, out_dir: Path, params: Params, specs, inputs) -> dict:
             for r in df.itertuples()}
 
 
+def _masking(results, out_dir: Path, params: Params, specs, inputs) -> dict:
+    m = params.analysis.masking
+    checks = pd.DataFrame([{"defense": d, **row} for d, r in results.items() for row in r["checks"]])
+    atomic_write(out_dir / "checks.csv", lambda f: f.write(checks.to_csv(index=False).encode()))
+    sweep = pd.DataFrame([{"defense": d, **row, "eps_255": row["eps"] * 255} for d, r in results.items()
+                          for row in r["sweep"]])
+    atomic_write(out_dir / "eps_sweep.csv", lambda f: f.write(sweep.to_csv(index=False).encode()))
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for d, g in sweep.groupby("defense", sort=False):
+        err = [g["robust_accuracy"] - g["ci_low"], g["ci_high"] - g["robust_accuracy"]]
+        ax.errorbar(g["eps_255"], g["robust_accuracy"], yerr=err, marker="o", ms=3, capsize=2,
+                    label=f"{d}: {results[d]['verdict']}")
+    ax.axhline(m.max_robust, color="k", ls=":", lw=1, label=f"check (b): at most {m.max_robust:g} at the largest eps")
+    ax.set_xscale("symlog", linthresh=1)
+    ticks = sorted(set(sweep["eps_255"].round(3)))
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.set_xlim(-0.1, ticks[-1] * 1.15)
+    ax.set_xlabel("eps (x 1/255, L-inf)")
+    ax.set_ylabel(f"robust accuracy under PGD-{m.pgd_steps}")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"gradient-masking checks: accuracy against eps ({int(sweep['n_images'].iloc[0])} images, "
+                 f"Wilson {1 - m.alpha:.0%} intervals)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, out_dir / "eps_sweep.png")
+    metrics = {}
+    for d, r in results.items():
+        metrics.update({f"{d}.robust_accuracy.{k}": v for k, v in r["accuracy"].items()})
+        metrics.update({f"{d}.check_{c['check']}_passed": float(c["passed"] == "True") for c in r["checks"]
+                        if c["passed"] != "NA"})
+        metrics[f"{d}.checks_failed"] = float(sum(c["passed"] == "False" for c in r["checks"]))
+    return metrics
+
+
 WRITERS = {"feature_norms": _feature_norms, "pixel_robustness": _pixel_robustness, "loss_landscape": _loss_landscape,
-           "gradcam_distance": _gradcam_distance, "spectrum": _spectrum}
+           "gradcam_distance": _gradcam_distance, "spectrum": _spectrum, "masking": _masking}
 
 
 if __name__ == "__main__":

@@ -114,3 +114,37 @@ def test_pixel_robustness_writes_prm_iou_for_prm_models(project):
     iou = pd.read_csv("analysis/resnet20/pixel_robustness/prm_iou.csv")
     assert list(iou["defense"]) == ["prm"]
     assert iou["prm_iou"].iloc[0] == pytest.approx(1.0) and iou["random_set_iou"].iloc[0] == pytest.approx(1 / 7)
+
+
+def test_masking_checks_per_defense_with_mlflow_tags(project):
+    """analyze@masking: checks.csv has a row per (defense, check), (a) is n/a for the baseline
+    (the stage loads it as the transfer source of the others), the eps sweep has a row per
+    (defense, eps), and the MLflow run carries the verdict of each model as a tag."""
+    import re
+
+    import mlflow
+
+    from pipeline.analysis.masking import suspected
+
+    raw = project["raw"]
+    raw["analysis"]["masking"] = {"images": 12, "eps_list": [0, "8/255", "64/255"], "pgd_steps": 2, "strong_steps": 2,
+                                  "strong_restarts": 1, "square_queries": 5, "noise_draws": 2}
+    Path("params.yaml").write_text(yaml.safe_dump(raw))
+    project["stage"].main(load_params("params.yaml"), "masking")
+    out = Path("analysis/resnet20/masking")
+    assert {f.name for f in out.iterdir()} == {"checks.csv", "eps_sweep.csv", "eps_sweep.png"}
+    checks = pd.read_csv(out / "checks.csv", keep_default_na=False)
+    assert list(zip(checks["defense"], checks["check"], strict=True)) == [(d, c) for d in ("none", "fnc")
+                                                                        for c in "abcde"]
+    passed = checks.set_index(["defense", "check"])["passed"]
+    assert passed[("none", "a")] == "NA" and passed.drop(("none", "a")).isin(["True", "False"]).all()
+    assert (checks["n_images"] == 12).all()
+    sweep = pd.read_csv(out / "eps_sweep.csv")
+    assert len(sweep) == 2 * 3 and list(sweep["eps_255"].round(6)[:3]) == [0, 8, 64]
+    run = mlflow.search_runs(experiment_names=[raw["mlflow"]["experiment"]], output_format="list",
+                             filter_string="tags.stage = 'analyze@masking'")[0]
+    for d in ("none", "fnc"):
+        tag = run.data.tags[f"masking.{d}"]
+        assert re.fullmatch(r"not suspected|suspected: [a-e](, [a-e])*", tag)
+        assert tag == suspected(checks[checks["defense"] == d].to_dict("records"))
+    assert "fnc.checks_failed" in run.data.metrics

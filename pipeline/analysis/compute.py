@@ -14,6 +14,12 @@ figures. Inputs are uint8 images as prepared (converted to float in [0, 1] here)
   from the Grad-CAM centre.
 * ``spectrum`` (Raju and Lipasti 2019): high-frequency energy of the inputs and first-layer
   maps, natural versus RP2-perturbed stop signs.
+* ``masking`` (Carlini et al. 2019, Section 5; Athalye et al. 2018, Section 3): the
+  gradient-masking checks (:mod:`pipeline.analysis.masking`). Check (a) transfers PGD
+  examples from the undefended baseline: the stage puts the baseline's checkpoint dict in
+  ``inputs["baseline"]`` (one copy in the object store for all models) and names each
+  model in ``cfg["defense"]``; for ``"none"`` (the baseline itself) or without
+  ``inputs["baseline"]``, (a) is n/a.
 """
 
 from __future__ import annotations
@@ -39,8 +45,10 @@ def analyse_model(name: str, model: torch.nn.Module, inputs: dict[str, Any], cfg
         inputs: what the analysis reads: ``x`` uint8 (N, 3, H, W) and ``y`` int64 (N,) test
             images; ``patch`` float (3, s, s) in [0, 1] and ``placements`` (feature_norms);
             ``x_fit``, ``y_fit`` training images (pixel_robustness); ``victims`` uint8
-            (40, 3, H, W) and ``adversarial`` float (40, 3, H, W) in [0, 1] (spectrum).
-        cfg: the ``analysis`` params section as a dict.
+            (40, 3, H, W) and ``adversarial`` float (40, 3, H, W) in [0, 1] (spectrum);
+            ``baseline``, the undefended model's checkpoint dict (masking).
+        cfg: the ``analysis`` params section as a dict (masking: plus ``defense``, the
+            model's name in ``analysis.defenses``).
 
     Returns:
         A dict of CPU tensors / lists / DataFrames, by analysis (see the module docstring).
@@ -91,6 +99,15 @@ def analyse_model(name: str, model: torch.nn.Module, inputs: dict[str, Any], cfg
         return {"rows": [{"where": where, "images": k, "high_frequency_fraction": high_frequency_fraction(v)}
                          for where, pair in (("input", {"natural": clean, "perturbed": adv}), ("layer 1", maps))
                          for k, v in pair.items()]}
+    if name == "masking":
+        from pipeline.analysis.masking import MaskingParams, masking_analysis
+        from pipeline.checkpoint import build_from_spec
+
+        params = MaskingParams.model_validate(cfg["masking"])
+        spec = inputs.get("baseline")
+        baseline = None if spec is None or cfg.get("defense") == "none" else build_from_spec(spec)
+        n = params.images
+        return masking_analysis(model, x[:n], y[:n], params, baseline, cfg["batch_size"], seed=0)
     raise ValueError(f"unknown analysis {name!r}")
 
 

@@ -16,6 +16,9 @@ Registered names (:func:`pipeline.attacks.base.build_attack`):
   "Towards Evaluating the Robustness of Neural Networks", IEEE S&P 2017;
 * ``one_pixel`` -- ``art.attacks.evasion.PixelAttack``; Su, Vargas and Sakurai,
   "One Pixel Attack for Fooling Deep Neural Networks", IEEE TEVC 2019.
+* ``square`` -- ``art.attacks.evasion.SquareAttack``; Andriushchenko et al.,
+  "Square Attack: a query-efficient black-box adversarial attack via random
+  search", ECCV 2020 (score-based, no gradients; L-inf or L2, untargeted).
 
 Conventions (those of :mod:`pipeline.attacks.base`): ``x`` float32
 (N, C, H, W) in [0, 1], ``y`` int64 (N,) true labels, output float32
@@ -63,10 +66,10 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from pipeline.attacks.base import Attack, AttackParams, register_attack
+from pipeline.attacks.base import Attack, AttackParams, Budget, register_attack
 
 __all__ = ["CarliniL2", "CarliniL2Params", "DeepFool", "DeepFoolParams", "JSMA", "JSMAParams", "OnePixel",
-           "OnePixelParams"]
+           "OnePixelParams", "Square", "SquareParams"]
 
 ART_INSTALL = "pip install adversarial-robustness-toolbox==1.20.1"
 
@@ -425,3 +428,61 @@ class OnePixel(_ARTAttack):
         # ART round-trips the image through 0..255; keep untouched pixels exactly as given.
         changed = np.abs(adv - x).max(axis=1, keepdims=True) > 0.25 / 255
         return np.where(changed, adv, x)
+
+
+class SquareParams(AttackParams):
+    """Square Attack settings (ART ``SquareAttack``); defaults of the authors' code as
+    AutoAttack runs it (Andriushchenko et al. 2020: ``p_init`` 0.8, one restart), with
+    1,000 queries instead of 5,000.
+
+    Attributes:
+        norm: ``"linf"`` or ``"l2"``.
+        eps: radius of the ball, pixel units of [0, 1] ("8/255" accepted; at most 1
+            for L-inf; an L2 radius is over all C x H x W values).
+        max_iter: iterations, i.e. queries per image (ART spends up to 3 forward
+            passes an iteration).
+        p_init: initial fraction of the image a square covers, in (0, 1); ART halves
+            it on the authors' schedule (relative to ``max_iter``).
+        restarts: independent runs on the images still robust (>= 1).
+    """
+
+    norm: Literal["linf", "l2"] = "linf"
+    eps: Budget = Field(8 / 255, gt=0, description="radius of the ball, pixel units of [0, 1]")
+    max_iter: int = Field(1000, ge=1, le=100_000, description="queries per image")
+    p_init: float = Field(0.8, gt=0, lt=1, description="initial fraction of the image a square covers")
+    restarts: int = Field(1, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _check(self) -> SquareParams:
+        _no_target(self, "square")
+        if self.norm == "linf" and self.eps > 1:
+            raise ValueError(f"square: an L-inf eps is at most 1 (pixel units of [0, 1]: write 8/255), got {self.eps}")
+        return self
+
+
+@register_attack("square")
+class Square(_ARTAttack):
+    """Square Attack (Andriushchenko, Croce, Flammarion and Hein, ECCV 2020): random
+    search over square-shaped updates at the vertices of the ``eps`` ball, accepted
+    when they lower the margin ``z_y - max_{j != y} z_j``; only the model's scores are
+    used (no gradients), so it is the gradient-free reference of the gradient-masking
+    checks (Carlini et al. 2019, Section 5; :mod:`pipeline.analysis.masking`); ART's
+    ``art.attacks.evasion.SquareAttack`` on the logits. Untargeted only. ART draws
+    the squares from numpy's global random state, seeded here from the generator.
+
+    ``perturb``: float32 (N, C, H, W) in [0, 1] -> same, within ``eps`` of ``x``;
+    images the attack does not fool come back as its last accepted iterate.
+    """
+
+    Params = SquareParams
+
+    def generate(self, classifier: Any, x: np.ndarray, y: np.ndarray, generator: torch.Generator) -> np.ndarray:
+        """ART ``SquareAttack.generate`` (true labels) under numpy's global random state seeded from ``generator``."""
+        art = _import_art()
+        p = self.params
+        attack = art.attacks.evasion.SquareAttack(
+            classifier, norm=np.inf if p.norm == "linf" else 2, max_iter=p.max_iter, eps=p.eps, p_init=p.p_init,
+            nb_restarts=p.restarts, batch_size=len(x), verbose=False,
+        )
+        with _numpy_seeded(generator):
+            return attack.generate(x, y=y)
