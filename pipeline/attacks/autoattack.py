@@ -1,0 +1,354 @@
+"""AutoAttack (Croce and Hein, "Reliable evaluation of adversarial robustness
+with an ensemble of diverse parameter-free attacks", ICML 2020) behind the
+project's :class:`~pipeline.attacks.base.Attack` interface, registered as
+``autoattack``: the robust-accuracy protocol RobustBench reports.
+
+Implementation: the attacks are the Adversarial Robustness Toolbox's (ART,
+``adversarial-robustness-toolbox`` 1.20.1) --
+``art.attacks.evasion.AutoProjectedGradientDescent`` (APGD, paper Section 3,
+Algorithm 1, with its cross-entropy and difference-of-logits-ratio (DLR, Section
+4) losses) and ``art.attacks.evasion.SquareAttack`` (Andriushchenko et al.,
+"Square Attack", ECCV 2020). Nothing here re-implements an attack. torchattacks
+(whose ``AutoAttack`` is a port of the authors' code) is not used: it pins
+``requests~=2.25.1``, which would downgrade packages MLflow and DVC need.
+
+Components, run in this order on the images still robust (``params.components``):
+
+* ``apgd-ce`` -- untargeted APGD on the cross-entropy loss;
+* ``apgd-t`` -- targeted APGD on the DLR loss, once per target class: the
+  ``n_target_classes`` classes with the highest clean logits other than the true
+  one, highest first (the paper's APGD-T, "top-9" on CIFAR-10);
+* ``apgd-dlr`` -- untargeted APGD on the DLR loss;
+* ``square`` -- Square Attack, score-based (no gradients), margin loss,
+  ``p_init`` 0.8.
+
+``version: auto`` (the default) runs ``rand`` on a randomised model
+(:func:`~pipeline.attacks.base.is_randomized`: random resizing and padding, PRM
+re-drawing its pixels) and ``standard`` on every other. ``version: standard`` runs
+apgd-ce, apgd-t, square: the authors'
+standard ensemble (``autoattack.AutoAttack(version="standard")``: APGD-CE,
+APGD-T, FAB-T, Square) without FAB-T, which has no ART implementation (so,
+with equally strong components, the robust accuracy here can only be equal to or
+above the reference protocol's). ``version: rand`` (randomised
+defenses) runs apgd-ce and apgd-dlr with Expectation over Transformation (EOT,
+Athalye et al., ICML 2018), ``eot_iter`` = 20, as the authors' ``version="rand"``.
+
+The ensemble bookkeeping is ours (ART's ``AutoAttack`` wrapper is not used): per
+image, the first component that fools the model wins and its image is kept;
+later components attack only the images still robust (the worst case over the
+components, computed cheaply, as the reference ``run_standard_evaluation``).
+ART's wrapper does not run this protocol: its default ensemble is APGD-CE and
+APGD-DLR with 5 restarts each, DeepFool and Square with 5 restarts; its targeted
+mode re-runs every attack (Square included, which has no targeted mode) against
+every other class in index order, after all untargeted attacks, and counts only
+the target class as success.
+
+Known differences of ART's components from the authors' code, kept as ART has
+them: APGD returns, per restart, its last iterate when that is adversarial (not
+any adversarial iterate met on the way); ART's targeted DLR is the untargeted
+DLR of the target class, minimised (``-(z_t - max_{j != t} z_j) / (z_pi1 -
+z_pi3)``) rather than the paper's ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)``;
+Square spends up to 3 forward passes a query (the authors' code, 1); ART's L2
+Square rescales each new window by dividing by the paper's factor instead of
+multiplying (then rescales the whole perturbation to ``eps``), and can propose
+NaN images, which it rejects (any non-finite image would be dropped here). Initial
+step size ``2 * eps`` as in the authors' code (ART's ``eps_step``), momentum 0.75,
+checkpoints and halving rule as in ART (the paper's).
+
+EOT (``version: rand``): the APGD attacks see the model through a
+``PyTorchClassifier`` subclass whose ``loss_gradient`` (and ``class_gradient``)
+return the mean of ``eot_iter`` gradients, each from a fresh forward and backward
+pass of the random model at the same input (so ``eot_iter`` times the cost per
+APGD iteration). Loss values (APGD's step-size checkpoints) and predictions
+(success checks) are single draws, as in the authors' code (gradient averaged,
+loss and logits of one draw).
+
+Conventions (those of :mod:`pipeline.attacks.base`): ``x`` float32
+(N, C, H, W) in [0, 1], ``y`` int64 (N,) true labels, output float32
+(N, C, H, W) in [0, 1] on ``x``'s device, within ``eps`` of ``x`` in the chosen
+norm (projected and clipped after every component, before the success check);
+images the model already misclassifies come back unchanged.
+Randomness (APGD's random starts, Square's squares, a randomised model's noise)
+comes from the generator passed to :meth:`AutoAttack.perturb`: numpy's, Python's
+and torch's global random states are seeded from it for the call and restored
+afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import random
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+from torch import nn
+
+from pipeline.attacks.base import AttackParams, Budget, is_randomized, register_attack
+from pipeline.attacks.classic import _ARTAttack, _import_art, _model_device
+from pipeline.attacks.pgd import check_pixel_budget
+
+__all__ = ["COMPONENTS", "AutoAttack", "AutoAttackParams"]
+
+Component = Literal["apgd-ce", "apgd-t", "apgd-dlr", "square"]
+COMPONENTS: dict[str, tuple[str, ...]] = {
+    "standard": ("apgd-ce", "apgd-t", "square"),
+    "rand": ("apgd-ce", "apgd-dlr"),
+}
+"""Default components of each version (the authors' ensembles, FAB-T left out)."""
+
+
+class AutoAttackParams(AttackParams):
+    """Params of ``autoattack``; the defaults are the authors' standard budgets
+    (a profile may lower them for a smoke run).
+
+    Attributes:
+        norm: ``"linf"`` or ``"l2"``.
+        eps: radius of the ball, pixel units of [0, 1] (> 0; at most 1 for L-inf;
+            an L2 radius is over all C x H x W values); "8/255" accepted; default 8/255.
+        version: ``"auto"`` (default: ``rand`` on a randomised model, else ``standard``),
+            ``"standard"`` (apgd-ce, apgd-t, square) or ``"rand"`` (apgd-ce and
+            apgd-dlr with EOT over ``eot_iter`` draws, for randomised models).
+        components: explicit component list, run in the given order, among
+            ``apgd-ce``, ``apgd-t``, ``apgd-dlr``, ``square`` (no repeats);
+            ``None``: the version's (see :data:`COMPONENTS`). FAB-T of the
+            reference protocol has no ART implementation and is left out.
+        n_iter: APGD iterations per run (gradient steps; default 100).
+        n_restarts: APGD random restarts (apgd-ce, apgd-dlr; and per target class
+            for apgd-t; default 1).
+        n_target_classes: target classes of apgd-t (default 9; capped at K - 1).
+        square_n_queries: Square Attack iterations (queries per image; default 5000).
+        eot_iter: gradients averaged per APGD step in ``version: rand`` (default
+            20); ignored by ``standard``.
+        n_images, batch_size: inherited (:class:`AttackParams`).
+        target: must stay ``None``: AutoAttack's robust accuracy is untargeted.
+    """
+
+    norm: Literal["linf", "l2"] = "linf"
+    eps: Budget = Field(8 / 255, description="radius of the ball, pixel units of [0, 1]")
+    version: Literal["auto", "standard", "rand"] = "auto"
+    components: list[Component] | None = Field(None, description="components in order (null: the version's)")
+    n_iter: int = Field(100, ge=1, description="APGD iterations")
+    n_restarts: int = Field(1, ge=1, description="APGD random restarts")
+    n_target_classes: int = Field(9, ge=1, description="target classes of apgd-t (top logits)")
+    square_n_queries: int = Field(5000, ge=1, description="Square Attack queries per image")
+    eot_iter: int = Field(20, ge=1, description="gradients averaged per APGD step (version rand)")
+
+    @field_validator("eps")
+    @classmethod
+    def _eps_in_range(cls, value: float, info: ValidationInfo) -> float:
+        # a field validator so that errors name the field; ``norm`` is declared first
+        if info.data.get("norm") == "l2":
+            if value <= 0:
+                raise ValueError(f"eps must be > 0 (pixel units of [0, 1]), got {value}")
+            return value
+        return check_pixel_budget(value, "eps (linf)")
+
+    @field_validator("components")
+    @classmethod
+    def _components_distinct(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (not value or len(set(value)) != len(value)):
+            raise ValueError(f"components must be a non-empty list without repeats, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _untargeted(self) -> AutoAttackParams:
+        if self.target is not None:
+            raise ValueError("autoattack is untargeted only (robust accuracy); remove target")
+        return self
+
+    def attack_components(self, version: str | None = None) -> tuple[str, ...]:
+        """The components to run, in order: ``components`` or the default of ``version``
+        (``standard`` / ``rand``; by default this params' version, ``auto`` read as standard)."""
+        version = version or ("standard" if self.version == "auto" else self.version)
+        return tuple(self.components) if self.components is not None else COMPONENTS[version]
+
+
+@functools.cache
+def _eot_classifier_class() -> type:
+    """ART's ``PyTorchClassifier`` with EOT gradients (built lazily: ART is imported on use)."""
+    art = _import_art()
+
+    class EOTPyTorchClassifier(art.estimators.classification.PyTorchClassifier):
+        """A ``PyTorchClassifier`` whose ``loss_gradient`` and ``class_gradient`` are
+        the mean over ``eot_iter`` independent forward/backward passes at the same
+        input (fresh randomness of the model each pass); other methods are single passes."""
+
+        eot_iter: int = 1
+
+        def loss_gradient(self, x: Any, y: Any, training_mode: bool = False, **kwargs: Any) -> Any:
+            """Mean of ``eot_iter`` loss gradients w.r.t. ``x``, shaped like ``x``."""
+            total = super().loss_gradient(x, y, training_mode=training_mode, **kwargs)
+            for _ in range(self.eot_iter - 1):
+                total = total + super().loss_gradient(x, y, training_mode=training_mode, **kwargs)
+            return total / self.eot_iter
+
+        def class_gradient(self, x: Any, label: Any = None, training_mode: bool = False, **kwargs: Any) -> Any:
+            """Mean of ``eot_iter`` class gradients w.r.t. ``x``."""
+            total = super().class_gradient(x, label=label, training_mode=training_mode, **kwargs)
+            for _ in range(self.eot_iter - 1):
+                total = total + super().class_gradient(x, label=label, training_mode=training_mode, **kwargs)
+            return total / self.eot_iter
+
+    return EOTPyTorchClassifier
+
+
+def _with_eot(classifier: Any, eot_iter: int) -> Any:
+    """An EOT copy of ART ``PyTorchClassifier`` ``classifier`` (same model, loss
+    and label handling), averaging ``eot_iter`` gradients."""
+    cls = _eot_classifier_class()
+    eot = cls(
+        model=classifier.model, loss=classifier.loss, input_shape=classifier.input_shape,
+        nb_classes=classifier.nb_classes, clip_values=classifier.clip_values, preprocessing=None,
+        channels_first=True, device_type="cpu" if classifier.device.type == "cpu" else "gpu",
+    )
+    # the label format APGD set up for its loss (one-hot for DLR, indices for cross-entropy)
+    eot._reduce_labels = classifier._reduce_labels
+    eot._int_labels = classifier._int_labels
+    eot._probability_labels = classifier._probability_labels
+    eot.eot_iter = eot_iter
+    return eot
+
+
+@contextlib.contextmanager
+def _seeded(generator: torch.Generator, device: torch.device) -> Iterator[None]:
+    """Seed numpy's, Python's and torch's (CPU, and ``device``'s if CUDA) global
+    random states from ``generator`` for the block, then restore them."""
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+    np_state, py_state, cpu_state = np.random.get_state(), random.getstate(), torch.get_rng_state()
+    cuda = device.type == "cuda"
+    cuda_state = torch.cuda.get_rng_state(device) if cuda else None
+    np.random.seed(seed)
+    random.seed(seed)
+    torch.default_generator.manual_seed(seed)
+    if cuda:
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)
+    try:
+        with torch.cuda.device(device) if cuda else contextlib.nullcontext():  # ART builds on the current device
+            yield
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+        torch.set_rng_state(cpu_state)
+        if cuda:
+            torch.cuda.set_rng_state(cuda_state, device)
+
+
+@register_attack("autoattack")
+class AutoAttack(_ARTAttack):
+    """AutoAttack (Croce and Hein, ICML 2020, arXiv:2003.01690; APGD Section 3,
+    DLR loss Section 4; the ensemble as in the authors' code, fra31/auto-attack,
+    ``version="standard"`` / ``"rand"``): the parameter-free ensemble APGD-CE, APGD-T (top
+    ``n_target_classes`` targets), Square -- or, ``version: rand``, APGD-CE and
+    APGD-DLR with EOT -- from ART, with the per-image "first success wins, only
+    robust images attacked further" bookkeeping of the reference protocol (module
+    docstring for the details and what differs from the authors' code).
+
+    ``perturb``: ``x`` float32 (N, C, H, W) in [0, 1], ``y`` int64 (N,) ->
+    float32 (N, C, H, W) in [0, 1] on ``x``'s device; every image within ``eps``
+    of its clean image in ``norm`` (L-inf: max absolute change; L2: over all
+    C x H x W values); images misclassified before the attack are unchanged;
+    images no component fools are unchanged too.
+
+    Raises (from :meth:`perturb`):
+        ValueError: a DLR component (apgd-t, apgd-dlr) on a model with fewer
+            than 3 classes (the DLR loss uses the third-largest logit).
+        ImportError: ART is not installed.
+    """
+
+    Params = AutoAttackParams
+    params: AutoAttackParams
+
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The ensemble on one batch, under global random states seeded from ``generator``
+        (clean prediction included, so a randomised model is reproducible); see the class."""
+        v = self.params.version
+        self._version = "rand" if v == "rand" or (v == "auto" and is_randomized(model)) else "standard"
+        with _seeded(generator, _model_device(model, x.device)):
+            return super().perturb(model, x, y, generator)
+
+    def generate(self, classifier: Any, x: np.ndarray, y: np.ndarray, generator: torch.Generator) -> np.ndarray:
+        """Run the components on float32 ``x`` (n, C, H, W) in [0, 1], correctly
+        classified, with int64 true labels ``y`` (n,); float32 (n, C, H, W):
+        the first successful component's image, or ``x`` where none succeeded."""
+        p = self.params
+        components = p.attack_components(getattr(self, "_version", None))
+        k = int(classifier.nb_classes)
+        if k < 3 and {"apgd-t", "apgd-dlr"} & set(components):
+            raise ValueError(f"autoattack: the DLR loss of apgd-t / apgd-dlr needs >= 3 classes, the model has {k}")
+        out = x.copy()
+        robust = np.ones(len(x), dtype=bool)  # the images sent are correctly classified
+        for component in components:
+            if not robust.any():
+                break
+            if component == "apgd-t":
+                scores = classifier.predict(x, batch_size=p.batch_size).astype(np.float64)
+                scores[np.arange(len(x)), y] = -np.inf  # the true class is never a target
+                targets = np.argsort(-scores, axis=1, kind="stable")[:, : min(p.n_target_classes, k - 1)]
+                attack = self._apgd(classifier, "difference_logits_ratio", targeted=True)
+                for rank in range(targets.shape[1]):
+                    if not robust.any():
+                        break
+                    idx = np.flatnonzero(robust)
+                    self._keep(classifier, x, y, idx, attack.generate(x[idx], y=targets[idx, rank]), out, robust)
+            else:
+                idx = np.flatnonzero(robust)
+                if component == "square":
+                    attack = _import_art().attacks.evasion.SquareAttack(
+                        classifier, norm=self._art_norm(), max_iter=p.square_n_queries, eps=p.eps, p_init=0.8,
+                        nb_restarts=1, batch_size=p.batch_size, verbose=False,
+                    )
+                else:
+                    loss = "cross_entropy" if component == "apgd-ce" else "difference_logits_ratio"
+                    attack = self._apgd(classifier, loss, targeted=False)
+                # ART's L2 Square divides by zero on some proposals (NaN images, which it
+                # rejects: a NaN loss never improves); silence numpy's warnings about it
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    adv = attack.generate(x[idx], y=y[idx])
+                self._keep(classifier, x, y, idx, adv, out, robust)
+        return out
+
+    def _art_norm(self) -> float:
+        return np.inf if self.params.norm == "linf" else 2
+
+    def _apgd(self, classifier: Any, loss_type: str, targeted: bool) -> Any:
+        """ART's APGD with the reference settings (initial step ``2 * eps``); with
+        ``version: rand``, its estimator is replaced by the EOT one."""
+        p = self.params
+        attack = _import_art().attacks.evasion.AutoProjectedGradientDescent(
+            classifier, norm=self._art_norm(), eps=p.eps, eps_step=2 * p.eps, max_iter=p.n_iter, targeted=targeted,
+            nb_random_init=p.n_restarts, batch_size=p.batch_size, loss_type=loss_type, verbose=False,
+        )
+        if getattr(self, "_version", p.version) == "rand":
+            # APGD builds its own PyTorchClassifier around the model with the chosen loss;
+            # swap in the same one with EOT gradients (ART has no hook for this)
+            attack._estimator = _with_eot(attack.estimator, p.eot_iter)
+        return attack
+
+    def _project(self, x0: np.ndarray, adv: np.ndarray) -> np.ndarray:
+        """``adv`` moved into the ``eps`` ball around ``x0`` (``norm``) and [0, 1], float32."""
+        eps = self.params.eps
+        adv = np.asarray(adv, dtype=np.float32)
+        if self.params.norm == "linf":
+            adv = np.clip(adv, x0 - eps, x0 + eps)
+        else:
+            delta = adv - x0
+            norms = np.sqrt(np.sum(delta.astype(np.float64) ** 2, axis=(1, 2, 3), keepdims=True))
+            adv = x0 + delta * np.minimum(1.0, eps / np.maximum(norms, 1e-12)).astype(np.float32)
+        return np.clip(adv, 0.0, 1.0).astype(np.float32)  # x0 in [0, 1]: clipping only shrinks the change
+
+    def _keep(self, classifier: Any, x: np.ndarray, y: np.ndarray, idx: np.ndarray, adv: np.ndarray,
+              out: np.ndarray, robust: np.ndarray) -> None:
+        """Project the component's images ``adv`` (for ``x[idx]``), keep those the
+        model misclassifies in ``out`` and mark them not robust (in place)."""
+        adv = np.asarray(adv, dtype=np.float32)
+        finite = np.isfinite(adv).reshape(len(adv), -1).all(axis=1)
+        adv[~finite] = x[idx][~finite]  # never keep a NaN or inf image: it is the clean one again
+        adv = self._project(x[idx], adv)
+        fooled = classifier.predict(adv, batch_size=self.params.batch_size).argmax(1) != y[idx]
+        out[idx[fooled]] = adv[fooled]
+        robust[idx[fooled]] = False
