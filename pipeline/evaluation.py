@@ -362,8 +362,8 @@ def attack_cell_metrics(
 
     Returns:
         ``clean_accuracy`` (on the attacked subset), ``robust_accuracy`` with its 95 %
-        Wilson interval (``robust_accuracy_ci_low`` / ``_high``), ``attack_success_rate``, ``fooling_rate``, ``n_images`` (images robust
-        accuracy counts over), and the mean of each perturbation size over all
+        Wilson interval (``robust_accuracy_ci_low`` / ``_high``), ``attack_success_rate``,
+        ``fooling_rate``, ``n_images`` (images robust accuracy counts over), and the mean of each perturbation size over all
         attacked images (``l0`` fraction of values changed, ``l2``, ``linf``,
         ``l2_dissimilarity``, ``ssim``).
     """
