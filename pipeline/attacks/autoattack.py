@@ -89,7 +89,7 @@ from torch import nn
 
 from pipeline.attacks.base import AttackParams, Budget, is_randomized, register_attack
 from pipeline.attacks.classic import _ARTAttack, _import_art, _model_device
-from pipeline.attacks.pgd import check_pixel_budget
+from pipeline.attacks.pgd import check_norm_budget
 
 __all__ = ["COMPONENTS", "AutoAttack", "AutoAttackParams"]
 
@@ -141,11 +141,7 @@ class AutoAttackParams(AttackParams):
     @classmethod
     def _eps_in_range(cls, value: float, info: ValidationInfo) -> float:
         # a field validator so that errors name the field; ``norm`` is declared first
-        if info.data.get("norm") == "l2":
-            if value <= 0:
-                raise ValueError(f"eps must be > 0 (pixel units of [0, 1]), got {value}")
-            return value
-        return check_pixel_budget(value, "eps (linf)")
+        return check_norm_budget(value, info.data.get("norm"), "eps")
 
     @field_validator("components")
     @classmethod

@@ -39,7 +39,7 @@ from .base import Attack, AttackParams, Budget, frozen_eval, is_randomized, regi
 
 __all__ = [
     "FGSMAttack", "FGSMParams", "L2Step", "LinfStep", "PGDAttack", "PGDParams", "PGDResult", "ThreatModel",
-    "attack_loss", "check_mask", "check_pixel_budget", "fgsm", "frozen_eval", "pgd",
+    "attack_loss", "check_mask", "check_norm_budget", "check_pixel_budget", "fgsm", "frozen_eval", "pgd",
 ]
 
 
@@ -327,6 +327,21 @@ def check_pixel_budget(value: float, name: str) -> float:
     return value
 
 
+def check_norm_budget(value: float, norm: str | None, name: str) -> float:
+    """``value`` if it is a valid budget of ``norm``: in (0, 1] for ``"linf"`` (and for an
+    unknown norm, the stricter rule), any positive value for ``"l2"`` (a radius over all
+    C x H x W values may exceed 1).
+
+    Raises:
+        ValueError: a budget out of range, naming ``name``.
+    """
+    if norm == "l2":
+        if value <= 0:
+            raise ValueError(f"{name} must be > 0 (pixel units of [0, 1]), got {value}")
+        return value
+    return check_pixel_budget(value, f"{name} (linf)")
+
+
 class FGSMParams(AttackParams):
     """Params of ``fgsm`` (Goodfellow et al., ICLR 2015).
 
@@ -384,11 +399,7 @@ class PGDParams(AttackParams):
     def _budget_in_range(cls, value: float, info: ValidationInfo) -> float:
         # a field validator (not a model validator) so that errors name the field;
         # ``norm`` is declared first, so it is in ``info.data`` when it was valid
-        if info.data.get("norm") == "l2":
-            if value <= 0:
-                raise ValueError(f"{info.field_name} must be > 0 (pixel units of [0, 1]), got {value}")
-            return value
-        return check_pixel_budget(value, f"{info.field_name} (linf)")
+        return check_norm_budget(value, info.data.get("norm"), info.field_name)
 
     def threat_model(self) -> ThreatModel:
         """These params as a :class:`ThreatModel`."""
