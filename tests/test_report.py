@@ -32,6 +32,19 @@ def _project(tmp_path: Path, monkeypatch, profile: str) -> None:
     Path("params.yaml").write_text(yaml.safe_dump(raw))
 
 
+def _table_with(md: str, column: str) -> dict[str, dict[str, str]]:
+    """The markdown table whose header has ``column``: first cell -> {header: cell}."""
+    lines = md.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|") and column in line)
+    cells = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        cells.append([c.strip() for c in line.strip().strip("|").split("|")])
+    header, rows = cells[0], cells[2:]  # the second line is the separator
+    return {r[0]: dict(zip(header, r, strict=True)) for r in rows}
+
+
 def test_report_puts_ours_beside_the_papers(tmp_path, monkeypatch):
     _project(tmp_path, monkeypatch, "smoke")
     cell = {"clean_accuracy": 0.8, "robust_accuracy": 0.5, "attack_success_rate": 0.3, "n_images": 900}
@@ -60,8 +73,8 @@ def test_report_puts_ours_beside_the_papers(tmp_path, monkeypatch):
     row = next(r for r in rows if r[:2] == ["accuracy under AdvP (adaptive)", "fnc"])
     assert row[2:4] == ["not published", "40.00 %"]
     # the defense-suite matrix: every patch cell with its success rate, the worst one named
-    header = next(r for r in rows if "worst case under a patch (attack)" in r)
-    suite = {r[0]: dict(zip(header, r, strict=True)) for r in rows if len(r) == len(header) and r[0] in ("none", "fnc")}
+    suite = _table_with(md, "worst case under a patch (attack)")
+    header = list(suite["fnc"])
     assert suite["none"]["advp transferred: robust / success"] == "50.00 % / 30.00 %"
     assert suite["fnc"]["advp transferred: robust / success"] == "60.00 % / 30.00 %"
     assert suite["fnc"]["worst case under a patch (attack)"] == "40.00 % (advp_adaptive)"  # a tie: the first kind
@@ -95,16 +108,14 @@ def test_defense_matrix_marks_clean_cost_masking_and_robust_above_clean(tmp_path
 
     stage.main(load_params("params.yaml"))
     md = Path("reports/report.md").read_text()
-    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in md.splitlines() if line.startswith("|")]
-    header = next(r for r in rows if "worst case under a patch (attack)" in r)
-    fnc = dict(zip(header, next(r for r in rows if r[0] == "fnc" and len(r) == len(header)), strict=True))
+    fnc = _table_with(md, "worst case under a patch (attack)")["fnc"]
     assert fnc["clean drop"] == "30.00 pt (marked)"
     assert fnc["clean (n=1000)"] == "50.00 % [47.0, 53.0]"
     assert fnc["worst case under a patch (attack)"] == "55.00 % (advp: advp)"
     assert fnc["gradient masking"] == "suspected: a"  # adaptive success 5 % against 25 % transferred
     assert "more accurate under the patch than clean" in md and "30.0 pt below the undefended" in md
-    checks = next(r for r in rows if r[:2] == ["fnc", "a"])
-    assert "False" in checks and "suspected: a" in checks
+    checks = _table_with(md, "reference_label")["fnc"]
+    assert checks["check"] == "a" and checks["passed"] == "False" and checks["verdict"] == "suspected: a"
 
 
 def test_imagenet_fnc_rows_are_marked_not_published_and_ifnr_uses_resnet50_stages(tmp_path, monkeypatch):
