@@ -1,11 +1,13 @@
 """The attack_rp2 stage: stickers per (defense, target, seed), white and black box, its
 files and metrics, its cache, and its params checks. Runs the stage's ``main`` in a
 temporary project with small random models (the Ray fan-out is replaced by a serial
-map here; the e2e test covers Ray)."""
+map in the ``project`` fixture; test_stage_fans_out_one_ray_task_per_sticker runs it on a
+real local Ray instance, since every e2e profile has rp2 off)."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,37 @@ def _params(tmp: Path, **rp2) -> Path:
     path = tmp / "params.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+def check_rows_against_the_saved_stickers(tmp: Path, rows: list[dict], attack: dict, transforms: int,
+                                          arch: str = "resnet20") -> None:
+    """Every per-sticker row of metrics/rp2.json, recomputed from what the stage saved: the
+    sticker file ``rp2/<arch>/<source>/target_<t>_seed_<s>.pt`` pasted on the 40 victims
+    (true class 14), classified by the row's model file; the rates from those predictions."""
+    from pipeline.attacks.rp2 import RP2Params, apply_rp2, sample_transforms, transform_images
+    from pipeline.checkpoint import build_from_spec, load_checkpoint
+    from pipeline.data.rp2 import load_mask, load_victims
+
+    victims, _ = load_victims(RP2_DIR, 32)
+    x = victims.float() / 255
+    mask = load_mask(RP2_DIR / "masks/rectangles-32.png")
+    for row in rows:
+        name = "baseline" if row["defense"] == "none" else row["defense"]
+        model = build_from_spec(load_checkpoint(tmp / f"models/{arch}/{name}.pt")).eval()
+        delta = torch.load(tmp / f"rp2/{arch}/{row['source']}/target_{row['target']}_seed_{row['seed']}.pt")
+        adv = apply_rp2(x, delta, mask)
+        with torch.no_grad():
+            clean, pred = model(x).argmax(1), model(adv).argmax(1)
+            tf = sample_transforms(transforms * len(x), RP2Params(**attack, target=row["target"]),
+                                   torch.Generator().manual_seed(row["seed"]))
+            pred_tf = model(transform_images(adv.repeat(transforms, 1, 1, 1), tf)).argmax(1)
+        n, k = len(x), transforms * len(x)  # a count over n differs from its neighbours by 1 / n >> 1e-6
+        assert row["clean_accuracy"] == pytest.approx(int((clean == 14).sum()) / n, abs=1e-6)
+        assert row["fooling_rate"] == pytest.approx(int((pred != clean).sum()) / n, abs=1e-6)
+        assert row["target_success"] == pytest.approx(int((pred == row["target"]).sum()) / n, abs=1e-6)
+        assert row["target_success_transformed"] == pytest.approx(int((pred_tf == row["target"]).sum()) / k, abs=1e-6)
+        l2 = ((x - adv).flatten(1).norm(dim=1) / adv.flatten(1).norm(dim=1)).mean()
+        assert row["l2_dissimilarity"] == pytest.approx(float(l2), rel=1e-5) and row["l2_dissimilarity"] > 0
 
 
 @pytest.fixture()
@@ -75,10 +108,7 @@ def test_stage_writes_white_and_black_box_metrics(project):
     assert set(summary["fnc"]) == {"white_box", "black_box"}
     rows = m["stickers"]
     assert len(rows) == 4 + 2  # 4 white-box stickers, 2 of them (made on none) transferred to fnc
-    for row in rows:
-        for key in ("clean_accuracy", "fooling_rate", "target_success", "target_success_transformed"):
-            assert 0.0 <= row[key] <= 1.0
-        assert row["l2_dissimilarity"] > 0
+    check_rows_against_the_saved_stickers(tmp, rows, {"steps": 15, "eot_samples": 2, "lr": 0.1}, transforms=4)
     # the same victims, the same model: clean accuracy does not depend on the sticker
     fnc_rows = [r for r in rows if r["defense"] == "fnc"]
     assert len({r["clean_accuracy"] for r in fnc_rows}) == 1
@@ -166,3 +196,79 @@ def test_node_id_outside_ray_does_not_start_ray():
         pytest.skip("Ray already connected in this process")
     assert node_id() == "local"
     assert not ray.is_initialized()
+
+
+def test_stage_fans_out_one_ray_task_per_sticker(tmp_path, monkeypatch, ray_local):
+    """The stage's own Ray fan-out (no serial stand-in) on a real local Ray instance: a
+    tiny profile (the traffic-sign CNN, undefended and BlurNet 3x3, one target, one seed,
+    2 RP2 steps) makes one sticker per (defense, target, seed) in a Ray task each, and its
+    metrics count the 40 victims."""
+    import mlflow
+    import ray
+
+    import stages.attack_rp2 as stage
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    meta = {"dataset": "gtsrb", "image_shape": [3, 32, 32], "classes": [f"class {i}" for i in range(N_CLASSES)]}
+    (tmp_path / "data/prepared/gtsrb").mkdir(parents=True)
+    (tmp_path / "data/prepared/gtsrb/meta.json").write_text(json.dumps(meta))
+    torch.manual_seed(0)
+    blur = [{"name": "blurnet", "kernel": "box", "size": 3}]
+    for name, defenses in (("baseline", None), ("blurnet3", blur)):
+        model = build_model("traffic_cnn", N_CLASSES, [0.5] * 3, [0.25] * 3)
+        save_checkpoint(model_spec("traffic_cnn", N_CLASSES, [0.5] * 3, [0.25] * 3, model.state_dict(), defenses),
+                        f"models/traffic_cnn/{name}.pt")
+    raw = yaml.safe_load((ROOT / "params" / "smoke.yaml").read_text())
+    raw["data"]["dataset"] = "gtsrb"
+    raw["model"]["name"] = "traffic_cnn"
+    raw["patch"]["target"] = 5
+    raw["defended"] = ["blurnet3"]
+    raw["blurnet3"] = {"init": "scratch", "defenses": blur, "train": {}}
+    raw["evaluate"]["defenses"] = raw["analysis"]["defenses"] = ["none", "blurnet3"]
+    attack = {"steps": 2, "eot_samples": 1, "lr": 0.1}
+    raw["rp2"] = {"enabled": True, "victims": str(RP2_DIR), "targets": [5], "seeds": [0],
+                  "defenses": ["none", "blurnet3"], "eval_transforms": 2, "attack": attack}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    params = load_params(tmp_path / "params.yaml")
+
+    fanned = []
+    real_map = stage.ray_map
+
+    def recording_map(fn, items, **kw):
+        """The stage's ray_map, its task also reporting the process it ran in (a closure:
+        cloudpickle sends it by value to the Ray workers)."""
+        fanned.append((fn.__name__, len(items)))
+
+        def with_pid(item):
+            import os
+
+            return {**fn(item), "pid": os.getpid()}
+
+        return real_map(with_pid, items, **kw)
+
+    monkeypatch.setattr(stage, "ray_map", recording_map)
+    stage.main(params)
+
+    assert fanned == [("rp2_task", 2)]  # one Ray task per (defense, target, seed): 2 x 1 x 1
+    stickers = sorted(p.relative_to(tmp_path / "rp2/traffic_cnn").as_posix()
+                      for p in (tmp_path / "rp2/traffic_cnn").rglob("*.pt"))
+    assert stickers == ["blurnet3/target_5_seed_0.pt", "none/target_5_seed_0.pt"]
+    m = json.loads((tmp_path / "metrics/rp2.json").read_text())
+    assert m["enabled"] and m["n_victims"] == 40 and m["targets"] == [5] and m["true_class"] == 14
+    rows = m["stickers"]
+    assert sorted((r["defense"], r["setting"], r["source"]) for r in rows) == [
+        ("blurnet3", "black_box", "none"), ("blurnet3", "white_box", "blurnet3"), ("none", "white_box", "none")]
+    assert all(r["target"] == 5 and r["seed"] == 0 for r in rows)
+    assert {d: {s: v["n_stickers"] for s, v in by.items()} for d, by in m["summary"].items()} == {
+        "none": {"white_box": 1}, "blurnet3": {"white_box": 1, "black_box": 1}}
+    check_rows_against_the_saved_stickers(tmp_path, rows, attack, transforms=2, arch="traffic_cnn")
+
+    # the tasks ran in Ray worker processes of this instance, 2 steps each (their cached results say so)
+    node = ray.get_runtime_context().get_node_id()
+    cached = [torch.load(p, weights_only=False) for p in (tmp_path / ".cache/attack_rp2").rglob("sticker.pt")]
+    assert len(cached) == 2
+    for res in cached:
+        assert res["pid"] != os.getpid() and res["node_id"] == node and len(res["history"]["loss"]) == 2
+    run = mlflow.search_runs(experiment_names=[params.mlflow.experiment], output_format="list")[0]
+    assert run.data.tags["node_ids"] == node and run.data.tags["attack"] == "rp2"

@@ -98,22 +98,89 @@ def test_insert_after_every_block_keeps_state_dict_and_changes_output():
     assert torch.allclose(before, unclipped, atol=1e-6)
 
 
-def test_clipping_caps_the_feature_norm_a_bright_square_causes():
-    """A high-contrast square makes large feature norms; FNC caps them at alpha x mean."""
+class EdgeBlock(torch.nn.Module):
+    """A cascaded block whose feature map is known in closed form: channel 0 the grey level,
+    channels 1 and 2 four times its central horizontal and vertical differences (replicate
+    padding). A uniform image gives the same vector (0.5, 0, 0) at every position; a
+    high-contrast square gives long vectors inside the square only."""
+
+    def forward(self, x):
+        grey = x.mean(1, keepdim=True)
+        p = torch.nn.functional.pad(grey, (1, 1, 1, 1), mode="replicate")
+        dx, dy = p[..., 1:-1, 2:] - p[..., 1:-1, :-2], p[..., 2:, 1:-1] - p[..., :-2, 1:-1]
+        return torch.cat([grey, 4 * dx, 4 * dy], dim=1)
+
+
+def edge_model():
     torch.manual_seed(5)
-    model = build_model("resnet20", 10, MEAN, STD).eval()
-    insert_fnc(model, alpha=1.0)
+    model = torch.nn.Sequential(EdgeBlock(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 10))
+    assert insert_fnc(model, alpha=1.0, block_types=[EdgeBlock]) == ["0"]
+    return model.eval()
+
+
+def clip_by_hand(f, alpha):
+    """Eq. 4 position by position, written out: the norm sqrt(sum_c f_c^2) of every vector,
+    the threshold alpha x their mean over the map, each longer vector rescaled to it."""
+    out = f.clone()
+    for n in range(f.shape[0]):
+        norms = [[float(sum(float(v) ** 2 for v in f[n, :, i, j]) ** 0.5) for j in range(f.shape[3])]
+                 for i in range(f.shape[2])]
+        threshold = alpha * sum(map(sum, norms)) / (f.shape[2] * f.shape[3])
+        for i in range(f.shape[2]):
+            for j in range(f.shape[3]):
+                if norms[i][j] > threshold:
+                    out[n, :, i, j] = f[n, :, i, j] * (threshold / norms[i][j])
+    return out
+
+
+def hooked(model, block, x):
+    """The feature map before and after the clipping that ``insert_fnc`` put after ``block``."""
     seen = []
-    block = model.net.layer3[-1]
-    block.fnc.register_forward_hook(lambda m, i, o: seen.append((i[0], o)))
-    x = torch.full((1, 3, 32, 32), 0.5)
-    x[:, :, 4:14, 4:14] = torch.rand(1, 3, 10, 10).round()
+    handle = block.fnc.register_forward_hook(lambda m, i, o: seen.append((i[0].detach(), o.detach())))
     with torch.no_grad():
         model(x)
-    before, after = seen[0]
-    nb, na = before.norm(dim=1), after.norm(dim=1)
-    assert nb.max() > nb.mean() * 1.0
-    assert na.max() <= nb.mean() * 1.0 + 1e-4
+    handle.remove()
+    return seen[0]
+
+
+def test_clipping_caps_the_feature_norm_a_bright_square_causes():
+    """A high-contrast square makes the feature vectors under it several times longer than
+    elsewhere; FNC (alpha 1) rescales exactly those to alpha x the mean norm and leaves the
+    rest alone. A uniform image gives a flat norm map, which FNC leaves unchanged."""
+    model = edge_model()
+    x = torch.full((2, 3, 32, 32), 0.5)
+    x[0, :, 4:14, 4:14] = torch.rand(3, 10, 10, generator=torch.Generator().manual_seed(0)).round()
+    before, after = hooked(model, model[0], x)
+    nb = (before**2).sum(dim=1).sqrt()  # the channel norm per position, from the definition
+    square = torch.zeros(32, 32, dtype=torch.bool)
+    square[4:14, 4:14] = True
+    ring = torch.zeros(32, 32, dtype=torch.bool)
+    ring[3:15, 3:15] = True  # the square and the one-pixel ring its edges reach
+    assert nb[0][square].mean() > 3 * nb[0][~ring].mean()  # the square's vectors are far longer
+    assert torch.allclose(nb[0][~ring], torch.full_like(nb[0][~ring], 0.5))  # elsewhere (0.5, 0, 0)
+    assert torch.allclose(nb[1], torch.full_like(nb[1], 0.5))  # the uniform image: a flat map
+    # the clipped map is Eq. 4 computed by hand
+    torch.testing.assert_close(after, clip_by_hand(before, 1.0), rtol=1e-4, atol=1e-5)
+    na = (after**2).sum(dim=1).sqrt()
+    threshold = nb[0].mean()
+    over = nb[0] > threshold
+    assert over[square].float().mean() > 0.5 and not over[~ring].any()
+    torch.testing.assert_close(na[0][over], torch.full_like(na[0][over], float(threshold)), rtol=1e-4, atol=1e-5)
+    assert torch.equal(after[0][:, ~over], before[0][:, ~over])  # shorter vectors: untouched
+    torch.testing.assert_close(after[1], before[1], rtol=1e-5, atol=1e-6)  # flat: nothing is over the mean
+
+
+def test_clipping_in_a_resnet_block_is_the_equation_on_its_output():
+    """In a ResNet-20 the hook replaces layer3's last block's output by Eq. 4 of it (by hand)."""
+    torch.manual_seed(5)
+    model = build_model("resnet20", 10, MEAN, STD).eval()
+    insert_fnc(model, alpha=1.2)
+    x = torch.full((1, 3, 32, 32), 0.5)
+    x[:, :, 4:14, 4:14] = torch.rand(1, 3, 10, 10).round()
+    before, after = hooked(model, model.net.layer3[-1], x)
+    expected = clip_by_hand(before, 1.2)
+    assert not torch.allclose(expected, before)  # something is clipped
+    torch.testing.assert_close(after, expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name,size,expected", [("mobilenet_v2", 64, 17), ("resnet50", 64, 16), ("inception_v3", 299, 11)])
@@ -168,3 +235,14 @@ def test_set_fnc_bpda_switches_every_module_and_leaves_predictions():
     assert torch.allclose(model(x), before, atol=1e-6)
     set_fnc_bpda(model, False)
     assert not any(m.bpda for m in fnc_modules(model))
+
+
+def test_set_fnc_alpha_changes_every_module_and_rejects_bad_calls():
+    model = build_model("resnet20", 10, MEAN, STD)
+    with pytest.raises(ValueError, match="no feature norm clipping inserted; call insert_fnc first"):
+        set_fnc_alpha(model, 1.0)
+    insert_fnc(model, 1.0)
+    set_fnc_alpha(model, 0.5)  # below 1 is a valid (stronger) clipping
+    assert {m.alpha for m in fnc_modules(model)} == {0.5}
+    with pytest.raises(ValueError, match=r"fnc.alpha must be > 0, got 0"):
+        set_fnc_alpha(model, 0)

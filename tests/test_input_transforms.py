@@ -1,20 +1,33 @@
-"""Input-transform defenses: LGS (Naseer et al. 2019) leaves a clean image nearly unchanged
-and suppresses a noise patch; random resizing and padding (Xie et al. 2018); BPDA."""
+"""Input-transform defenses: LGS (Naseer et al. 2019) suppresses a noise patch, and on real
+32x32 CIFAR-10 images it also rewrites most of a clean image (measured below); DW (Hayes
+2018) inpaints what its own detector flags; random resizing and padding (Xie et al. 2018); BPDA."""
 
 from __future__ import annotations
 
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pipeline.checkpoint import build_from_spec, model_spec
 from pipeline.defenses.base import apply_defense_list
 from pipeline.defenses.input_transforms import (
+    DWParams,
+    LGSParams,
     bpda,
+    dense_gradient_mask,
+    digital_watermarking,
     gradient_magnitude,
     local_gradients_smoothing,
     random_resize_pad,
 )
 from pipeline.models import build_model
+
+CIFAR_TEST = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg" / "test.zip"
 
 
 def smooth_images(n=4, side=32, seed=0):
@@ -45,7 +58,9 @@ def test_gradient_magnitude_is_normalised_per_image():
     assert gradient_magnitude(torch.full((1, 3, 8, 8), 0.5)).abs().max() == 0  # flat image: no gradient
 
 
-def test_lgs_leaves_clean_images_nearly_unchanged_and_suppresses_the_patch():
+def test_lgs_suppresses_a_noise_patch_on_smooth_images():
+    """On images with one straight edge and flat regions (not natural images: see the
+    CIFAR-10 test below) LGS changes little besides the patch, which it darkens."""
     clean = smooth_images()
     out = local_gradients_smoothing(clean)
     assert (out - clean).abs().mean() < 0.01
@@ -95,13 +110,15 @@ def test_one_input_transform_per_model():
 
 
 def test_digital_watermarking_inpaints_the_patch_and_leaves_clean_images_alone():
-    from pipeline.defenses.input_transforms import dense_gradient_mask, digital_watermarking
-
     clean = smooth_images()
     assert torch.equal(digital_watermarking(clean), clean)  # nothing detected: unchanged bit for bit
     patched = with_noise_patch(clean)
-    detected = dense_gradient_mask(patched, 8, 4, 0.15)[:, 0]
+    p = DWParams()  # DW's own detector (window 6, stride 2, threshold 0.3), the one digital_watermarking uses
+    assert (p.window, p.stride, p.threshold) == (6, 2, 0.3)
+    detected = dense_gradient_mask(patched, p.window, p.stride, p.threshold)[:, 0]
     assert detected[:, 4:12, 20:28].float().mean() > 0.9 and detected[:, 20:, :16].sum() == 0
+    # tight around the 64-pixel patch (at most 2.5x its area; LGS's 8 / 4 / 0.15 flags 3.2-3.8x)
+    assert (detected.float().sum(dim=(1, 2)) <= 2.5 * 64).all()
     out = digital_watermarking(patched)
     region = (slice(None), slice(None), slice(4, 12), slice(20, 28))
     # the inpainted patch is far closer to the clean image than the noise was
@@ -113,3 +130,56 @@ def test_digital_watermarking_inpaints_the_patch_and_leaves_clean_images_alone()
     defended.load_state_dict(base.state_dict())
     with torch.no_grad():
         assert torch.allclose(defended.eval()(patched), base(digital_watermarking(patched)), atol=1e-5)
+
+
+def cifar10_test_images(per_class=4):
+    """The first ``per_class`` JPEGs of every class folder of the shared CIFAR-10 test archive
+    (``test/<class>/<nnnn>.jpg``), float (10 * per_class, 3, 32, 32) in [0, 1]."""
+    if not CIFAR_TEST.is_file():
+        pytest.skip(f"{CIFAR_TEST} not found (the shared CIFAR-10 archives)")
+    with zipfile.ZipFile(CIFAR_TEST) as z:
+        names = sorted(n for n in z.namelist() if n.endswith(".jpg"))
+        by_class: dict[str, list[str]] = {}
+        for n in names:
+            by_class.setdefault(n.split("/")[1], []).append(n)
+        assert len(by_class) == 10
+        arrays = [np.array(Image.open(io.BytesIO(z.read(n))).convert("RGB")) for c in sorted(by_class)
+                  for n in by_class[c][:per_class]]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+
+
+def test_on_clean_cifar10_images_lgs_rewrites_most_pixels_and_dw_fewer():
+    """What the two input defenses do to *clean* real 32x32 images, measured on 40 CIFAR-10
+    test images (4 per class). LGS min-max normalises the gradient per image, so a clean
+    image's own texture counts as "dense high gradient": with the 32x32 defaults (window 8,
+    stride 4, threshold 0.15) 82 % of the pixels lie in a flagged window and 81 % change by
+    more than 1/255 (mean absolute change 0.18; 34 % to 100 % per image). LGS is not
+    near-identity on natural CIFAR-10 images, which is why it costs clean accuracy; these
+    numbers pin that down. DW's own detector (window 6, stride 2, threshold 0.3) flags 35 %
+    and the inpainting, with its 1-pixel dilation, changes 44 % of the pixels. Both leave
+    every pixel outside their mask bit for bit unchanged."""
+    x = cifar10_test_images()
+    assert x.shape == (40, 3, 32, 32)
+
+    lgs = local_gradients_smoothing(x)
+    lp = LGSParams()
+    lgs_mask = dense_gradient_mask(x, lp.window, lp.stride, lp.threshold)
+    changed = ((lgs - x).abs() > 1 / 255).any(dim=1)  # (N, H, W): pixels changed visibly
+    lgs_frac = float(changed.float().mean())
+    assert 0.7 < lgs_frac < 0.9  # measured 0.81: most of a clean image, not "nearly unchanged"
+    assert 0.12 < float((lgs - x).abs().mean()) < 0.25  # measured 0.18 (on [0, 1])
+    assert float(lgs_mask.float().mean()) == pytest.approx(0.82, abs=0.08)
+    assert not (changed & ~lgs_mask[:, 0]).any()  # only inside flagged windows
+    assert torch.equal(lgs[~lgs_mask.expand_as(x)], x[~lgs_mask.expand_as(x)])
+    per_image = changed.float().mean(dim=(1, 2))
+    assert per_image.min() > 0.2 and (per_image > 0.5).float().mean() > 0.75  # not a few outliers
+
+    dw = digital_watermarking(x)
+    dp = DWParams()
+    dw_mask = dense_gradient_mask(x, dp.window, dp.stride, dp.threshold)
+    grown = torch.nn.functional.max_pool2d(dw_mask.float(), 2 * dp.dilate + 1, stride=1, padding=dp.dilate) > 0
+    assert float(dw_mask.float().mean()) == pytest.approx(0.35, abs=0.08)  # measured 0.354
+    dw_changed = (dw != x).any(dim=1)
+    assert float(dw_changed.float().mean()) == pytest.approx(0.45, abs=0.1)  # measured 0.447
+    assert not (dw_changed & ~grown[:, 0]).any()  # only the detected, dilated region is inpainted
+    assert float(dw_changed.float().mean()) < 0.7 * lgs_frac  # DW's stricter detector touches less

@@ -130,3 +130,57 @@ def test_registry_builds_mask_fgsm_and_rejects_bad_params():
             build_attack("mask_fgsm", params)
     with pytest.raises(ValueError, match="tau"):
         mask_fgsm(model, x, y, eps=0.1, p_th=0.5, tau=1.5)
+
+
+# --------------------------------------------------------------------------- mutation-testing additions
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"x": torch.rand(3, 8, 8)}, r"expected images \(N, C, H, W\) and labels \(N,\), got \(3, 8, 8\) and \(1,\)"),
+    ({"y": torch.tensor([1, 0])}, r"got \(1, 3, 8, 8\) and \(2,\)"),
+    ({"x": torch.full((1, 3, 8, 8), -0.1)}, r"mask_fgsm expects images in \[0, 1\]"),
+    ({"x": torch.full((1, 3, 8, 8), 1.5)}, r"mask_fgsm expects images in \[0, 1\]"),
+    ({"eps": 0.0}, r"^eps must be in \(0, 1\]"),
+    ({"p_th": 1.0}, r"p_th must be in \[0, 1\) \(the Grad-CAM map is in \[0, 1\]\), got 1.0"),
+    ({"p_th": 1.5}, r"p_th must be in \[0, 1\)"),
+    ({"tau": 0.0}, r"tau is a fraction of the input values in \(0, 1\], got 0.0"),
+    ({"max_iters": 0}, "max_iters must be >= 1, got 0"),
+])
+def test_mask_fgsm_rejects_bad_inputs_with_the_reason(kwargs, message):
+    args = {"x": torch.stack([halves(0.9, 0.3)]), "y": torch.tensor([1]), "eps": 0.1, "p_th": 0.5, "tau": 1.0,
+            "max_iters": 2, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        mask_fgsm(brightness_model(), **args)
+
+
+def test_mask_fgsm_accepts_the_edges_of_its_ranges_and_runs_ten_iterations_by_default():
+    model = brightness_model()
+    # pixels exactly 0 and 1 are valid images; one iteration is a valid cap
+    x, y = torch.stack([halves(1.0, 0.3)]), torch.tensor([1])
+    x[0, :, 0, 7] = 0.0
+    assert mask_fgsm(model, x, y, eps=0.01, p_th=0.0, tau=1.0, max_iters=1).iterations.tolist() == [1]
+    # a far image and a tiny eps: never fooled, never over budget: max_iters (default 10) steps
+    far = torch.stack([halves(1.0, 0.6)])  # Grad-CAM 1 on the left half, 0.2 on the right: half the values move
+    res = mask_fgsm(model, far, y, eps=0.001, p_th=0.5, tau=1.0)
+    assert res.iterations.tolist() == [10] and res.success.tolist() == [False]
+    # the same with an explicit Grad-CAM layer
+    explicit = mask_fgsm(model, far, y, eps=0.001, p_th=0.5, tau=1.0, layer=default_gradcam_layer(model))
+    assert torch.equal(explicit.x_adv, res.x_adv)
+
+
+def test_l0_fraction_is_per_image():
+    x = torch.zeros(3, 2, 2, 2)
+    x_adv = x.clone()
+    x_adv[0, 0, 0, 0] = 1  # 1 of 8 values
+    x_adv[2] = 1  # all 8
+    assert l0_fraction(x_adv, x).tolist() == [0.125, 0.0, 1.0]
+
+
+def test_the_registered_attack_passes_target_and_accumulate():
+    model = brightness_model()
+    x, y = torch.stack([halves(0.9, 0.3), halves(0.9, 0.5)]), torch.tensor([1, 1])
+    params = {"eps": 0.3, "p_th": 0.5, "tau": 1.0, "max_iters": 3}
+    acc = build_attack("mask_fgsm", {**params, "accumulate": True})(model, x, y)
+    assert torch.allclose(acc, mask_fgsm(model, x, y, 0.3, 0.5, 1.0, 3, accumulate=True).x_adv)
+    assert not torch.allclose(acc, mask_fgsm(model, x, y, 0.3, 0.5, 1.0, 3).x_adv)  # the option matters here
+    # targeted at the true class: every image is "reached" at once and returned unchanged
+    assert torch.equal(build_attack("mask_fgsm", {**params, "target": 1})(model, x, y), x)

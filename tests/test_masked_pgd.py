@@ -164,3 +164,52 @@ def _spec_model(spec):
     from pipeline.checkpoint import build_from_spec
 
     return build_from_spec(spec)
+
+
+# --------------------------------------------------------------------------- mutation-testing additions
+
+def test_accuracy_vs_k_rejects_bad_inputs_with_the_reason():
+    x, y = region_data(n=4)
+    rmap = torch.rand(8, 8)
+    threat = ThreatModel(eps=0.05, step_size=0.02, steps=1)
+    with pytest.raises(ValueError, match=r"expected images \(N, C, H, W\) with N >= 1 and labels \(N,\), "
+                                         r"got \(0, 3, 8, 8\), \(0,\)"):
+        accuracy_vs_k(RegionModel(), x[:0], y[:0], rmap, [0.5], threat)
+    with pytest.raises(ValueError, match=r"got \(4, 3, 8, 8\), \(3,\)"):
+        accuracy_vs_k(RegionModel(), x, y[:3], rmap, [0.5], threat)
+    with pytest.raises(ValueError, match=r"rmap \(8, 4\) does not match the images' \(H, W\) \(8, 8\)"):
+        accuracy_vs_k(RegionModel(), x, y, rmap[:, :4], [0.5], threat)
+    one = accuracy_vs_k(RegionModel(), x[:1], y[:1], rmap, [0.5], threat)  # one image is enough
+    assert one[0]["n_images"] == 1
+
+
+def test_accuracy_vs_k_attacks_with_the_callers_settings(monkeypatch):
+    """Each call of PGD gets the caller's target and generator (seeded 0 by default), the
+    map's mask, and skips the final loss pass; the rows carry the documented keys."""
+    import pipeline.attacks.masked_pgd as module
+
+    calls = []
+    real = module.pgd
+
+    def spy(model, x, y, threat, target=None, generator=None, mask=None, record_loss=True):
+        calls.append({"target": target, "generator": generator, "mask": mask, "record_loss": record_loss})
+        return real(model, x, y, threat, target, generator, mask=mask, record_loss=record_loss)
+
+    monkeypatch.setattr(module, "pgd", spy)
+    x, y = region_data(n=6)
+    rmap = torch.zeros(8, 8)
+    rmap[REGION] = 1.0
+    threat = ThreatModel(eps=0.05, step_size=0.02, steps=2)
+    gen = torch.Generator().manual_seed(5)
+    rows = accuracy_vs_k(RegionModel(), x, y, rmap, [0.25, 0.5], threat, target=1, batch_size=4, generator=gen)
+    assert [set(r) for r in rows] == [{"k", "which", "n_pixels", "accuracy", "n_images"}] * 2
+    assert [(r["k"], r["which"], r["n_pixels"], r["n_images"]) for r in rows] == [(0.25, "top", 16, 6), (0.5, "top", 32, 6)]
+    assert len(calls) == 4 and all(c["target"] == 1 and c["generator"] is gen and c["record_loss"] is False
+                                   for c in calls)
+    assert calls[0]["mask"].sum() == 16  # k = 0.25: the 16 pixels the map ranks first
+    calls.clear()
+    default = accuracy_vs_k(RegionModel(), x, y, rmap, [0.25], threat)
+    assert calls[0]["target"] is None and calls[0]["generator"] is not None and default[0]["which"] == "top"
+    # the default generator is seeded 0: the same starts as an explicit manual_seed(0)
+    drawn = calls[0]["generator"].initial_seed()
+    assert drawn == 0

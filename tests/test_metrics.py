@@ -112,3 +112,55 @@ def test_attack_cell_metrics_counts():
     assert m["clean_accuracy"] == 0.75 and m["robust_accuracy"] == 0.25
     assert m["attack_success_rate"] == pytest.approx(2 / 3) and m["fooling_rate"] == 0.5
     assert m["l0"] == pytest.approx(0.1) and m["n_images"] == 4
+
+
+# --------------------------------------------------------------------------- mutation-testing additions
+
+def test_fooling_rate_counts_changed_predictions_only():
+    clean, adv = T([1, 2, 3, 4]), T([1, 9, 3, 4])  # one of four changed (not a symmetric 2 of 4)
+    assert fooling_rate(clean, adv).value == 0.25
+
+
+@pytest.mark.parametrize("call", [
+    lambda a, b: clean_accuracy(a, b), lambda a, b: clean_accuracy(b, a),
+    lambda a, b: robust_accuracy(a, b), lambda a, b: robust_accuracy(b, a),
+    lambda a, b: fooling_rate(a, b), lambda a, b: fooling_rate(b, a),
+    lambda a, b: attack_success_rate(a, b, b), lambda a, b: attack_success_rate(b, a, b),
+    lambda a, b: attack_success_rate(b, b, a),
+])
+def test_every_argument_of_a_metric_is_checked(call):
+    """Each argument position, given a wrong length, fails with the shapes in the message."""
+    with pytest.raises(ValueError, match=r"1-D of equal length, got \[.*\(3,\).*\]"):
+        call(T([0, 1, 2]), T([0, 1]))
+    with pytest.raises(ValueError, match=r"\(2, 1\)"):
+        call(T([[0], [1]]), T([0, 1]))
+
+
+def test_wilson_interval_is_the_wilson_score_interval():
+    from statistics import NormalDist
+
+    from pipeline.metrics import wilson_interval
+
+    def wilson(k, n, conf):  # Wilson (1927), written out
+        z = NormalDist().inv_cdf(0.5 + conf / 2)
+        centre = (k + z * z / 2) / (n + z * z)
+        half = z / (n + z * z) * math.sqrt(k * (n - k) / n + z * z / 4)
+        return centre - half, centre + half
+
+    for k, n, conf in [(3, 10, 0.95), (0, 5, 0.95), (5, 5, 0.95), (1, 1, 0.95), (40, 100, 0.99), (40, 100, 0.5)]:
+        assert wilson_interval(k, n, conf) == pytest.approx(wilson(k, n, conf), abs=1e-9)
+    assert wilson_interval(40, 100) == pytest.approx(wilson(40, 100, 0.95), abs=1e-9)  # default 95 %
+    lo, hi = wilson_interval(0, 0)
+    assert math.isnan(lo) and math.isnan(hi)
+    for k, n, conf in [(-1, 5, 0.95), (6, 5, 0.95), (2, 5, 0.0), (2, 5, 1.0), (2, 5, 1.5)]:
+        with pytest.raises(ValueError, match=r"need 0 <= k <= n and a confidence in \(0, 1\)"):
+            wilson_interval(k, n, conf)
+
+
+def test_perturbation_metrics_pass_the_l0_tolerance():
+    from pipeline.metrics import perturbation_metrics
+
+    x = torch.full((1, 3, 8, 8), 0.5)
+    x_adv = x + 1e-4
+    assert perturbation_metrics(x, x_adv)["l0"] == 1.0  # above the default 1e-6
+    assert perturbation_metrics(x, x_adv, atol=1e-3)["l0"] == 0.0

@@ -7,11 +7,15 @@ import torch
 
 from pipeline.attacks.patch import (
     PatchTrainingConfig,
+    Placements,
     apply_patch,
     corner_placements,
+    patch_cache_params,
     patch_loss,
     patch_objective,
     patch_side,
+    patch_training_config,
+    patch_training_images,
     sample_placements,
     train_universal_patch,
 )
@@ -53,9 +57,31 @@ def test_rotated_scaled_patch_stays_inside_and_has_the_right_area():
     covered = out[:, 0].sum(dim=(1, 2))
     expected = (10 * pl.scale) ** 2
     assert ((covered - expected).abs() / expected).max() < 0.25  # nearest-neighbour rasterisation
-    # nothing of the patch is cut by the image border: the full area is there
-    assert (covered > 0).all()
+    # nothing of the patch is cut by the image border: the same placements in images with a
+    # 16-pixel margin all round (shifted by it) cover exactly as many pixels
+    margin = 16
+    shifted = Placements(pl.top + margin, pl.left + margin, pl.angle, pl.scale)
+    canvas = apply_patch(torch.zeros(500, 3, 32 + 2 * margin, 32 + 2 * margin), p, shifted)
+    assert torch.equal(canvas[:, 0].sum(dim=(1, 2)), covered)
+    assert canvas[:, 0, margin : margin + 32, margin : margin + 32].sum() == canvas[:, 0].sum()  # all of it inside
     assert torch.all((out >= 0) & (out <= 1))
+
+
+@pytest.mark.parametrize("h,w,side", [(31, 29, 7), (33, 17, 5), (17, 33, 17), (9, 9, 1), (15, 11, 11), (32, 32, 31)])
+def test_every_placement_puts_the_whole_square_inside_the_image(h, w, side):
+    """Without rotation or scaling a placement covers exactly side x side pixels, the square
+    [top, top + side) x [left, left + side), wholly inside the image; the corners of the valid
+    range are reached."""
+    n = 2000
+    pl = sample_placements(n, (h, w), side, generator=torch.Generator().manual_seed(h * 100 + w + side))
+    assert torch.equal(pl.top, pl.top.floor()) and torch.equal(pl.left, pl.left.floor())
+    assert pl.top.min() == 0 and pl.top.max() == h - side and pl.left.min() == 0 and pl.left.max() == w - side
+    out = apply_patch(torch.zeros(n, 3, h, w), torch.ones(3, side, side), pl)
+    assert (out[:, 0].sum(dim=(1, 2)) == side * side).all()  # never cut by the border
+    ref = torch.zeros(n, h, w)
+    for i, (top, left) in enumerate(zip(pl.top.long().tolist(), pl.left.long().tolist(), strict=True)):
+        ref[i, top : top + side, left : left + side] = 1
+    assert torch.equal(out[:, 0], ref) and torch.equal(out[:, 1], ref) and torch.equal(out[:, 2], ref)
 
 
 def test_gradient_reaches_only_the_patch():
@@ -129,3 +155,45 @@ def test_lavan_at_a_fixed_location_lowers_its_margin_on_unseen_images():
     before = patch_objective(model, images[256:], labels[256:], torch.zeros(3, 10, 10), pl, 3, attack="lavan")
     after = patch_objective(model, images[256:], labels[256:], patch, pl, 3, attack="lavan")
     assert after < before
+
+
+def test_patch_training_images_drop_the_target_and_draw_a_seeded_subset_in_order():
+    x = torch.arange(40, dtype=torch.uint8).view(40, 1, 1, 1).expand(40, 3, 2, 2).contiguous()
+    y = torch.arange(40) % 5
+    kept_x, kept_y = patch_training_images(x, y, target=3, n=None, seed=0)
+    assert torch.equal(kept_y, y[y != 3]) and torch.equal(kept_x, x[y != 3])  # every non-target image, in order
+    sub_x, sub_y = patch_training_images(x, y, target=3, n=10, seed=0)
+    ids = sub_x[:, 0, 0, 0].long()  # each image's index in x
+    assert len(ids) == 10 and (y[ids] != 3).all() and torch.equal(sub_y, y[ids])
+    assert torch.equal(ids, ids.sort().values) and len(set(ids.tolist())) == 10  # original order, no repeats
+    assert torch.equal(patch_training_images(x, y, 3, 10, seed=0)[0], sub_x)  # seeded
+    assert not torch.equal(patch_training_images(x, y, 3, 10, seed=1)[0], sub_x)
+    all_x, all_y = patch_training_images(x, y, target=None, n=40, seed=0)  # n >= N keeps all
+    assert torch.equal(all_x, x) and torch.equal(all_y, y) and all_x.is_contiguous()
+    untargeted = patch_training_images(x, y, target=None, n=39, seed=0)[1]
+    assert len(untargeted) == 39 and (untargeted == 3).any()  # no class dropped without a target
+
+
+def test_patch_training_config_and_cache_key_come_from_the_patch_params():
+    from pipeline.config import PatchConfig
+
+    p = PatchConfig(target=7, epochs=4, step_size=0.01, decay_epochs=[1, 3], batch_size=16, rotation=20.0,
+                    scale_min=0.8, scale_max=0.9, location="fixed", seeds=[0, 4], attacks=["lavan"])
+    cfg = patch_training_config(p, 9, "lavan")
+    assert cfg == PatchTrainingConfig(side=9, attack="lavan", location="fixed", target=7, epochs=4, step_size=0.01,
+                                      decay_epochs=(1, 3), batch_size=16, rotation_deg=20.0, scale_range=(0.8, 0.9),
+                                      amp=False)
+    assert patch_training_config(p.model_copy(update={"amp": True}), 9, "advp").amp is True
+    key = patch_cache_params(p)
+    assert not {"attacks", "seeds", "adaptive_restarts", "amp"} & set(key)  # keyed per attack and seed elsewhere
+    assert key["target"] == 7 and key["rotation"] == 20.0 and key["decay_epochs"] == [1, 3]
+    assert patch_cache_params(p.model_copy(update={"amp": False}))["amp"] is False  # kept once set
+    assert patch_cache_params(p.model_copy(update={"seeds": [9], "attacks": ["advp"]})) == key
+
+
+def test_patch_side_edges():
+    assert patch_side(1 / 1024, 32, 32) == 1  # one pixel is a patch
+    with pytest.raises(ValueError, match=r"patch.area_fraction must be in \(0, 1\), got 0"):
+        patch_side(0.0, 32, 32)
+    with pytest.raises(ValueError, match="patch.area_fraction 0.0005 gives a 0-pixel patch on 32x32 images"):
+        patch_side(0.0005, 32, 32)

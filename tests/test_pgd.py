@@ -203,3 +203,102 @@ def test_bad_attack_params_give_clear_errors(name, params, message):
 
 def test_l2_budgets_above_one_are_allowed():
     assert build_attack("pgd", {"norm": "l2", "eps": 2.0, "step_size": 1.5}).params.eps == 2.0
+
+
+# --------------------------------------------------------------------------- the random start (Madry et al., Section 2)
+
+class FirstInput(nn.Module):
+    """Wraps a model and keeps the input of its first forward pass: PGD's first iterate,
+    the random start (or the clean image without one)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.first = model, None
+
+    def forward(self, x):
+        if self.first is None:
+            self.first = x.detach().clone()
+        return self.model(x)
+
+
+def first_iterate(norm, eps, seed=0, random_start=True, n=64, side=16):
+    """(x, start): clean images in [0.25, 0.75] (so that no start is clipped at 0 or 1) and
+    the first point PGD evaluates the model at, under a generator seeded with ``seed``."""
+    x = 0.25 + 0.5 * torch.rand(n, 3, side, side, generator=torch.Generator().manual_seed(123))
+    y = torch.arange(n) % 4
+    model = FirstInput(tiny_conv())
+    pgd(model, x, y, ThreatModel(norm=norm, eps=eps, step_size=eps / 4, steps=1, random_start=random_start),
+        generator=torch.Generator().manual_seed(seed), record_loss=False)
+    return x, model.first
+
+
+@pytest.mark.parametrize("record_loss", [True, False])
+def test_linf_random_start_is_uniform_over_the_ball(record_loss):
+    """Every value of the start is x0 + U(-eps, eps): strictly inside the ball, not x0, mean
+    offset 0 and spread eps / sqrt(3) (the standard deviation of U(-eps, eps)), a flat histogram."""
+    eps = 0.1
+    x = 0.25 + 0.5 * torch.rand(64, 3, 16, 16, generator=torch.Generator().manual_seed(123))
+    model = FirstInput(tiny_conv())
+    pgd(model, x, torch.arange(64) % 4, ThreatModel(norm="linf", eps=eps, step_size=0.01, steps=1),
+        generator=torch.Generator().manual_seed(0), record_loss=record_loss)
+    d = (model.first - x).flatten()  # 49,152 values
+    assert d.abs().max() <= eps + 1e-6  # inside the ball ...
+    assert (d != 0).float().mean() > 0.999  # ... and off its centre: not the clean image
+    assert abs(float(d.mean())) < 0.02 * eps  # mean 0 (its standard error is 0.003 eps)
+    assert float(d.std()) == pytest.approx(eps / 3**0.5, rel=0.02)  # not U(0, eps), not N(0, .), not eps * sign
+    assert float(d.abs().max()) > 0.99 * eps  # the whole ball is reached
+    quarters = torch.histc(d, bins=4, min=-eps, max=eps) / len(d)
+    assert torch.allclose(quarters, torch.full((4,), 0.25), atol=0.01)  # uniform, not peaked at 0 or at +-eps
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 1.0)])
+def test_random_start_depends_on_the_generator_seed_only(norm, eps):
+    x, a = first_iterate(norm, eps, seed=0)
+    _, b = first_iterate(norm, eps, seed=0)
+    _, c = first_iterate(norm, eps, seed=1)
+    assert torch.equal(a, b)  # reproducible
+    assert not torch.equal(a, x) and not torch.equal(c, x)
+    assert ((a - c).abs() > 1e-6).float().mean() > 0.99  # another seed: another start, value by value
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 1.0)])
+def test_without_random_start_pgd_starts_at_the_clean_image(norm, eps):
+    x, start = first_iterate(norm, eps, random_start=False)
+    assert torch.equal(start, x)
+
+
+def test_l2_random_start_lies_inside_the_ball_at_uniform_radii_in_random_directions():
+    """L2: a random direction (normalised Gaussian) scaled to a radius uniform in [0, eps]:
+    inside the ball, never the centre, radii spread over (0, eps) with mean eps / 2, no
+    preferred direction."""
+    eps = 1.0
+    x, start = first_iterate("l2", eps, n=400, side=8)
+    delta = (start - x).flatten(1)
+    r = delta.norm(dim=1)
+    assert (r <= eps + 1e-5).all() and (r > 0).all()
+    assert float(r.mean()) == pytest.approx(eps / 2, abs=0.05)  # U(0, eps): mean eps / 2, standard error 0.014 eps
+    assert float(r.min()) < 0.1 * eps and float(r.max()) > 0.9 * eps
+    assert float(r.std()) == pytest.approx(eps / 12**0.5, rel=0.15)
+    # isotropic: per-value offsets average to 0, and a direction is dense (not a corner or an axis)
+    assert abs(float(delta.mean())) < 0.002 * eps  # its standard error: 0.0002 eps
+    unit = delta / r[:, None]
+    assert float(unit.abs().amax(1).mean()) < 0.35  # a Gaussian direction in 192 dims: max |u_i| ~ 0.2
+
+
+# --------------------------------------------------------------------------- mutation-testing additions
+
+def test_fgsm_step_is_the_given_eps_and_the_registered_attacks_pass_their_target():
+    model = tiny_conv(classes=4)
+    g = torch.Generator().manual_seed(3)
+    x, y = 0.2 + 0.6 * torch.rand(6, 3, 8, 8, generator=g), torch.tensor([0, 1, 2, 3, 0, 1])
+    d = (fgsm(model, x, y, 0.02) - x).abs()
+    assert torch.allclose(d[d > 0], torch.full_like(d[d > 0], 0.02), atol=1e-6) and (d > 0).float().mean() > 0.9
+    # targeted FGSM / PGD through the registry equal the functions with that target, not the untargeted ones
+    targeted = build_attack("fgsm", {"eps": 0.05, "target": 2})(model, x, y)
+    assert torch.equal(targeted, fgsm(model, x, y, 0.05, target=2))
+    assert not torch.equal(targeted, fgsm(model, x, y, 0.05))
+    params = {"eps": 0.05, "step_size": 0.02, "steps": 2, "target": 2}
+    out = build_attack("pgd", params)(model, x, y, torch.Generator().manual_seed(4))
+    threat = build_attack("pgd", params).params.threat_model()
+    assert torch.equal(out, pgd(model, x, y, threat, 2, torch.Generator().manual_seed(4)).x_adv)  # its generator
+    assert not torch.equal(out, pgd(model, x, y, threat, None, torch.Generator().manual_seed(4)).x_adv)

@@ -24,6 +24,7 @@ from pipeline.attacks.rp2 import (
     evaluate_rp2,
     l2_dissimilarity,
     non_printability_score,
+    sample_transforms,
     sticker_colours,
     train_rp2,
     transform_images,
@@ -220,7 +221,24 @@ def test_rp2_reaches_target_with_a_masked_perturbation():
         assert (model(adv).argmax(1) == TARGET).float().mean() >= 0.8
     metrics = evaluate_rp2(model, x, y, delta, mask, c, transforms=2)
     assert metrics["clean_accuracy"] == 1.0 and metrics["fooling_rate"] >= 0.8 and metrics["target_success"] >= 0.8
-    assert 0 < metrics["l2_dissimilarity"] < 2 and 0 <= metrics["target_success_transformed"] <= 1
+    # the metrics recomputed from the adversarial victims: each rate from the predictions,
+    # the dissimilarity as the mean over victims of ||x - x_adv|| / ||x_adv||
+    with torch.no_grad():
+        pred_clean, pred_adv = model(x.float() / 255).argmax(1), model(adv).argmax(1)
+    assert metrics["target_success"] == pytest.approx(int((pred_adv == TARGET).sum()) / len(x), abs=1e-6)
+    assert metrics["fooling_rate"] == pytest.approx(int((pred_adv != pred_clean).sum()) / len(x), abs=1e-6)
+    diff = (x.float() / 255 - adv).flatten(1).norm(dim=1) / adv.flatten(1).norm(dim=1)
+    assert metrics["l2_dissimilarity"] == pytest.approx(float(diff.mean()), rel=1e-5)
+    assert metrics["n_images"] == len(x)
+    # under transforms: 2 random transforms of every adversarial victim, drawn with the seed (0)
+    with torch.no_grad():
+        tf = sample_transforms(2 * len(x), c, torch.Generator().manual_seed(0))
+        pred_tf = model(transform_images(adv.repeat(2, 1, 1, 1), tf)).argmax(1)
+    assert metrics["target_success_transformed"] == pytest.approx(int((pred_tf == TARGET).sum()) / len(pred_tf), abs=1e-6)
+    # the identity transform leaves the adversarial victims as they are: the same rate
+    still = cfg(rotation=0.0, scale=(1, 1), brightness=(1, 1), translate=0.0)
+    assert evaluate_rp2(model, x, y, delta, mask, still, transforms=3)["target_success_transformed"] == \
+        metrics["target_success"]
     assert all(p.requires_grad for p in model.parameters()) and model.training  # restored
 
 
