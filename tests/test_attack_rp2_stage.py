@@ -68,14 +68,20 @@ def check_rows_against_the_saved_stickers(tmp: Path, rows: list[dict], attack: d
         assert row["l2_dissimilarity"] == pytest.approx(float(l2), rel=1e-5) and row["l2_dissimilarity"] > 0
 
 
-@pytest.fixture()
-def project(tmp_path, monkeypatch):
+def _gtsrb_workdir(tmp_path, monkeypatch) -> None:
+    """Work in ``tmp_path`` with a prepared GTSRB meta (no images: the stage reads RP2's victims),
+    a private MLflow store and torch's seed fixed."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     meta = {"dataset": "gtsrb", "image_shape": [3, 32, 32], "classes": [f"class {i}" for i in range(N_CLASSES)]}
     (tmp_path / "data/prepared/gtsrb").mkdir(parents=True)
     (tmp_path / "data/prepared/gtsrb/meta.json").write_text(json.dumps(meta))
     torch.manual_seed(0)
+
+
+@pytest.fixture()
+def project(tmp_path, monkeypatch):
+    _gtsrb_workdir(tmp_path, monkeypatch)
     model = build_model("resnet20", N_CLASSES, [0.5] * 3, [0.25] * 3)
     sd = model.state_dict()
     save_checkpoint(model_spec("resnet20", N_CLASSES, [0.5] * 3, [0.25] * 3, sd), "models/resnet20/baseline.pt")
@@ -208,12 +214,7 @@ def test_stage_fans_out_one_ray_task_per_sticker(tmp_path, monkeypatch, ray_loca
 
     import stages.attack_rp2 as stage
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    meta = {"dataset": "gtsrb", "image_shape": [3, 32, 32], "classes": [f"class {i}" for i in range(N_CLASSES)]}
-    (tmp_path / "data/prepared/gtsrb").mkdir(parents=True)
-    (tmp_path / "data/prepared/gtsrb/meta.json").write_text(json.dumps(meta))
-    torch.manual_seed(0)
+    _gtsrb_workdir(tmp_path, monkeypatch)
     blur = [{"name": "blurnet", "kernel": "box", "size": 3}]
     for name, defenses in (("baseline", None), ("blurnet3", blur)):
         model = build_model("traffic_cnn", N_CLASSES, [0.5] * 3, [0.25] * 3)
