@@ -91,8 +91,8 @@ def test_adversarial_training_raises_pgd_robustness(defenses_project):
     m = json.loads((defenses_project["dir"] / "metrics" / "train_defended" / "madry.json").read_text())
     assert m["epochs"] == 2
     assert cells["madry"]["pgd"]["robust_accuracy"] > cells["none"]["pgd"]["robust_accuracy"]
-    # the held-out PGD accuracy logged by training is a robust accuracy: below the clean one
-    assert m["test_robust_accuracy"] < m["clean_accuracy"]
+    # (the held-out PGD accuracy training logs, on eval_images test images, is recomputed from the
+    # attacked images in tests/test_adversarial_training.py)
 
 
 def test_blurnet_penalties_are_logged_per_epoch(defenses_project):
