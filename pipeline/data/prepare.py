@@ -5,11 +5,13 @@ read in place), optionally keeps a deterministic per-class subset, decodes the
 images in shards (one task each, fanned out by the caller's ``mapper``, Ray in
 the stage), holds ``data.val_per_class`` training images a class out as the
 validation split, and writes ``train.pt``, ``val.pt``, ``test.pt`` and ``meta.json`` into the
-output folder through a temporary folder, so a failed run leaves nothing behind.
+output folder through a temporary folder beside it, so a failed run leaves nothing behind (not even
+the parent folders it created).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -99,17 +101,17 @@ def split_validation(
     return np.setdiff1d(keep, val_idx), val_idx
 
 
-def resolve_source(cfg: DataConfig) -> Path:
-    """The folder to read, downloading with torchvision when allowed and needed.
-
-    Only CIFAR-10 can be downloaded (torchvision's ``CIFAR10``); GTSRB at 32x32
-    has no download in this layout (see ``DATASETS["gtsrb"].source_hint``).
+def check_source(cfg: DataConfig) -> Path:
+    """``data.root`` as a path, after checking it holds an accepted layout or may be
+    downloaded into; reads no image and downloads nothing.
 
     Raises:
-        DatasetError: nothing usable under ``data.root`` and ``data.download`` is
-            false, or the dataset cannot be downloaded; the message says where
-            to get it.
+        DatasetError: ``data.root`` is empty, missing or holds no accepted layout,
+            and ``data.download`` is false or the dataset cannot be downloaded; the
+            message says where to get it.
     """
+    if not str(cfg.root).strip():
+        raise DatasetError("data.root is empty; set it to the dataset folder (README, Data)")
     root = Path(cfg.root).expanduser()
     if root.is_dir() and detect_layout(root):
         return root
@@ -122,6 +124,23 @@ def resolve_source(cfg: DataConfig) -> Path:
             f"data.root {root} {what}; point it at a folder with train.zip + test.zip, "
             "train/ + test/ class folders, or cifar-10-batches-py, or set data.download: true"
         )
+    return root
+
+
+def resolve_source(cfg: DataConfig) -> Path:
+    """The folder to read, downloading with torchvision when allowed and needed.
+
+    Only CIFAR-10 can be downloaded (torchvision's ``CIFAR10``); GTSRB at 32x32
+    has no download in this layout (see ``DATASETS["gtsrb"].source_hint``).
+
+    Raises:
+        DatasetError: nothing usable under ``data.root`` and ``data.download`` is
+            false, or the dataset cannot be downloaded; the message says where
+            to get it.
+    """
+    root = check_source(cfg)
+    if root.is_dir() and detect_layout(root):
+        return root
     from torchvision.datasets import CIFAR10
 
     log.info("downloading CIFAR-10 into %s (torchvision)", root)
@@ -186,6 +205,7 @@ def prepare_dataset(cfg: DataConfig, out_dir: str | Path, seed: int, mapper: Map
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    created = [p for p in tmp.parents if not p.exists()]  # e.g. data/prepared/: removed again on failure
     tmp.mkdir(parents=True)
     try:
         counts = {}
@@ -233,6 +253,9 @@ def prepare_dataset(cfg: DataConfig, out_dir: str | Path, seed: int, mapper: Map
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in created:  # nearest first; only the folders this call made, and only if still empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
     return meta
 
@@ -252,7 +275,10 @@ def _storage_mode(
     ``size``, if any) and the image count."""
     if train.arrays is not None:
         return "tensor", tuple(train.arrays.shape[1:])
-    first = decode_image(read_members(train, train_idx[:1])[0], train.members[train_idx[0]], size)
+    try:
+        first = decode_image(read_members(train, train_idx[:1])[0], train.members[train_idx[0]], size)
+    except ValueError as exc:
+        raise DatasetError(f"{train.source}: {exc}") from None
     decoded_mb = (len(train_idx) + n_test) * first.size / 2**20
     return ("lazy" if decoded_mb > threshold_mb else "tensor"), tuple(first.shape)
 
