@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--windows", default="8:4,6:2,10:2,12:4", help="window:stride pairs (pixels)")
     parser.add_argument("--thresholds", default="0.1,0.15,0.2,0.25,0.3,0.35,0.4,0.5")
     parser.add_argument("--max-clean-drop", type=float, default=0.05, help="fraction (0.05 = 5 points)")
+    parser.add_argument("--min-patch-recall", type=float, default=0.0,
+                        help="keep only settings that flag at least this fraction of the patch's pixels")
     parser.add_argument("--patch-seed", type=int, default=1000, help="seed of the calibration patch's images")
     parser.add_argument("--patch-epochs", type=int, default=None, help="default: patch.epochs of params.yaml")
     parser.add_argument("--out", default=None, help="CSV of the table (default: calibration/<defense>.csv)")
@@ -76,10 +78,11 @@ def main(argv: list[str] | None = None) -> None:
           f"calibration AdvP patch {side}x{side} on {len(x_tr)} training images (seed {args.patch_seed}), "
           f"{params.model.name}, defense {args.defense}")
     print(table.to_markdown(index=False, floatfmt=".3f"))
-    best = select_setting(table, args.max_clean_drop)
+    best = select_setting(table, args.max_clean_drop, args.min_patch_recall)
     if best is None:
-        print(f"no setting keeps clean accuracy within {args.max_clean_drop:.0%} of the undefended model's; "
-              f"the smallest drop is {table['clean_drop'].min():.1%}")
+        print(f"no setting keeps clean accuracy within {args.max_clean_drop:.0%} of the undefended model's "
+              f"while flagging >= {args.min_patch_recall:.0%} of the patch; the smallest drop is "
+              f"{table['clean_drop'].min():.1%}")
     else:
         print(f"keep: window {int(best['window'])}, stride {int(best['stride'])}, threshold {best['threshold']:g} "
               f"(validation clean {best['clean_accuracy']:.1%}, drop {best['clean_drop']:.1%}, robust "

@@ -75,12 +75,15 @@ def test_calibration_measures_what_the_detector_flags():
 
 def test_the_kept_setting_is_the_strongest_within_the_clean_cost():
     table = pd.DataFrame([
-        {"window": 8, "threshold": 0.1, "clean_drop": 0.20, "robust_accuracy": 0.70},  # too costly
-        {"window": 8, "threshold": 0.2, "clean_drop": 0.04, "robust_accuracy": 0.40},
-        {"window": 6, "threshold": 0.3, "clean_drop": 0.01, "robust_accuracy": 0.40},  # same robustness, cheaper
-        {"window": 6, "threshold": 0.5, "clean_drop": 0.00, "robust_accuracy": 0.20},
+        {"window": 8, "threshold": 0.1, "clean_drop": 0.20, "robust_accuracy": 0.70, "patch_recall": 1.0},  # costly
+        {"window": 8, "threshold": 0.2, "clean_drop": 0.04, "robust_accuracy": 0.40, "patch_recall": 0.9},
+        {"window": 6, "threshold": 0.3, "clean_drop": 0.01, "robust_accuracy": 0.40, "patch_recall": 0.5},  # cheaper
+        {"window": 6, "threshold": 0.5, "clean_drop": 0.00, "robust_accuracy": 0.20, "patch_recall": 0.0},
     ])
     best = select_setting(table, 0.05)
     assert (best["window"], best["threshold"]) == (6, 0.3)
     assert select_setting(table, 0.3)["threshold"] == 0.1
     assert select_setting(table[table["clean_drop"] > 0.1], 0.05) is None
+    # only settings that find the patch: the cheaper one flags half of it and is left out
+    assert select_setting(table, 0.05, min_patch_recall=0.8)["threshold"] == 0.2
+    assert select_setting(table, 0.01, min_patch_recall=0.8) is None

@@ -14,7 +14,8 @@ For every candidate setting :func:`calibrate_detector` measures, on the validati
 the defended model's clean accuracy, its robust accuracy under the calibration patch, and
 what the detector flags (clean pixels, patch pixels, the rest on patched images); the
 setting kept is the one with the highest robust accuracy among those whose clean accuracy
-is at most ``max_clean_drop`` below the undefended model's (ties: the smaller clean drop).
+is at most ``max_clean_drop`` below the undefended model's and, optionally, that flag at least
+``min_patch_recall`` of the patch's pixels (ties: the smaller clean drop).
 """
 
 from __future__ import annotations
@@ -111,11 +112,20 @@ def calibrate_detector(
     return pd.DataFrame(rows)
 
 
-def select_setting(table: pd.DataFrame, max_clean_drop: float) -> pd.Series | None:
-    """The row of :func:`calibrate_detector`'s table to keep: the highest robust accuracy among the
-    settings whose clean drop is at most ``max_clean_drop`` (ties: the smaller clean drop), or
-    None when every setting costs more clean accuracy than that."""
-    ok = table[table["clean_drop"] <= max_clean_drop + 1e-9]
+def select_setting(table: pd.DataFrame, max_clean_drop: float, min_patch_recall: float = 0.0) -> pd.Series | None:
+    """The row of :func:`calibrate_detector`'s table to keep.
+
+    Args:
+        table: :func:`calibrate_detector`'s table (validation-split measurements).
+        max_clean_drop: largest clean-accuracy drop admitted (fraction, 0.05 = 5 points).
+        min_patch_recall: smallest fraction of the calibration patch's pixels the detector must
+            flag (0: any); with a positive value only settings that find the patch are kept.
+
+    Returns:
+        The admitted row of highest robust accuracy (ties: the smaller clean drop), or None when
+        no setting is admitted.
+    """
+    ok = table[(table["clean_drop"] <= max_clean_drop + 1e-9) & (table["patch_recall"] >= min_patch_recall - 1e-9)]
     if ok.empty:
         return None
     return ok.sort_values(["robust_accuracy", "clean_drop"], ascending=[False, True]).iloc[0]
