@@ -131,6 +131,7 @@ def ray_map(
     num_gpus: float = 0.0,
     desc: str = "tasks",
     max_retries: int = 3,
+    on_result: Callable[[int, R], None] | None = None,
 ) -> list[R]:
     """Run ``fn(item)`` for every item as a Ray task; results in input order.
 
@@ -143,12 +144,17 @@ def ray_map(
             cluster without one).
         desc: label of the progress bar.
         max_retries: retries of a task whose worker died.
+        on_result: called in the driver as ``on_result(i, fn(items[i]))`` as soon as
+            task ``i`` has finished, in the order tasks finish, before the next wait:
+            a stage persists each result there (its resume cache), so a stage killed
+            mid-phase reruns only the tasks that had not finished.
 
     Returns:
         ``[fn(item) for item in items]``, computed in parallel.
 
     Raises:
-        Whatever ``fn`` raised, re-raised in the driver (as ``ray.exceptions.RayTaskError``).
+        Whatever ``fn`` raised, re-raised in the driver (as ``ray.exceptions.RayTaskError``),
+        and whatever ``on_result`` raised (the results not yet passed to it are then lost).
     """
     init_ray()
     remote = ray.remote(_timed_call).options(
@@ -163,9 +169,12 @@ def ray_map(
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             for ref in done:
-                results[index[ref]], start, end = ray.get(ref)
+                i = index[ref]
+                results[i], start, end = ray.get(ref)
                 record_compute(start, end)
                 bar.update(1)
+                if on_result is not None:
+                    on_result(i, results[i])
     return results
 
 

@@ -141,11 +141,13 @@ def main(params: Params) -> None:
         init_ray()
         items = [{"spec": specs[d], "victims": victims, "labels": labels, "mask": mask, "cfg": cfgs[t], "seed": s,
                   "num_threads": params.resources.num_cpus} for d, t, s in todo]
-        results = ray_map(rp2_task, items, num_cpus=params.resources.num_cpus, num_gpus=params.resources.num_gpus,
-                          desc="RP2 stickers (one task per defense, target, seed)")
-        for job, res in zip(todo, results, strict=True):
-            done[job] = res
-            save_torch(res, cache_file(*job))
+
+        def finished(i: int, res: dict) -> None:  # cached as each task ends: a killed run redoes only the others
+            done[todo[i]] = res
+            save_torch(res, cache_file(*todo[i]))
+
+        ray_map(rp2_task, items, num_cpus=params.resources.num_cpus, num_gpus=params.resources.num_gpus,
+                desc="RP2 stickers (one task per defense, target, seed)", on_result=finished)
 
     models = {d: build_from_spec(spec).eval() for d, spec in specs.items()}
     rows = []

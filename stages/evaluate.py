@@ -15,9 +15,11 @@ One Ray task per (defense, test shard) for the clean and patch cells, and per
 predictions are cached under ``.cache/evaluate/`` by a hash of what it depends
 on (the model file, the patches, the attack's params, the test subset), so a
 rerun after adding an attack, or changing one attack's params, computes only
-those cells. Writes ``metrics/evaluate.json`` (nested model -> defense ->
-attack -> metric, fractions in [0, 1]), ``metrics/evaluate.md`` (the table),
-``plots/evaluate.csv`` and ``plots/evaluate.png``.
+those cells; each task's shard of a cell is cached there as soon as the task
+finishes, so a killed run redoes only the tasks that had not finished. Writes
+``metrics/evaluate.json`` (nested model -> defense -> attack -> metric,
+fractions in [0, 1]), ``metrics/evaluate.md`` (the table), ``plots/evaluate.csv``
+and ``plots/evaluate.png``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import inspect
 import io
 import logging
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -139,35 +142,81 @@ def main(params: Params) -> None:
                 cells[(d, a)] = load_torch(cell_cache(d, a))
     log.info("%d of %d cells cached; computing the rest", len(cells), len(ev.defenses) * len(ev.attacks))
 
+    parts: dict[tuple[str, str], dict[int, dict]] = {}  # cell -> shard -> the part its finished task made
+
+    def shard_cache(defense: str, attack: str, k: int, m: int) -> Path:
+        """Where shard ``k`` of a cell's ``m`` is cached, as soon as its task has finished."""
+        return cell_cache(defense, attack).with_name(f"shard_{k}_of_{m}.pt")
+
+    def add_part(cell: tuple[str, str], k: int, m: int, part: dict, compose: Callable[[list[dict]], dict],
+                 cached: bool = False) -> None:
+        """Keep (and unless ``cached``, cache at once) shard ``k`` of a cell's ``m``; with
+        all ``m`` there, ``compose(parts in shard order)`` is the cell, cached too."""
+        if not cached:
+            save_torch(part, shard_cache(*cell, k, m))
+        got = parts.setdefault(cell, {})
+        got[k] = part
+        if len(got) == m:
+            cells[cell] = compose([got[j] for j in sorted(got)])
+            save_torch(cells[cell], cell_cache(*cell))
+
+    def load_parts(cell: tuple[str, str], ks: list[int], compose: Callable[[list[dict]], dict]) -> None:
+        """The shards of an uncached cell that a killed run finished."""
+        for k in ks:
+            if shard_cache(*cell, k, len(ks)).is_file():
+                add_part(cell, k, len(ks), load_torch(shard_cache(*cell, k, len(ks))), compose, cached=True)
+
+    def patch_cell(ps: list[dict]) -> dict:
+        return {"preds": torch.cat([p["preds"] for p in ps], dim=-1), "node_ids": sorted({p["node_id"] for p in ps})}
+
     shards = [s for s in torch.arange(len(x)).tensor_split(ev.num_shards) if len(s)]
     res = params.resources
     items, meta_items = [], []
     for d in ev.defenses:
+        for a in ev.attacks:
+            if a in PATCH_CELLS and (d, a) not in cells:
+                load_parts((d, a), list(range(len(shards))), patch_cell)
         todo = [a for a in ev.attacks if a in PATCH_CELLS and (d, a) not in cells]
         if not todo:
             continue
         init_ray()
         patches_ref = ray.put({a: p for a, p in patches_of[d].items() if a in todo})
         spec_ref = ray.put(specs[d])
-        for idx in shards:
+        for k, idx in enumerate(shards):
+            missing = [a for a in todo if k not in parts.get((d, a), {})]
+            if not missing:
+                continue
             pl_idx = torch.cat([idx + j * len(x) for j in range(ev.placements)])
             items.append({"spec": spec_ref, "x": x[idx].clone(), "placements": placements[pl_idx],
-                          "patches": patches_ref, "attacks": [a for a in todo if a != "none"],
+                          "patches": patches_ref, "attacks": [a for a in missing if a != "none"],
                           "batch_size": ev.batch_size, "num_threads": res.num_cpus})
-            meta_items.append((d, todo))
+            meta_items.append((d, missing, k))
     if items:
-        results = ray_map(evaluate_task, items, num_cpus=res.num_cpus, num_gpus=res.num_gpus,
-                          desc="evaluate clean and patch cells (defense x shard)")
-        for d in ev.defenses:
-            parts = [r for (dd, _), r in zip(meta_items, results, strict=True) if dd == d]
-            if not parts:
-                continue
-            todo = next(t for dd, t in meta_items if dd == d)
-            for a in todo:
-                preds = torch.cat([p["preds"][a] for p in parts], dim=-1)
-                cells[(d, a)] = {"preds": preds, "node_ids": sorted({p["node_id"] for p in parts})}
-                save_torch(cells[(d, a)], cell_cache(d, a))
+        log.info("clean and patch cells: %d task(s) to run", len(items))
 
+        def patch_done(i: int, r: dict) -> None:
+            d, missing, k = meta_items[i]
+            for a in missing:
+                add_part((d, a), k, len(shards), {"preds": r["preds"][a], "node_id": r["node_id"]}, patch_cell)
+
+        ray_map(evaluate_task, items, num_cpus=res.num_cpus, num_gpus=res.num_gpus,
+                desc="evaluate clean and patch cells (defense x shard)", on_result=patch_done)
+
+    def attack_cell(ps: list[dict]) -> dict:
+        return {
+            "pred_clean": torch.cat([p["pred_clean"] for p in ps]),
+            "pred_adv": torch.cat([p["pred_adv"] for p in ps]),
+            "sizes": {k: torch.cat([p["sizes"][k] for p in ps]) for k in ps[0]["sizes"]},
+            "seconds": sum(p["seconds"] for p in ps),
+            "node_ids": sorted({p["node_id"] for p in ps}),
+        }
+
+    splits: dict[tuple[str, str], dict[int, torch.Tensor]] = {}  # cell -> shard -> its image indices
+    for d, a in ((d, a) for d in ev.defenses for a in per_image if (d, a) not in cells):
+        n = min(params.attack_params(a).get("n_images") or len(x), len(x))
+        splits[(d, a)] = {k: idx for k, idx in enumerate(torch.arange(n).tensor_split(min(ev.num_shards, n)))
+                          if len(idx)}
+        load_parts((d, a), list(splits[(d, a)]), attack_cell)
     todo_cells = [(d, a) for d in ev.defenses for a in per_image if (d, a) not in cells]
     spec_refs: dict[str, Any] = {}
     fitted: dict[tuple[str, str], Any] = {}
@@ -185,26 +234,22 @@ def main(params: Params) -> None:
     items, meta_items = [], []
     for d, a in todo_cells:
         ap = params.attack_params(a)
-        n = min(ap.get("n_images") or len(x), len(x))
-        for k, idx in enumerate(torch.arange(n).tensor_split(min(ev.num_shards, n))):
-            if len(idx):
+        for k, idx in splits[(d, a)].items():
+            if k not in parts.get((d, a), {}):
                 items.append({"spec": spec_refs[d], "attack": a, "params": ap, "x": x[idx].clone(), "y": y[idx].clone(),
                               "seed": params.seed * 1000 + k, "fitted": fitted.get((d, a)),
                               "num_threads": res.num_cpus})
-                meta_items.append((d, a))
+                meta_items.append((d, a, k))
     if items:
-        results = ray_map(attack_task, items, num_cpus=res.num_cpus, num_gpus=res.num_gpus,
-                          desc="evaluate per-image attacks (defense x attack x shard)")
-        for d, a in dict.fromkeys(meta_items):
-            parts = [r for m, r in zip(meta_items, results, strict=True) if m == (d, a)]
-            cells[(d, a)] = {
-                "pred_clean": torch.cat([p["pred_clean"] for p in parts]),
-                "pred_adv": torch.cat([p["pred_adv"] for p in parts]),
-                "sizes": {k: torch.cat([p["sizes"][k] for p in parts]) for k in parts[0]["sizes"]},
-                "seconds": sum(p["seconds"] for p in parts),
-                "node_ids": sorted({p["node_id"] for p in parts}),
-            }
-            save_torch(cells[(d, a)], cell_cache(d, a))
+        log.info("per-image attacks: %d task(s) to run", len(items))
+
+        def attack_done(i: int, r: dict) -> None:
+            d, a, k = meta_items[i]
+            part = {key: r[key] for key in ("pred_clean", "pred_adv", "sizes", "seconds", "node_id")}
+            add_part((d, a), k, len(splits[(d, a)]), part, attack_cell)
+
+        ray_map(attack_task, items, num_cpus=res.num_cpus, num_gpus=res.num_gpus,
+                desc="evaluate per-image attacks (defense x attack x shard)", on_result=attack_done)
 
     table: dict[str, dict] = {}
     for d in ev.defenses:
@@ -336,10 +381,9 @@ def _adaptive_patches(
         items = [{"spec": specs[j["d"]], "data": data, "seed": j["seed"], "init": j["init"], "bpda": j["bpda"],
                   "cfg": patch_training_config(p, side, ADAPTIVE_PATCH_ATTACKS[j["cell"]]),
                   "num_threads": params.resources.num_cpus} for j in jobs]
-        results = ray_map(patch_task, items, num_cpus=params.resources.num_cpus, num_gpus=params.resources.num_gpus,
-                          desc=f"adaptive patches (defense x attack x seed x {len(starts)} start(s))")
-        for job, r in zip(jobs, results, strict=True):
-            save_torch(r, job["file"])
+        ray_map(patch_task, items, num_cpus=params.resources.num_cpus, num_gpus=params.resources.num_gpus,
+                desc=f"adaptive patches (defense x attack x seed x {len(starts)} start(s))",
+                on_result=lambda i, r: save_torch(r, jobs[i]["file"]))  # cached as each start ends
 
     # choose, per (defense, cell, seed), the candidate that attacks the validation split best
     _, h, w = load_meta(prepared)["image_shape"]

@@ -85,11 +85,13 @@ def main(params: Params) -> None:
         data = ray.put((x, y))
         items = [{"spec": spec, "data": data, "cfg": patch_training_config(p, side, attack), "seed": seed,
                   "num_threads": params.resources.num_cpus} for attack, seed in todo]
-        results = ray_map(patch_task, items, num_cpus=params.resources.num_cpus,
-                          num_gpus=params.resources.num_gpus, desc="patches (one task per attack and seed)")
-        for job, r in zip(todo, results, strict=True):
-            cached[job] = r
-            save_torch(r, cache_file(*job))
+
+        def finished(i: int, r: dict) -> None:  # cached as each task ends: a killed run redoes only the others
+            cached[todo[i]] = r
+            save_torch(r, cache_file(*todo[i]))
+
+        ray_map(patch_task, items, num_cpus=params.resources.num_cpus, num_gpus=params.resources.num_gpus,
+                desc="patches (one task per attack and seed)", on_result=finished)
 
     rows = []
     summary: dict = {"side": side, "area_fraction": side * side / (h * w), "target": p.target, "location": p.location}

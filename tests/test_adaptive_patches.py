@@ -26,6 +26,16 @@ from tests.test_data import make_zip
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def serial_map(fn, items, on_result=None, **_):
+    """``ray_map`` in this process: each result handed to ``on_result`` as it is made."""
+    results = []
+    for i, item in enumerate(items):
+        results.append(fn(item))
+        if on_result is not None:
+            on_result(i, results[-1])
+    return results
+
+
 @pytest.fixture()
 def project(tmp_path, monkeypatch):
     src = make_zip(tmp_path / "src")
@@ -52,7 +62,7 @@ def project(tmp_path, monkeypatch):
     import stages.evaluate as stage
 
     monkeypatch.setattr(stage, "init_ray", lambda: None)
-    monkeypatch.setattr(stage, "ray_map", lambda fn, items, **_: [fn(i) for i in items])
+    monkeypatch.setattr(stage, "ray_map", serial_map)
     monkeypatch.setattr(stage.ray, "put", lambda v: v)
     return {"dir": tmp_path, "stage": stage}
 

@@ -92,9 +92,14 @@ def project(tmp_path, monkeypatch):
 
     calls = []
 
-    def serial_map(fn, items, **_):
+    def serial_map(fn, items, on_result=None, **_):
         calls.append(len(items))
-        return [fn(item) for item in items]
+        results = []
+        for i, item in enumerate(items):
+            results.append(fn(item))
+            if on_result is not None:
+                on_result(i, results[-1])
+        return results
 
     monkeypatch.setattr(stage, "init_ray", lambda: None)
     monkeypatch.setattr(stage, "ray_map", serial_map)

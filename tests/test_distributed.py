@@ -49,3 +49,28 @@ def test_stage_stats_file(tmp_path, monkeypatch):
     peak_kib = int(subprocess.run(["grep", "VmHWM", f"/proc/{os.getpid()}/status"], capture_output=True,
                                   text=True).stdout.split()[1])
     assert stats["driver_peak_rss_mib"] == pytest.approx(peak_kib / 1024, rel=0.05)
+
+
+def _sleep_then_square(item: tuple[int, float]) -> int:
+    time.sleep(item[1])
+    return item[0] ** 2
+
+
+def test_ray_map_hands_each_result_to_on_result_as_its_task_ends(ray_local):
+    seen: list[tuple[int, int, float]] = []
+    items = [(1, 2.0), (2, 0.0), (3, 0.0)]  # 2 CPUs: the first task ends long after the other two
+    results = distributed.ray_map(_sleep_then_square, items, num_cpus=1,
+                                  on_result=lambda i, r: seen.append((i, r, time.monotonic())))
+    returned = time.monotonic()
+    assert results == [1, 4, 9]
+    assert sorted((i, r) for i, r, _ in seen) == [(0, 1), (1, 4), (2, 9)]  # once per item, its own result
+    assert seen[-1][0] == 0  # in the order tasks finish, not the input order
+    assert returned - seen[0][2] > 1.0  # the first finished result was handed over while the slow task still ran
+
+
+def test_ray_map_raises_what_on_result_raised(ray_local):
+    def fail(i, r):
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        distributed.ray_map(_sleep_then_square, [(1, 0.0)], num_cpus=1, on_result=fail)
