@@ -228,6 +228,47 @@ def test_rand_version_on_a_randomised_model_is_at_least_as_strong_as_standard(ta
     assert results["rand"] < clean, (results, clean)
 
 
+class ScriptedClassifier:
+    """Stands in for ART's classifier in ``_keep``: call ``i`` of ``predict`` returns the
+    scores of ``calls[i]`` (a list of predicted classes, one per image)."""
+
+    def __init__(self, calls: list[list[int]], k: int = 3) -> None:
+        self.calls, self.k, self.n = calls, k, 0
+
+    def predict(self, x: np.ndarray, batch_size: int = 0) -> np.ndarray:
+        pred = np.asarray(self.calls[self.n]); self.n += 1
+        return np.eye(self.k, dtype=np.float32)[pred]
+
+
+def test_rand_success_check_counts_draws_and_keeps_the_most_reliable_image():
+    """On a randomised model one lucky draw must neither mark an image broken nor throw its
+    adversarial image away: with ``eot_iter`` 4, an image fooling 3 of 4 draws is kept and
+    attacked no further, one fooling 1 of 4 is kept (better than clean) but attacked on,
+    one fooling none stays clean. The standard version decides on one draw."""
+    x = np.zeros((3, 1, 2, 2), np.float32)
+    y = np.zeros(3, np.int64)
+    adv = np.full_like(x, 0.01)
+    attack = build_attack("autoattack", {"eps": EPS, "eot_iter": 4})
+    attack._version = "rand"
+    out, robust, rate = x.copy(), np.ones(3, bool), np.zeros(3)
+    draws = [[1, 1, 0], [1, 0, 0], [1, 0, 0], [0, 0, 0]]  # image 0 fools 3 draws, image 1 one, image 2 none
+    attack._keep(ScriptedClassifier(draws), x, y, np.arange(3), adv, out, robust, rate)
+    assert rate.tolist() == [0.75, 0.25, 0.0]
+    assert robust.tolist() == [False, True, True]
+    assert np.array_equal(out[:2], adv[:2]) and np.array_equal(out[2], x[2])
+    # a later component's image replaces image 1's only if it fools more draws
+    weaker, stronger = np.full_like(x, 0.015), np.full_like(x, 0.02)  # all within EPS
+    attack._keep(ScriptedClassifier([[0]] * 4), x, y, np.array([1]), weaker[1:2], out, robust, rate)
+    assert np.array_equal(out[1], adv[1]) and robust[1]
+    attack._keep(ScriptedClassifier([[2]] * 4), x, y, np.array([1]), stronger[1:2], out, robust, rate)
+    assert np.array_equal(out[1], stronger[1]) and not robust[1] and rate[1] == 1.0
+    # standard version: the first draw decides
+    attack._version = "standard"
+    out, robust, rate = x.copy(), np.ones(3, bool), np.zeros(3)
+    attack._keep(ScriptedClassifier(draws), x, y, np.arange(3), adv, out, robust, rate)
+    assert robust.tolist() == [False, False, True] and np.array_equal(out[:2], adv[:2])
+
+
 def test_auto_version_runs_rand_exactly_on_randomised_models(task, monkeypatch):
     """``version: auto`` (the default) picks the EOT ensemble where the forward pass is random
     (a module with a true ``randomized`` attribute) and the standard one elsewhere."""

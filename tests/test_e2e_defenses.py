@@ -60,10 +60,11 @@ def test_adaptive_attacks_are_at_least_as_strong_as_transfer(defenses_project):
             assert best >= p - 2 * max(row["advp"]["attack_success_rate_std"], (p * (1 - p) / n) ** 0.5), defense
             assert row["advp_adaptive"]["selected_start"], defense
         # AutoAttack attacks the same first n images as PGD: never weaker on a deterministic model. On the
-        # randomised ones (version rand, smoke budgets) it is not yet: its per-image success checks are single
-        # draws of the random model, so an image that fooled one draw stops being attacked (README, Attacks)
-        if defense not in ("prm", "random_resize_pad"):
-            assert row["autoattack"]["robust_accuracy"] <= row["pgd"]["robust_accuracy"], defense
+        # randomised ones both rates are one random draw of the model per image: never weaker beyond that
+        # draw's noise (two binomial standard deviations)
+        aa, pgd = row["autoattack"]["robust_accuracy"], row["pgd"]["robust_accuracy"]
+        noise = 2 * (pgd * (1 - pgd) / row["pgd"]["n_images"]) ** 0.5 if defense in ("prm", "random_resize_pad") else 0
+        assert aa <= pgd + noise, (defense, aa, pgd)
     base = cells["none"]
     assert base["advp"]["robust_accuracy"] < base["none"]["clean_accuracy"]  # the patch really attacks
     assert base["pgd"]["robust_accuracy"] < base["pgd"]["clean_accuracy"]
@@ -110,9 +111,9 @@ def test_blurnet_penalties_are_logged_per_epoch(defenses_project):
 
 def test_input_transforms_keep_clean_accuracy_close(defenses_project):
     """LGS and the input blur damp only high-gradient regions or blur slightly: clean
-    accuracy stays near the baseline's (they were not retrained). DW is left out: even at
-    its calibrated defaults its detector flags about 29 % of a clean 32x32 image, which it
-    then inpaints (README, Defenses)."""
+    accuracy stays near the baseline's (they were not retrained). DW is left out: at its
+    defaults, calibrated on the validation split to find a patch, its detector flags almost
+    all of a clean 32x32 image (README, Defenses)."""
     cells = _evaluate(defenses_project)
     base = cells["none"]["none"]["clean_accuracy"]
     for name in ("lgs", "input_blur"):
