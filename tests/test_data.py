@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -175,13 +176,127 @@ def test_corrupt_archive_is_reported(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_undecodable_image_leaves_no_output(tmp_path):
+@pytest.mark.parametrize("member", ["test/dog/broken.png", "train/airplane/000.png"])  # the second: read first
+def test_undecodable_image_leaves_no_output(tmp_path, member):
+    root = make_zip(tmp_path / "src")
+    archive = root / f"{member.split('/')[0]}.zip"
+    with zipfile.ZipFile(archive, "a") as zf:
+        zf.writestr(member, b"not a png")
+    out = tmp_path / "data" / "prepared" / "cifar10"
+    with pytest.raises(DatasetError) as exc:
+        prepare_dataset(cfg(root), out, seed=0)
+    message = str(exc.value)
+    assert message.startswith(f"{archive}: {member}: not a decodable image") and "replace the file" in message
+    assert "BytesIO" not in message and "\n" not in message
+    assert not (tmp_path / "data").exists()  # neither output nor the folders made for it
+
+
+def test_a_failed_prepare_keeps_the_folders_it_did_not_make(tmp_path):
     root = make_zip(tmp_path / "src")
     with zipfile.ZipFile(root / "test.zip", "a") as zf:
         zf.writestr("test/dog/broken.png", b"not a png")
-    with pytest.raises(DatasetError, match="broken.png"):
+    (tmp_path / "data").mkdir()
+    with pytest.raises(DatasetError):
+        prepare_dataset(cfg(root), tmp_path / "data" / "prepared" / "cifar10", seed=0)
+    assert {p.name for p in tmp_path.iterdir()} == {"data", "src"}
+    assert list((tmp_path / "data").iterdir()) == []
+
+
+def test_an_undecodable_image_is_named_when_read_lazily(tmp_path):
+    root = make_zip(tmp_path / "src")
+    prepare_dataset(cfg(root, lazy_threshold_mb=0.01), tmp_path / "out", seed=0)
+    ds = load_split(tmp_path / "out", "train")
+    with zipfile.ZipFile(root / "train.zip", "w") as zf:  # the archive replaced after prepare
+        for name in ds.members:
+            zf.writestr(name, b"not a png")
+    with pytest.raises(ValueError) as exc:
+        ds[0]
+    assert str(exc.value).startswith(f"{root / 'train.zip'}: {ds.members[0]}: not a decodable image")
+    assert "BytesIO" not in str(exc.value)
+
+
+class _WritesAFile:
+    """Unpickled by plain ``pickle.load``, it creates ``path`` (code run from a data folder)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_batch_file_that_would_run_code_is_refused(tmp_path):
+    root = make_batches(tmp_path / "src")
+    marker = tmp_path / "ran"
+    batch = root / "cifar-10-batches-py" / "data_batch_3"
+    x, y = fake_images("train")
+    batch.write_bytes(pickle.dumps({"data": x[:8].reshape(8, -1), "labels": y[:8].tolist(), "x": _WritesAFile(marker)},
+                                   protocol=2))
+    with pytest.raises(DatasetError) as exc:
         prepare_dataset(cfg(root), tmp_path / "out", seed=0)
-    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
+    message = str(exc.value)
+    assert message.startswith(f"{batch}: refused") and ".open," in message and "\n" not in message
+    assert not marker.exists() and not (tmp_path / "out").exists()
+    with batch.open("rb") as f:  # the check: a plain pickle.load would have run it
+        pickle.load(f).pop("x").close()
+    assert marker.exists()
+
+
+def original_format_batches(root: Path) -> Path:
+    """``cifar-10-batches-py`` as the CIFAR-10 site ships it: bytes keys (read back with
+    ``encoding="bytes"``), pickle protocol 2, uint8 (N, 3072) rows, a ``batches.meta`` of bytes names."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    x, y = fake_images("train")
+    for k, idx in enumerate(np.array_split(np.arange(len(x)), 5), start=1):
+        batch = {b"batch_label": f"training batch {k} of 5".encode(), b"labels": y[idx].tolist(),
+                 b"data": x[idx].reshape(len(idx), -1), b"filenames": [f"{i}.png".encode() for i in idx]}
+        (folder / f"data_batch_{k}").write_bytes(pickle.dumps(batch, protocol=2))
+    xt, yt = fake_images("test")
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": xt.reshape(len(xt), -1), b"labels": yt.tolist()},
+                                                     protocol=2))
+    meta = {b"label_names": [c.encode() for c in CLASSES], b"num_cases_per_batch": 10000, b"num_vis": 3072}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    return root
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_well_formed_batch_files_still_read(tmp_path, protocol):
+    root = original_format_batches(tmp_path / "src")
+    if protocol == 5:  # re-saved by a recent Python: arrays by NumPy's _frombuffer
+        for f in (root / "cifar-10-batches-py").iterdir():
+            f.write_bytes(pickle.dumps(pickle.loads(f.read_bytes()), protocol=5))
+    meta = prepare_dataset(cfg(root), tmp_path / "out", seed=0)
+    assert meta["classes"] == CLASSES
+    for split in ("train", "test"):
+        x, y = load_tensors(tmp_path / "out", split)
+        ex, ey = fake_images(split)
+        assert sorted_pairs(x, y) == sorted_pairs(torch.from_numpy(ex), torch.from_numpy(ey))
+
+
+@pytest.mark.parametrize("content, complaint", [
+    ({"data": 5, "labels": [1]}, "'data' is int, a CIFAR-10 batch holds uint8 (N, 3072)"),
+    ({"data": np.zeros((2, 3072), np.float32), "labels": [1, 2]}, "'data' is float32 (2, 3072)"),
+    ({"data": np.zeros((2, 3072), np.uint8), "labels": [1]}, "'labels' is not 2 integers in 0-9"),
+    ({"data": np.zeros((2, 3072), np.uint8), "labels": [1, 10]}, "'labels' is not 2 integers in 0-9"),
+    ({"labels": [1]}, "'data' is NoneType"),
+    ([1, 2, 3], "holds 'list', not the dict"),
+])
+def test_a_batch_of_the_wrong_structure_is_one_line_naming_the_file(tmp_path, content, complaint):
+    root = make_batches(tmp_path / "src")
+    batch = root / "cifar-10-batches-py" / "test_batch"
+    batch.write_bytes(pickle.dumps(content, protocol=2))
+    with pytest.raises(DatasetError) as exc:
+        prepare_dataset(cfg(root), tmp_path / "out", seed=0)
+    assert str(exc.value).startswith(f"{batch}: ") and complaint in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_a_corrupt_batch_file_is_one_line(tmp_path):
+    root = make_batches(tmp_path / "src")
+    meta = root / "cifar-10-batches-py" / "batches.meta"
+    meta.write_bytes(b"\x80\x02garbage")
+    with pytest.raises(DatasetError, match=f"^{re.escape(str(meta))}: cannot read this CIFAR batch file .*re-download it$"):
+        prepare_dataset(cfg(root), tmp_path / "out", seed=0)
 
 
 def test_zip_slip_member_is_refused(tmp_path):

@@ -171,7 +171,9 @@ def decode_image(blob: bytes, name: str = "<image>", size: int | None = None) ->
             if size is not None:
                 im = _resize_center_crop(im, size)
             arr = np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+    except UnidentifiedImageError:  # its message names the in-memory buffer (<_io.BytesIO object at 0x...>)
+        raise ValueError(f"{name}: not a decodable image (unknown format or damaged header); replace the file") from None
+    except (OSError, SyntaxError) as exc:
         raise ValueError(f"{name}: not a decodable image ({exc}); replace the file") from exc
     return arr.transpose(2, 0, 1).copy()
 
@@ -248,7 +250,7 @@ class LazyImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         name = self.members[i]
-        img = torch.from_numpy(decode_image(self._read(name), name, self.size))
+        img = torch.from_numpy(decode_image(self._read(name), f"{self.source}: {name}", self.size))
         if self.transform is not None:
             img = self.transform(img)
         return img, self.y[i]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import importlib
 import io
 import pickle
 import zipfile
@@ -137,12 +138,93 @@ def _list_folder(folder: Path, expected: list[str] | None) -> SplitListing:
     )
 
 
+CIFAR_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),  # arrays, as the original (Python 2) files hold them
+    ("numpy._core.multiarray", "_reconstruct"),  # the same, written by NumPy 2
+    ("numpy.core.numeric", "_frombuffer"),  # arrays written with pickle protocol 5
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),  # bytes written by Python 3 with pickle protocol 2
+}
+"""The only globals a CIFAR-10 batch file may name: NumPy's array reconstruction. Dicts,
+lists, strings and numbers need none."""
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle names a global outside :data:`CIFAR_PICKLE_GLOBALS`."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and NumPy arrays only; any other global is refused, so a
+    batch file cannot run code (``pickle.load`` would call whatever its ``__reduce__`` names)."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in CIFAR_PICKLE_GLOBALS:
+            raise _RefusedGlobal(f"{module}.{name}")
+        if module.startswith("numpy.core."):  # NumPy 2 moved numpy.core to numpy._core (the old name warns)
+            module = "numpy._core." + module.removeprefix("numpy.core.")
+        try:
+            return getattr(importlib.import_module(module), name)
+        except ImportError:  # NumPy 1.x without numpy._core
+            return getattr(importlib.import_module(module.replace("numpy._core.", "numpy.core.")), name)
+
+
 def _unpickle(path: Path) -> dict:
+    """Read one file of ``cifar-10-batches-py`` without running code from it.
+
+    Keys written as bytes (a file saved by Python 3) are decoded, so ``"data"`` and
+    ``b"data"`` both read.
+
+    Raises:
+        DatasetError: the file does not unpickle, names anything but NumPy's array
+            reconstruction (code a plain ``pickle.load`` would run), or is not a dict.
+    """
     try:
         with path.open("rb") as f:
-            return pickle.load(f, encoding="latin1")  # noqa: S301 - torchvision's own CIFAR format
-    except Exception as exc:  # noqa: BLE001 - any failure means a corrupt file
+            obj = _CifarUnpickler(f, encoding="latin1").load()
+    except _RefusedGlobal as exc:
+        raise DatasetError(f"{path}: refused: it would call {exc}, which a CIFAR-10 batch file never holds (code "
+                           "hidden in a pickle); replace the folder with torchvision's cifar-10-batches-py") from None
+    except Exception as exc:  # noqa: BLE001 - any other failure means a corrupt file
         raise DatasetError(f"{path}: cannot read this CIFAR batch file ({exc}); re-download it") from exc
+    if not isinstance(obj, dict):
+        raise DatasetError(f"{path}: holds {type(obj).__name__!r}, not the dict of a CIFAR-10 batch file; re-download it")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def _read_batch(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 3, 32, 32) uint8 and labels (N,) int64 of one data or test batch.
+
+    Raises:
+        DatasetError: the file is unreadable or refused (:func:`_unpickle`), or lacks ``data``
+            as uint8 (N, 3072) or ``labels`` as N integers in 0 to ``num_classes - 1``.
+    """
+    d = _unpickle(path)
+    data, labels = d.get("data"), d.get("labels")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        what = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise DatasetError(f"{path}: 'data' is {what}, a CIFAR-10 batch holds uint8 (N, 3072) images; re-download it")
+    try:
+        y = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError):
+        y = None
+    if y is None or y.shape != (len(data),) or (len(y) and (y.min() < 0 or y.max() >= num_classes)):
+        raise DatasetError(f"{path}: 'labels' is not {len(data)} integers in 0-{num_classes - 1} (one per image of "
+                           "'data'); re-download it")
+    return data.reshape(-1, 3, 32, 32), y
+
+
+def _read_class_names(path: Path) -> list[str]:
+    """``label_names`` of ``batches.meta``.
+
+    Raises:
+        DatasetError: the file is unreadable or refused, or has no non-empty list of names.
+    """
+    names = _unpickle(path).get("label_names")
+    if not isinstance(names, list | tuple) or not names or not all(isinstance(n, str | bytes) for n in names):
+        raise DatasetError(f"{path}: no 'label_names' list of class names; re-download cifar-10-batches-py")
+    return [n.decode("latin1") if isinstance(n, bytes) else n for n in names]
 
 
 def _list_cifar_batches(folder: Path, split: str) -> SplitListing:
@@ -150,12 +232,8 @@ def _list_cifar_batches(folder: Path, split: str) -> SplitListing:
     missing = [f for f in files + ["batches.meta"] if not (folder / f).is_file()]
     if missing:
         raise DatasetError(f"{folder}: missing {missing}; the cifar-10-batches-py folder is incomplete, re-download it")
-    xs, ys = [], []
-    for f in files:
-        d = _unpickle(folder / f)
-        xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(d["labels"], dtype=np.int64))
-    classes = list(_unpickle(folder / "batches.meta")["label_names"])
+    classes = _read_class_names(folder / "batches.meta")
+    xs, ys = zip(*(_read_batch(folder / f, len(classes)) for f in files), strict=True)
     return SplitListing(
         layout="cifar_batches",
         source=folder,
