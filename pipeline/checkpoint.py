@@ -83,6 +83,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: no such file (run the stage that writes it).
+        pipeline.io.RefusedFileError: the file holds objects other than tensors (its owner must
+            re-save it as a state_dict) or is not a torch file; one line naming the file.
         ValueError: the file is not a checkpoint of this format.
     """
     path = Path(path)

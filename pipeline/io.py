@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -59,11 +60,42 @@ def save_torch(obj: Any, path: str | Path) -> Path:
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
+class RefusedFileError(ValueError):
+    """``torch.load(weights_only=True)`` refused a file: it holds objects other than tensors
+    and plain containers, or is no torch file at all (one-line message naming the file and
+    the fix)."""
+
+
+def refusal_message(path: str | Path, err: BaseException) -> str:
+    """One line for a file ``torch.load(weights_only=True)`` refused with ``err``.
+
+    Names the file and the global it would have loaded, and says it must be re-saved as a
+    state_dict by its owner; torch's own hint to load with ``weights_only=False`` (which
+    would run any code the file holds) is left out.
+    """
+    found = re.search(r"GLOBAL ([\w.]+)", str(err))
+    if found:
+        return (f"{path}: holds objects other than tensors ({found.group(1)}), so torch.load(weights_only=True) "
+                "refuses it; its owner must re-save it as a state_dict: torch.save(model.state_dict(), path)")
+    return (f"{path}: not a file torch.load(weights_only=True) can read (corrupt, or not written by torch.save); "
+            "replace it with an intact copy")
+
+
 def load_torch(path: str | Path) -> Any:
-    """``torch.load(path, map_location="cpu", weights_only=True)``."""
+    """``torch.load(path, map_location="cpu", weights_only=True)``.
+
+    Raises:
+        RefusedFileError: the file holds pickled objects other than tensors and plain
+            containers (code it would run), or is not a torch file (:func:`refusal_message`).
+    """
+    import pickle
+
     import torch
 
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise RefusedFileError(refusal_message(path, err)) from None
 
 
 def save_json(obj: Any, path: str | Path) -> Path:

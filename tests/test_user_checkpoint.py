@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -38,3 +39,59 @@ def test_train_baseline_adopts_user_weights(tmp_path):
     assert all(torch.equal(spec["state_dict"][f"net.{k}"], v) for k, v in net.state_dict().items())
     metrics = json.loads((tmp_path / "metrics/train_baseline.json").read_text())
     assert metrics["epochs"] == 0 and metrics["n_images"] == 20
+
+
+class _RunsCode:
+    """Unpickled without ``weights_only``, it creates ``path``: code hidden in a checkpoint."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _refused(message: str, path: Path) -> None:
+    """The one-line message for a checkpoint holding objects: names the file, says it must be
+    re-saved as a state_dict, and never suggests loading it with weights_only=False."""
+    assert message.startswith(f"{path}: holds objects other than tensors") and "\n" not in message
+    assert "re-save it as a state_dict" in message and "owner" in message
+    assert "weights_only=False" not in message and "`False`" not in message
+
+
+def test_a_checkpoint_holding_objects_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    from pipeline.cli import run_stage
+    from pipeline.io import RefusedFileError
+
+    marker, path = tmp_path / "ran", tmp_path / "fnc.pt"
+    torch.save({"arch": "resnet20", "state_dict": {"w": torch.zeros(1)}, "extra": _RunsCode(marker)}, path)
+    with pytest.raises(RefusedFileError) as exc:
+        load_checkpoint(path)
+    _refused(str(exc.value), path)
+    with pytest.raises(ValueError) as exc:  # the user's own weights (model.checkpoint)
+        build_model("resnet20", 10, [0.5] * 3, [0.25] * 3, weights=path)
+    _refused(str(exc.value), path)
+    assert not marker.exists()
+
+    # a stage that meets it stops with that line, not a traceback
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'm.db'}")
+    with pytest.raises(SystemExit) as stop:
+        run_stage("evaluate", lambda params: load_checkpoint(path))
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: evaluate: {path}: holds objects other than tensors") and "\n" not in err
+    assert not marker.exists()
+
+
+def test_a_file_that_is_no_checkpoint_is_one_line(tmp_path):
+    from pipeline.io import RefusedFileError
+
+    path = tmp_path / "baseline.pt"
+    path.write_bytes(b"not a torch file")
+    with pytest.raises(RefusedFileError) as exc:
+        load_checkpoint(path)
+    message = str(exc.value)
+    assert message.startswith(f"{path}: not a file torch.load(weights_only=True) can read") and "\n" not in message
+    assert "weights_only=False" not in message

@@ -27,6 +27,7 @@ shape ``(N, num_classes)``.
 
 from __future__ import annotations
 
+import pickle
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from pipeline.io import RefusedFileError, refusal_message
 
 __all__ = [
     "MODEL_NAMES",
@@ -291,7 +294,9 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except OSError:
         raise
-    except Exception as err:  # UnpicklingError, RuntimeError (bad zip), EOFError, IndexError, ...
+    except pickle.UnpicklingError as err:  # what weights_only=True refuses; torch's hint to load it anyway left out
+        raise RefusedFileError(refusal_message(path, err)) from None
+    except Exception as err:  # RuntimeError (bad zip), EOFError, IndexError, ...
         raise ValueError(
             f"cannot read weights file {str(path)!r} with torch.load(weights_only=True) "
             f"({_first_line(err)}); re-save it with torch.save(model.state_dict(), path)"
