@@ -46,21 +46,26 @@ def resume_dir(stage: str, key: Any) -> Path:
 
 
 def run_stage(name: str, main: Callable[..., dict | None], params_path: str = "params.yaml", **kwargs: Any) -> None:
-    """Validate the params, run ``main(params, **kwargs)``, exit 2 with one line on bad input.
+    """Validate the params, check the MLflow store, run ``main(params, **kwargs)``; exit 2 with
+    one line on bad input.
 
+    The store is checked (:func:`pipeline.tracking.check_tracking_store`) before ``main``, so a
+    dead MLflow server stops the stage in seconds, before Ray starts or anything is computed.
     Known user errors (bad params, missing or corrupt data, missing inputs, a refused
-    checkpoint) print ``error: <stage>: <message>`` and exit with status 2; anything else
-    is a bug and keeps its traceback.
+    checkpoint, an unreachable store) print ``error: <stage>: <message>`` and exit with
+    status 2; anything else is a bug and keeps its traceback.
     """
     from pipeline.data.sources import DatasetError
     from pipeline.io import RefusedFileError
+    from pipeline.tracking import TrackingStoreError, check_tracking_store
 
     setup_logging()
     start, started_at = time.perf_counter(), time.time()
     try:
         params = load_params(params_path)
+        check_tracking_store()
         main(params, **kwargs)
-    except (ParamsError, DatasetError, FileNotFoundError, RefusedFileError) as exc:
+    except (ParamsError, DatasetError, FileNotFoundError, RefusedFileError, TrackingStoreError) as exc:
         print(f"error: {name}: {exc}", file=sys.stderr)
         sys.exit(2)
     stats = stage_stats(name, started_at, time.perf_counter() - start)

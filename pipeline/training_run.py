@@ -26,14 +26,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import ray
 from tqdm.auto import tqdm
 
 from pipeline.config import ParamsError
 from pipeline.distributed import effective_gpus, init_ray, node_id, record_compute
 from pipeline.io import load_torch, save_torch
-from pipeline.tracking import log_metrics, stage_run
+from pipeline.tracking import log_metrics, set_tags, stage_run
 from pipeline.train import Trainer
 
 log = logging.getLogger(__name__)
@@ -121,7 +120,7 @@ def train_resumable(
             record_compute(t0, t1)
             m["epoch_seconds"] = t1 - t0
             if epoch == start_epoch:  # where it runs, once the workers have said
-                mlflow.set_tags(source.tags())
+                set_tags(source.tags())
             history.append({"epoch": epoch, **m})
             save_torch({"epoch": epoch, "trainer": trainer_state, "history": history,
                         "mlflow_run_id": run.info.run_id}, state_path)

@@ -26,7 +26,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
@@ -40,7 +39,7 @@ from pipeline.distributed import init_ray, ray_map  # noqa: E402
 from pipeline.evaluation import fixed_placements, test_order  # noqa: E402
 from pipeline.io import atomic_write, load_torch, save_figure  # noqa: E402
 from pipeline.tasks import analysis_task  # noqa: E402
-from pipeline.tracking import log_metrics, stage_run  # noqa: E402
+from pipeline.tracking import log_artifacts, log_metrics, stage_run  # noqa: E402
 
 log = logging.getLogger("analyze")
 PREPARED = Path("data/prepared")
@@ -87,7 +86,7 @@ def main(params: Params, analysis: str) -> None:
         tags.update({f"masking.{d}": r["verdict"] for d, r in results.items()})
     with stage_run(f"analyze@{name}", params.mlflow.experiment, section, tags):
         log_metrics(summary)
-        mlflow.log_artifacts(str(out_dir), artifact_path=f"analysis/{name}")
+        log_artifacts(out_dir, artifact_path=f"analysis/{name}")
     log.info("%s: %s", name, summary)
 
 

@@ -31,7 +31,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
@@ -44,7 +43,7 @@ from pipeline.data.rp2 import load_mask, load_victims  # noqa: E402
 from pipeline.distributed import init_ray, ray_map  # noqa: E402
 from pipeline.io import atomic_write, load_torch, save_figure, save_json, save_png, save_torch, sha256_file  # noqa: E402
 from pipeline.tasks import rp2_task  # noqa: E402
-from pipeline.tracking import log_metrics, stage_run  # noqa: E402
+from pipeline.tracking import log_artifact, log_artifacts, log_metrics, stage_run  # noqa: E402
 
 log = logging.getLogger("attack_rp2")
 PREPARED = Path("data/prepared")
@@ -192,9 +191,9 @@ def main(params: Params) -> None:
         for (source, target, seed), res in done.items():
             for key, values in res["history"].items():
                 for step in range(0, len(values), max(1, len(values) // 100)):
-                    mlflow.log_metric(f"rp2_{key}.{source}.target_{target}.seed_{seed}", values[step], step=step)
-        mlflow.log_artifacts(str(out_dir), artifact_path="rp2")
-        mlflow.log_artifact(str(TABLE), artifact_path="rp2")
+                    log_metrics({f"rp2_{key}.{source}.target_{target}.seed_{seed}": values[step]}, step=step)
+        log_artifacts(out_dir, artifact_path="rp2")
+        log_artifact(TABLE, artifact_path="rp2")
 
 
 def sha256_bytes(t: torch.Tensor) -> str:

@@ -16,7 +16,7 @@ from pipeline.config import Params
 from pipeline.data.prepare import prepare_dataset, resolve_source
 from pipeline.distributed import init_ray, ray_map
 from pipeline.io import save_json
-from pipeline.tracking import log_metrics, stage_run
+from pipeline.tracking import log_dict, log_metrics, stage_run
 
 log = logging.getLogger("prepare")
 
@@ -47,9 +47,7 @@ def main(params: Params) -> None:
     with stage_run("prepare", params.mlflow.experiment, {"data": cfg.model_dump(mode="json"), "seed": params.seed},
                    tags={"profile": params.profile, "paper": params.mlflow.paper, "dataset": cfg.dataset}):
         log_metrics(summary)
-        import mlflow
-
-        mlflow.log_dict(meta, "meta.json")
+        log_dict(meta, "meta.json")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from pipeline.analysis.pixel_robustness import PRM_IOU_CSV
 from pipeline.cli import run_stage
 from pipeline.config import PATCH_ATTACKS, Params
 from pipeline.io import atomic_write
-from pipeline.tracking import git_commit, stage_run, tracking_uri
+from pipeline.tracking import git_commit, log_artifacts, stage_run, tracking_uri
 
 log = logging.getLogger("report")
 NOT_PUBLISHED = "not published"
@@ -160,7 +160,7 @@ def main(params: Params) -> None:
     if verdicts:  # the models suspected of masking, in one tag the runs table can filter on
         tags["masking"] = ",".join(d for d, v in verdicts.items() if v != "not suspected") or "none suspected"
     with stage_run("report", params.mlflow.experiment, {"profile": params.profile}, tags):
-        mlflow.log_artifacts(str(OUT), artifact_path="report")
+        log_artifacts(OUT, artifact_path="report")
     log.info("wrote %s and %s", OUT / "report.md", OUT / "report.html")
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import mlflow
 import pandas as pd
 
 from pipeline.checkpoint import model_spec, save_checkpoint
@@ -23,7 +22,7 @@ from pipeline.data.datasets import DATASETS
 from pipeline.io import atomic_write, save_json
 from pipeline.models import build_model
 from pipeline.models.registry import TORCHVISION_PREFIX, torchvision_weights_file
-from pipeline.tracking import log_metrics, stage_run
+from pipeline.tracking import log_artifact, log_metrics, stage_run
 from pipeline.train import accuracy
 from pipeline.training_run import train_resumable
 
@@ -84,8 +83,8 @@ def main(params: Params) -> None:
         csv = pd.DataFrame(history)[["epoch", "train_loss", "train_accuracy", "test_accuracy", "lr"]]
         atomic_write("plots/train_baseline.csv", lambda f: f.write(csv.to_csv(index=False).encode()))
         log_metrics({"clean_accuracy": metrics["clean_accuracy"], "train_seconds": metrics["train_seconds"]})
-        mlflow.log_artifact(str(out_path), artifact_path="checkpoints")
-        mlflow.log_artifact("plots/train_baseline.csv", artifact_path="plots")
+        log_artifact(out_path, artifact_path="checkpoints")
+        log_artifact("plots/train_baseline.csv", artifact_path="plots")
     log.info("baseline %s: clean accuracy %.4f", name, metrics["clean_accuracy"])
 
 
