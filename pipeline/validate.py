@@ -12,7 +12,8 @@ Checked, with the schema every stage uses (:func:`pipeline.config.load_params`):
 unknown keys at every level, types and ranges, every ``defended`` name has its
 section, known models, attacks and defenses, and on disk: ``data.root`` holds an
 accepted layout (or may be downloaded), ``model.checkpoint`` exists, and the RP2
-victims and mask exist when ``rp2.enabled``.
+victims and mask exist when ``rp2.enabled``; the command also checks that the MLflow
+tracking store answers (:func:`pipeline.tracking.check_tracking_store`).
 
 Usage (also before submitting a profile to a cluster)::
 
@@ -82,9 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stamp", type=Path, default=None,
                         help=f"write this file when valid (the DVC stage writes {STAMP})")
     args = parser.parse_args(argv)
+    from pipeline.tracking import TrackingStoreError, check_tracking_store
+
     try:
         params = validate(args.params)
-    except ParamsError as exc:
+        check_tracking_store()  # a dead MLflow server stops dvc repro here too, before any output is deleted
+    except (ParamsError, TrackingStoreError) as exc:
         print(f"error: validate: {exc}", file=sys.stderr)
         return 2
     if args.stamp is not None:

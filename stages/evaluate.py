@@ -37,7 +37,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
@@ -65,7 +64,7 @@ from pipeline.evaluation import (  # noqa: E402
 )
 from pipeline.io import atomic_write, load_torch, save_json, save_png, save_torch, sha256_file  # noqa: E402
 from pipeline.tasks import attack_task, evaluate_task, fit_task, patch_task, score_patches_task  # noqa: E402
-from pipeline.tracking import log_metrics, stage_run  # noqa: E402
+from pipeline.tracking import log_artifact, log_artifacts, log_metrics, stage_run  # noqa: E402
 
 log = logging.getLogger("evaluate")
 PREPARED = Path("data/prepared")
@@ -297,18 +296,17 @@ def main(params: Params) -> None:
     with stage_run("evaluate", params.mlflow.experiment, section, tags):
         log_metrics(table)
         for f in ("plots/evaluate.csv", "plots/evaluate.png", "metrics/evaluate.md"):
-            mlflow.log_artifact(f, artifact_path="evaluate")
+            log_artifact(f, artifact_path="evaluate")
         for attack in (a for a in ev.attacks if a in PATCH_ATTACKS):
             for s in seeds:
-                mlflow.log_artifact(str(Path("patches") / name / attack / f"seed_{s}.png"),
-                                    artifact_path=f"patches/{attack}")
+                log_artifact(Path("patches") / name / attack / f"seed_{s}.png", artifact_path=f"patches/{attack}")
         with tempfile.TemporaryDirectory() as tmp:  # the adaptive patches, as PNGs per defense
             for d in ev.defenses:
                 for attack in (a for a in ev.attacks if a in ADAPTIVE_PATCH_ATTACKS and d != "none"):
                     for s, patch in zip(seeds, patches_of[d][attack], strict=True):
                         save_png(patch, Path(tmp) / d / attack / f"seed_{s}.png", upscale=8)
             if any(Path(tmp).iterdir()):
-                mlflow.log_artifacts(tmp, artifact_path="patches_adaptive")
+                log_artifacts(tmp, artifact_path="patches_adaptive")
 
 
 def _adaptive_patches(

@@ -20,7 +20,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
@@ -40,7 +39,7 @@ from pipeline.data import load_meta, load_tensors  # noqa: E402
 from pipeline.distributed import init_ray, ray_map  # noqa: E402
 from pipeline.io import atomic_write, load_torch, save_figure, save_json, save_png, save_torch, sha256_file  # noqa: E402
 from pipeline.tasks import patch_task  # noqa: E402
-from pipeline.tracking import log_metrics, stage_run  # noqa: E402
+from pipeline.tracking import log_artifacts, log_metrics, stage_run  # noqa: E402
 
 log = logging.getLogger("generate_patches")
 PREPARED = Path("data/prepared")
@@ -116,10 +115,10 @@ def main(params: Params) -> None:
             "node_ids": ",".join(sorted({r.get("node_id", "?") for r in cached.values()}))}
     with stage_run("generate_patches", params.mlflow.experiment, section, tags):
         for row in rows:
-            mlflow.log_metric(f"patch_loss.{row['attack']}.seed_{row['seed']}", row["loss"], step=row["epoch"])
+            log_metrics({f"patch_loss.{row['attack']}.seed_{row['seed']}": row["loss"]}, step=row["epoch"])
         log_metrics({f"seconds.{a}.seed_{s}": v["seconds"] for a in p.attacks for s, v in summary[a].items()})
         for attack in p.attacks:
-            mlflow.log_artifacts(str(Path("patches") / name / attack), artifact_path=f"patches/{attack}")
+            log_artifacts(Path("patches") / name / attack, artifact_path=f"patches/{attack}")
 
 
 def _figure(patches, seeds, example, classes, target, path: Path, attack: str) -> None:
