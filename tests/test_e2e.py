@@ -79,7 +79,7 @@ MIN_DROP = {
     "cw_l2": 0.10,
     # Mask-FGSM changes at most tau of the input values.
     "mask_fgsm": 0.02,
-    # One Pixel at smoke budgets (5 pixels, 10 generations, 30 images) flips none to a few of the ~15 correctly
+    # One Pixel at smoke budgets (5 pixels, 10 generations, 10 images) flips none to a few of the ~5 correctly
     # classified images depending on the baseline's draw: no success is required, its pixel budget is checked.
     "one_pixel": None,
     # AutoAttack (smoke budgets) is at least as strong as PGD-10 on the same images
