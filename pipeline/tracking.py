@@ -41,6 +41,10 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 
 log = logging.getLogger(__name__)
 
+PROCESS_START_MS = int(time.time() * 1000)
+"""When this process imported the module (a stage imports it before any compute): the start
+time of the stage's MLflow run, so that its duration is the stage's, not the logging's."""
+
 PACKAGES = ("torch", "torchvision", "ray", "dvc", "mlflow", "pandas", "numpy", "pipeline")
 
 PENDING_DIR = Path(".mlflow-pending")
@@ -233,7 +237,8 @@ class _StageLog:
     ``artifacts`` (``{"path", "source", "artifact_path", "dir"}``: ``path`` a snapshot of
     the file or folder ``source`` in a folder of the record's name beside it, so that a
     temporary folder, or an output a later run replaces, replays as it was), ``dicts``
-    (``{"data", "artifact_file"}``), ``status`` and ``start_time`` / ``end_time`` (ms).
+    (``{"data", "artifact_file"}``), ``children`` (nested runs, :func:`log_child_runs`),
+    ``status`` and ``start_time`` / ``end_time`` (ms).
     """
 
     def __init__(self, stage: str, experiment: str, params: dict[str, str], tags: dict[str, str]) -> None:
@@ -241,8 +246,8 @@ class _StageLog:
         self.path = PENDING_DIR / f"{stage}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S-%f')}.json"
         self.record: dict[str, Any] = {
             "stage": stage, "experiment": experiment, "tracking_uri": tracking_uri(), "run_id": None,
-            "params": params, "tags": tags, "metrics": [], "artifacts": [], "dicts": [], "status": None,
-            "start_time": int(time.time() * 1000), "end_time": None,
+            "params": params, "tags": tags, "metrics": [], "artifacts": [], "dicts": [], "children": [],
+            "status": None, "start_time": PROCESS_START_MS, "end_time": None,
         }
 
     def failed(self, exc: BaseException) -> None:
@@ -312,13 +317,20 @@ class _StageLog:
                     log.warning("MLflow run %s of the resumed stage is not in %s; opening a new run", run_id,
                                 tracking_uri())
                     run_id = None
-            run = mlflow.start_run(run_id=run_id, run_name=None if run_id else stage)
-            self.record["run_id"] = run.info.run_id
             if run_id is None:
+                client = mlflow.MlflowClient()
+                exp_id = mlflow.get_experiment_by_name(self.record["experiment"]).experiment_id
+                name = run_name(stage, self.record["params"], previous_params(client, exp_id, stage))
+                run_id = client.create_run(exp_id, start_time=self.record["start_time"], run_name=name,
+                                           tags={"stage": stage}).info.run_id
+                run = mlflow.start_run(run_id=run_id)
                 mlflow.set_tags(self.record["tags"])
                 items = list(self.record["params"].items())
                 for i in range(0, len(items), 100):  # MLflow's batch limit
                     mlflow.log_params(dict(items[i : i + 100]))
+            else:
+                run = mlflow.start_run(run_id=run_id)
+            self.record["run_id"] = run.info.run_id
         except _store_errors() as exc:
             self.failed(exc)
         active = mlflow.active_run()
@@ -345,6 +357,97 @@ class _StageLog:
                     len(r["dicts"]), r["stage"], self.path, tracking_uri())
 
 
+def previous_params(client: Any, experiment_id: str, stage: str) -> dict[str, str] | None:
+    """The params of the latest top-level run of ``stage`` in the experiment (None: none yet)."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.stage = '{stage}'", max_results=20,
+                              order_by=["attributes.start_time DESC"])
+    top = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    return dict(top[0].data.params) if top else None
+
+
+def run_name(stage: str, params: Mapping[str, str], previous: Mapping[str, str] | None, most: int = 3) -> str:
+    """The name of a stage's run, telling reruns apart: the stage, then the DVC experiment
+    (``DVC_EXP_NAME``, set by ``dvc exp run``) when there is one, else up to ``most`` params
+    that differ from the stage's previous run, as ``key=value``.
+
+    Example: ``evaluate [exp-3f2a1]`` or ``train_defended@fnc fnc.alpha=1.2``.
+    """
+    exp = os.environ.get("DVC_EXP_NAME")
+    if exp:
+        return f"{stage} [{exp}]"
+    if not previous:
+        return stage
+    changed = [f"{k}={v}" for k, v in params.items() if previous.get(k) != v]
+    if not changed:
+        return stage
+    more = f" +{len(changed) - most}" if len(changed) > most else ""
+    return f"{stage} {' '.join(changed[:most])}{more}"
+
+
+def run_tags(params: Mapping[str, Any]) -> dict[str, str]:
+    """Tags every run gets to be found and grouped by: ``git_commit`` (``-dirty`` when the
+    working tree has uncommitted changes), ``git_dirty`` (``true``/``false``), ``params_hash``
+    (16 hex digits of the params logged) and ``dvc_experiment`` (``DVC_EXP_NAME`` under
+    ``dvc exp run``, else ``workspace``)."""
+    import hashlib
+
+    commit = git_commit()
+    digest = hashlib.sha256(json.dumps(flatten(params), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {"git_commit": commit, "git_dirty": str(commit.endswith("-dirty")).lower(), "params_hash": digest,
+            "dvc_experiment": os.environ.get("DVC_EXP_NAME") or "workspace"}
+
+
+def _log_child(client: Any, experiment_id: str, parent_id: str, child: Mapping[str, Any], time_ms: int) -> str:
+    """Create one finished nested run under ``parent_id``; its id."""
+    from mlflow.entities import Metric, Param
+
+    run = client.create_run(experiment_id, start_time=time_ms, run_name=child["name"],
+                            tags={"mlflow.parentRunId": parent_id, **child.get("tags", {})})
+    params = [Param(k, str(v)) for k, v in child.get("params", {}).items()]
+    metrics = [Metric(k, float(v), time_ms, 0) for k, v in child.get("metrics", {}).items()]
+    client.log_batch(run.info.run_id, metrics=metrics, params=params[:100])
+    client.set_terminated(run.info.run_id, "FINISHED", end_time=time_ms)
+    return run.info.run_id
+
+
+def log_child_runs(children: list[Mapping[str, Any]]) -> None:
+    """Log one finished nested run per entry under the active :func:`stage_run` run, so the
+    runs table can filter and compare them one by one (e.g. one per evaluation cell).
+
+    Args:
+        children: ``{"name": str, "params": {str: scalar}, "metrics": {str: float},
+            "tags": {str: str}}`` each (params at most 100; NaN metrics are dropped).
+
+    Inside :func:`stage_run`, a store failure records the children instead (replayed by
+    ``python -m pipeline.tracking sync`` under the replayed parent).
+    """
+    import math
+
+    import mlflow
+
+    children = [{**c, "metrics": {k: float(v) for k, v in c.get("metrics", {}).items()
+                                  if isinstance(v, int | float) and not isinstance(v, bool) and not math.isnan(v)}}
+                for c in children]
+
+    def call() -> None:
+        active = mlflow.active_run()
+        client = mlflow.MlflowClient()
+        now = int(time.time() * 1000)
+        for c in children:
+            _log_child(client, active.info.experiment_id, active.info.run_id, c, now)
+
+    if _ACTIVE is None:
+        call()
+        return
+    if _ACTIVE.online:
+        try:
+            call()
+            return
+        except _store_errors() as exc:
+            _ACTIVE.failed(exc)
+    _ACTIVE.record["children"].extend(children)
+
+
 _ACTIVE: _StageLog | None = None
 """The logging of the :func:`stage_run` block in progress (None outside one)."""
 
@@ -359,9 +462,12 @@ def stage_run(
 ) -> Iterator[Any]:
     """Open (or resume, with ``run_id``) the MLflow run of one stage instance.
 
-    Tags: ``stage`` (e.g. ``train_defended@fnc``), the git commit, package
-    versions, hardware, plus ``tags`` (profile, model, defense, attack, ...).
-    Params: ``params`` flattened to dotted keys.
+    Tags: ``stage`` (e.g. ``train_defended@fnc``), :func:`run_tags` (git commit and
+    whether the tree was dirty, params hash, DVC experiment), package versions, hardware,
+    plus ``tags`` (profile, model, defense, attack, ...). Params: ``params`` flattened to
+    dotted keys. A new run is named by :func:`run_name` (the stage, then the DVC experiment
+    or the params that differ from the stage's previous run) and starts at
+    :data:`PROCESS_START_MS`, so its duration is the stage process's.
 
     A failing store never stops the stage: from its first failure on (opening the run
     included), what :func:`log_metrics`, :func:`set_tags`, :func:`log_artifact`,
@@ -381,7 +487,7 @@ def stage_run(
 
     limit_http_retries()
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    all_tags = {"stage": stage, "git_commit": git_commit(), **package_versions(), **hardware(), **(tags or {})}
+    all_tags = {"stage": stage, **run_tags(params), **package_versions(), **hardware(), **(tags or {})}
     stage_log = _StageLog(stage, experiment, {k: str(v) for k, v in flatten(params).items()}, all_tags)
     run = stage_log.open(run_id)
     outer, _ACTIVE = _ACTIVE, stage_log
@@ -569,7 +675,8 @@ def replay(record: Mapping[str, Any], save: Callable[[dict[str, Any]], Any] | No
     if run is None:
         exp = client.get_experiment_by_name(record["experiment"])
         exp_id = exp.experiment_id if exp else client.create_experiment(record["experiment"])
-        run = client.create_run(exp_id, start_time=record.get("start_time"), run_name=record["stage"])
+        run = client.create_run(exp_id, start_time=record.get("start_time"), run_name=record["stage"],
+                                tags={"stage": record["stage"]})
         record["run_id"] = run.info.run_id
         if save is not None:
             save(record)
@@ -589,6 +696,9 @@ def replay(record: Mapping[str, Any], save: Callable[[dict[str, Any]], Any] | No
         (client.log_artifacts if a["dir"] else client.log_artifact)(run_id, a["path"], a["artifact_path"])
     for d in record["dicts"]:
         client.log_dict(run_id, d["data"], d["artifact_file"])
+    exp_id = client.get_run(run_id).info.experiment_id
+    for child in record.get("children", []):
+        _log_child(client, exp_id, run_id, child, record.get("end_time") or int(time.time() * 1000))
     client.set_terminated(run_id, record.get("status") or "FINISHED", end_time=record.get("end_time"))
     return run_id
 

@@ -39,7 +39,8 @@ DIFF_ONLY = ("Metrics", "Tags")  # sections reduced to what differs
 def latest_runs(client: mlflow.MlflowClient, experiment_id: str, pattern: str) -> dict[str, str]:
     """``stage tag -> run id`` of the newest run of every stage instance matching ``pattern``."""
     latest: dict[str, str] = {}
-    for r in client.search_runs([experiment_id], order_by=["attributes.start_time DESC"], max_results=1000):
+    for r in client.search_runs([experiment_id], filter_string="tags.stage LIKE '%'",  # stage runs, not cells
+                                order_by=["attributes.start_time DESC"], max_results=1000):
         stage = r.data.tags.get("stage", "?")
         if fnmatch.fnmatch(stage, pattern):
             latest.setdefault(stage, r.info.run_id)

@@ -18,8 +18,10 @@ rerun after adding an attack, or changing one attack's params, computes only
 those cells; each task's shard of a cell is cached there as soon as the task
 finishes, so a killed run redoes only the tasks that had not finished. Writes
 ``metrics/evaluate.json`` (nested model -> defense -> attack -> metric,
-fractions in [0, 1]), ``metrics/evaluate.md`` (the table), ``plots/evaluate.csv``
-and ``plots/evaluate.png``.
+fractions in [0, 1]), ``metrics/headline.json`` (per defense the few numbers
+``dvc metrics show`` prints: :func:`headline`), ``metrics/evaluate.md`` (the
+table), ``plots/evaluate.csv``, ``plots/evaluate_accuracy.csv`` (the bar chart
+``dvc plots show`` draws) and ``plots/evaluate.png``.
 """
 
 from __future__ import annotations
@@ -64,12 +66,66 @@ from pipeline.evaluation import (  # noqa: E402
 )
 from pipeline.io import atomic_write, load_torch, save_json, save_png, save_torch, sha256_file  # noqa: E402
 from pipeline.tasks import attack_task, evaluate_task, fit_task, patch_task, score_patches_task  # noqa: E402
-from pipeline.tracking import log_artifact, log_artifacts, log_metrics, stage_run  # noqa: E402
+from pipeline.tracking import log_artifact, log_artifacts, log_child_runs, log_metrics, stage_run  # noqa: E402
 
 log = logging.getLogger("evaluate")
 PREPARED = Path("data/prepared")
 PATCH_CELLS = ("none", *PATCH_ATTACKS, *ADAPTIVE_PATCH_ATTACKS, "occlusion")
 """Cells computed from the same forward passes at fixed placements (clean, patches, control)."""
+HEADLINE = Path("metrics/headline.json")
+"""Per defense: clean, worst-case patch, PGD and AutoAttack accuracy (:func:`headline`)."""
+HEADLINE_ATTACKS = ("pgd", "autoattack")
+"""The per-image attacks whose robust accuracy :func:`headline` reports, where evaluated."""
+ACCURACY_CSV = Path("plots/evaluate_accuracy.csv")
+"""Accuracy per (defense, attack) cell, labelled with its images, for ``dvc plots show`` (:func:`accuracy_bars`)."""
+
+
+HEADLINE_METRICS = ("clean_accuracy", "robust_accuracy", "attack_success_rate")
+"""The metrics of every cell logged on the evaluate run itself (all of them are on its cell's nested run)."""
+
+CELL_METRICS = (*HEADLINE_METRICS, "n_images", "clean_accuracy_ci_low", "clean_accuracy_ci_high",
+                "robust_accuracy_ci_low", "robust_accuracy_ci_high", "attack_success_rate_ci_low",
+                "attack_success_rate_ci_high", "robust_accuracy_std", "attack_success_rate_std", "ssim", "l0", "linf")
+"""The metrics of a cell's nested MLflow run, where the cell has them."""
+
+
+def attack_kind(attack: str) -> str:
+    """How a cell's adversarial images are made: ``clean``, ``patch transferred`` (from the
+    baseline), ``patch adaptive`` / ``patch bpda`` (optimised through the defended model),
+    ``patch worst case``, ``occlusion`` or ``per-image``."""
+    if attack == "none":
+        return "clean"
+    if attack == "occlusion":
+        return "occlusion"
+    if attack in PATCH_ATTACKS:
+        return "patch transferred"
+    if attack.endswith("_worst"):
+        return "patch worst case"
+    if attack in ADAPTIVE_PATCH_ATTACKS:
+        return f"patch {attack.rsplit('_', 1)[1]}"
+    return "per-image"
+
+
+def _cell_runs(table: dict[str, dict[str, dict]], params: Params, model: str) -> list[dict]:
+    """One nested-run entry (:func:`pipeline.tracking.log_child_runs`) per evaluation cell:
+    params ``model``, ``defense``, ``attack``, ``attack_kind``, the budget (``eps`` and
+    ``norm`` for per-image attacks; ``patch.area_fraction`` and ``patch.target`` for patch
+    cells), ``fnc.alpha`` on FNC's cells; the metrics of :data:`CELL_METRICS`."""
+    out = []
+    for d, row in table.items():
+        for a, m in row.items():
+            kind = attack_kind(a)
+            cell = {"model": model, "defense": d, "attack": a, "attack_kind": kind}
+            if kind == "per-image":
+                ap = params.attack_params(a)
+                cell.update({k: ap[k] for k in ("eps", "norm") if k in ap})
+            elif kind.startswith("patch") or kind == "occlusion":
+                cell.update({"patch.area_fraction": params.patch.area_fraction, "patch.target": params.patch.target})
+            if d == "fnc":
+                cell["fnc.alpha"] = params.fnc.alpha
+            out.append({"name": f"{d} / {a}", "params": cell, "tags": {"defense": d, "attack": a, "attack_kind": kind},
+                        "metrics": {k: m[k] for k in CELL_METRICS if k in m}})
+    return out
 
 
 def main(params: Params) -> None:
@@ -276,10 +332,13 @@ def main(params: Params) -> None:
                     clean, {a: cells[(d, a)]["preds"] for a in variants}, y, params.patch.target)
     metrics = {name: table}
     save_json(metrics, "metrics/evaluate.json")
+    save_json(headline(table, params), HEADLINE)
 
     rows = [{"model": name, "defense": d, "attack": a, **m} for d, row in table.items() for a, m in row.items()]
     df = pd.DataFrame(rows)
     atomic_write("plots/evaluate.csv", lambda f: f.write(df.to_csv(index=False).encode()))
+    bars = accuracy_bars(df).to_csv(index=False).encode()
+    atomic_write(ACCURACY_CSV, lambda f: f.write(bars))
     atomic_write("metrics/evaluate.md", lambda f: f.write(_markdown(df, params).encode()))
     figure = _figure(df, name, params)
     atomic_write("plots/evaluate.png", lambda f: f.write(figure))
@@ -294,7 +353,11 @@ def main(params: Params) -> None:
             "attacks": ",".join(ev.attacks),
             "node_ids": ",".join(sorted({n for c in cells.values() for n in c.get("node_ids", [])}))}
     with stage_run("evaluate", params.mlflow.experiment, section, tags):
-        log_metrics(table)
+        # the parent run holds the three rates per cell; every cell is a nested run too, with
+        # its defense, attack and budget as params, for the runs table and the compare view
+        log_metrics({d: {a: {k: m[k] for k in HEADLINE_METRICS if k in m} for a, m in row.items()}
+                     for d, row in table.items()})
+        log_child_runs(_cell_runs(table, params, name))
         for f in ("plots/evaluate.csv", "plots/evaluate.png", "metrics/evaluate.md"):
             log_artifact(f, artifact_path="evaluate")
         for attack in (a for a in ev.attacks if a in PATCH_ATTACKS):
@@ -456,9 +519,13 @@ def _markdown(df: pd.DataFrame, params: Params) -> str:
 
 
 def _figure(df: pd.DataFrame, model: str, params: Params) -> bytes:
-    """Grouped bars: accuracy per defense, clean and under each attack, with seed spread."""
+    """Grouped bars: accuracy per defense, clean and under each attack, with seed spread; one
+    colour per attack (never reused) and each attack labelled with the images it was measured
+    on, since the per-image attacks run on subsets of the clean cell's images."""
     defenses = list(dict.fromkeys(df["defense"]))
     attacks = list(dict.fromkeys(df["attack"]))
+    labels = attack_labels(df)
+    colours = distinct_colours(len(attacks))
     fig, ax = plt.subplots(figsize=(max(6.4, 1.5 + 0.45 * len(attacks) * len(defenses)), 3.8))
     width = 0.8 / len(attacks)
     for j, attack in enumerate(attacks):
@@ -466,20 +533,72 @@ def _figure(df: pd.DataFrame, model: str, params: Params) -> bytes:
         col = "clean_accuracy" if attack == "none" else "robust_accuracy"
         err = None if attack == "none" else sub.get("robust_accuracy_std")
         xs = [i + (j - (len(attacks) - 1) / 2) * width for i in range(len(defenses))]
-        bars = ax.bar(xs, sub[col], width, yerr=err, capsize=3, label="clean" if attack == "none" else attack)
+        bars = ax.bar(xs, sub[col], width, yerr=err, capsize=3, color=colours[j], label=labels[attack])
         ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
     ax.set_xticks(range(len(defenses)), [f"defense: {d}" for d in defenses])
     ax.set_ylim(0, 1.08)
     ax.set_ylabel("accuracy")
     target = params.patch.target
     ax.set_title(f"{model}: accuracy clean and under attack ({params.patch.area_fraction:.0%} patches"
-                 + (f", target {target})" if target is not None else ")"), fontsize=10)
+                 + (f", target {target})" if target is not None else ")") + "; n: test images per cell", fontsize=10)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
     return buf.getvalue()
+
+
+def distinct_colours(n: int) -> list:
+    """``n`` colours, no two the same: matplotlib's qualitative tab20 (then tab20b and tab20c,
+    60 in all; beyond that, evenly spaced hues of a continuous map)."""
+    pool = [c for m in ("tab20", "tab20b", "tab20c") for c in plt.get_cmap(m).colors]
+    if n <= len(pool):
+        return pool[:n]
+    return [plt.get_cmap("hsv")(i / n) for i in range(n)]
+
+
+def attack_labels(df: pd.DataFrame) -> dict[str, str]:
+    """Each attack's label with the number of test images its cells were measured on, e.g.
+    ``one_pixel (n=30)``, ``clean (n=1000)`` (``n=30/40`` where defenses differ)."""
+    out = {}
+    for attack, g in df.groupby("attack", sort=False):
+        ns = "/".join(str(int(n)) for n in dict.fromkeys(g["n_images"].dropna()))
+        out[attack] = f"{'clean' if attack == 'none' else attack} (n={ns})" if ns else attack
+    return out
+
+
+def accuracy_bars(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``plots/evaluate_accuracy.csv``, the chart ``dvc plots show`` draws of the
+    matrix: one row per (defense, attack) cell with its accuracy (clean for ``none``, robust
+    otherwise), ``label`` the attack with its images (:func:`attack_labels`) and ``series``
+    the defense (the bars' colour in ``.dvc/plots/series_bar.json``)."""
+    labels = attack_labels(df)
+    robust = df["robust_accuracy"] if "robust_accuracy" in df else pd.Series(float("nan"), index=df.index)
+    return pd.DataFrame({"defense": df["defense"], "attack": df["attack"], "n_images": df["n_images"],
+                         "accuracy": robust.where(df["attack"] != "none", df["clean_accuracy"]),
+                         "label": df["attack"].map(labels), "series": df["defense"]})
+
+
+def headline(table: dict[str, dict[str, dict]], params: Params) -> dict[str, dict[str, float]]:
+    """``metrics/headline.json``, the few numbers ``dvc metrics show`` and ``dvc exp show``
+    print, per defense: ``clean_accuracy``; the robust accuracy under the first of
+    ``patch.attacks`` that was evaluated, as its worst case over the transferred and adaptive
+    patches (key ``<attack>_worst``) where that cell exists, else the transferred patch's (key
+    ``<attack>``); and, where evaluated, the robust accuracy under ``pgd`` and ``autoattack``.
+    The full matrix is ``metrics/evaluate.json``."""
+    out: dict[str, dict[str, float]] = {}
+    for d, row in table.items():
+        h: dict[str, float] = {}
+        if "none" in row:
+            h["clean_accuracy"] = row["none"]["clean_accuracy"]
+        patch = next((a for a in params.patch.attacks if a in row or f"{a}_worst" in row), None)
+        if patch is not None:
+            cell = f"{patch}_worst" if f"{patch}_worst" in row else patch
+            h[cell] = row[cell]["robust_accuracy"]
+        h.update({a: row[a]["robust_accuracy"] for a in HEADLINE_ATTACKS if a in row})
+        out[d] = h
+    return out
 
 
 if __name__ == "__main__":

@@ -61,7 +61,8 @@ def _runs(experiment: str) -> dict[str, str]:
         if exp is None:
             return {}
         out: dict[str, str] = {}
-        for r in client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=500):
+        for r in client.search_runs([exp.experiment_id], filter_string="tags.stage LIKE '%'",  # stage runs, not cells
+                                    order_by=["attributes.start_time DESC"], max_results=500):
             out.setdefault(r.data.tags.get("stage", "?"), r.info.run_id)
         return out
     except Exception as exc:  # the report is still useful without run ids

@@ -174,11 +174,25 @@ def test_mlflow_has_one_run_per_stage_with_metrics_and_patch(smoke_project):
     assert smoke_project["env"]["MLFLOW_TRACKING_URI"].startswith("http://127.0.0.1:")
     client = mlflow.MlflowClient(tracking_uri=smoke_project["env"]["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name(smoke_project["params"]["mlflow"]["experiment"])
-    runs = client.search_runs([exp.experiment_id])
+    every = client.search_runs([exp.experiment_id], max_results=1000)
+    runs = [r for r in every if "mlflow.parentRunId" not in r.data.tags]
     stages = sorted(r.data.tags["stage"] for r in runs)
     assert stages == sorted(STAGES)
     by_stage = {r.data.tags["stage"]: r for r in runs}
     ev = by_stage["evaluate"]
+    assert ev.info.run_name == "evaluate" and ev.data.tags["dvc_experiment"] == "workspace"
+    # one nested run per evaluation cell; filtered to one attack, the baseline beside every defense
+    cells = client.search_runs([exp.experiment_id], max_results=1000, filter_string=(
+        f"tags.mlflow.parentRunId = '{ev.info.run_id}' and params.attack = 'advp'"))
+    metrics_file = json.loads((smoke_project["dir"] / "metrics/evaluate.json").read_text())["resnet20"]
+    assert sorted(c.data.params["defense"] for c in cells) == sorted(metrics_file)
+    for c in cells:
+        want = metrics_file[c.data.params["defense"]]["advp"]
+        assert c.data.params["attack_kind"] == "patch transferred"
+        assert c.data.metrics["robust_accuracy"] == pytest.approx(want["robust_accuracy"])
+        assert c.data.metrics["n_images"] == want["n_images"]
+    n_cells = sum(len(row) for row in metrics_file.values())
+    assert len([r for r in every if r.data.tags.get("mlflow.parentRunId") == ev.info.run_id]) == n_cells
     for key in ("none.advp.robust_accuracy", "fnc.advp.robust_accuracy", "none.advp.attack_success_rate",
                 "fnc.none.clean_accuracy"):
         assert not math.isnan(ev.data.metrics[key])

@@ -210,3 +210,62 @@ def test_sync_from_the_command_line(workdir, monkeypatch):
     client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     (run,) = client.search_runs([client.get_experiment_by_name("cli").experiment_id])
     assert run.data.metrics["cells"] == 4
+
+
+def test_reruns_are_named_by_what_changed_and_start_with_the_process(workdir, monkeypatch):
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    monkeypatch.setattr(tracking, "PROCESS_START_MS", int(time.time() * 1000) - 60_000)  # a minute of compute
+    with stage_run("train_defended@fnc", "names", {"fnc": {"alpha": 1.0, "eps": 1e-6}}) as first:
+        pass
+    with stage_run("train_defended@fnc", "names", {"fnc": {"alpha": 1.2, "eps": 1e-6}}) as second:
+        pass
+    monkeypatch.setenv("DVC_EXP_NAME", "bushy-tank")
+    with stage_run("train_defended@fnc", "names", {"fnc": {"alpha": 1.2, "eps": 1e-6}}) as third:
+        pass
+    client = mlflow.MlflowClient()
+    runs = [client.get_run(r.info.run_id) for r in (first, second, third)]
+    assert [r.info.run_name for r in runs] == ["train_defended@fnc", "train_defended@fnc fnc.alpha=1.2",
+                                               "train_defended@fnc [bushy-tank]"]
+    assert runs[2].data.tags["dvc_experiment"] == "bushy-tank" and runs[0].data.tags["dvc_experiment"] == "workspace"
+    assert runs[0].data.tags["params_hash"] != runs[1].data.tags["params_hash"]
+    assert runs[1].data.tags["params_hash"] == runs[2].data.tags["params_hash"]
+    assert runs[0].data.tags["git_dirty"] in ("true", "false")
+    assert all(r.info.end_time - r.info.start_time >= 60_000 for r in runs)  # the run spans the stage, not the logging
+
+
+CELLS = [{"name": f"{d} / advp", "params": {"defense": d, "attack": "advp", "attack_kind": "patch transferred"},
+          "tags": {"defense": d, "attack": "advp"}, "metrics": {"robust_accuracy": r, "n_images": 900, "ssim": float("nan")}}
+         for d, r in (("none", 0.3), ("fnc", 0.5))]
+
+
+def _children(client: mlflow.MlflowClient, parent_id: str) -> dict[str, mlflow.entities.Run]:
+    exp = client.get_run(parent_id).info.experiment_id
+    return {r.data.params["defense"]: r for r in client.search_runs(
+        [exp], filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and params.attack = 'advp'")}
+
+
+def test_one_nested_run_per_cell_filterable_by_attack(workdir):
+    with stage_run("evaluate", "cells", {"seed": 0}) as run:
+        tracking.log_child_runs(CELLS)
+    client = mlflow.MlflowClient()
+    kids = _children(client, run.info.run_id)
+    assert set(kids) == {"none", "fnc"}
+    assert kids["fnc"].data.metrics == {"robust_accuracy": 0.5, "n_images": 900.0}  # NaN dropped
+    assert kids["none"].info.run_name == "none / advp" and kids["none"].info.status == "FINISHED"
+    assert kids["fnc"].data.params["attack_kind"] == "patch transferred"
+
+
+def test_nested_runs_are_recorded_and_replayed_with_their_parent(workdir, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", DEAD)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with stage_run("evaluate", "cells-offline", {"seed": 0}):
+        tracking.log_child_runs(CELLS)
+    (record,) = pending(workdir)
+    assert [c["name"] for c in record["children"]] == ["none / advp", "fnc / advp"]
+    store = f"sqlite:///{workdir / 'replayed.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    assert sync(workdir / ".mlflow-pending") == 0
+    client = mlflow.MlflowClient(tracking_uri=store)
+    exp = client.get_experiment_by_name("cells-offline").experiment_id
+    (parent,) = client.search_runs([exp], filter_string="tags.stage = 'evaluate'")
+    assert _children(client, parent.info.run_id)["none"].data.metrics["robust_accuracy"] == 0.3
