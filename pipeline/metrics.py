@@ -113,7 +113,10 @@ def perturbation_sizes(x: torch.Tensor, x_adv: torch.Tensor, atol: float = 1e-6)
         * ``l2_dissimilarity``: ``||x - x_adv||_2 / ||x_adv||_2`` (BlurNet,
           after Eykholt et al. 2018);
         * ``ssim``: structural similarity (Wang et al. 2004) of ``x_adv`` to
-          ``x``, Gaussian 11x11 window, data range 1, from torchmetrics.
+          ``x``, Gaussian 11x11 window, data range 1, from torchmetrics (the
+          usual windowed SSIM, averaged over windows);
+        * ``ssim_global``: the global SSIM of seed 002 (Yu 2022, Eq. 8 and 9):
+          one window, the whole image's C x H x W values; see :func:`ssim_global`.
 
     Raises:
         ValueError: shapes differ or are not 4-D, or there are no images.
@@ -132,7 +135,34 @@ def perturbation_sizes(x: torch.Tensor, x_adv: torch.Tensor, atol: float = 1e-6)
         "linf": delta.abs().amax(dim=1),
         "l2_dissimilarity": l2 / x_adv.flatten(1).norm(dim=1).clamp_min(1e-12),
         "ssim": ssim.float(),
+        "ssim_global": ssim_global(x, x_adv),
     }
+
+
+def ssim_global(x: torch.Tensor, x_adv: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Global SSIM of seed 002 (Yu 2022, Eq. 8, with Eq. 9's covariance), per image:
+
+    ``(2 mu_x mu_a + C1)(2 s_xa + C2) / ((mu_x^2 + mu_a^2 + C1)(s_x^2 + s_a^2 + C2))``
+
+    with means, variances and covariance over all C x H x W values of an image (one
+    window, not the sliding windows of Wang et al. 2004), unbiased (``N - 1``, Eq. 9),
+    and the usual constants ``C1 = (0.01 L)^2``, ``C2 = (0.03 L)^2`` (the paper does not
+    give them), ``L = data_range``.
+
+    Args:
+        x, x_adv: float (N, C, H, W) in [0, data_range], same shape.
+        data_range: ``L``, 1 for images in [0, 1].
+
+    Returns:
+        float32 (N,) on ``x``'s device; 1 for identical images.
+    """
+    a, b = x.flatten(1).double(), x_adv.flatten(1).double()
+    mu_a, mu_b = a.mean(dim=1), b.mean(dim=1)
+    var_a, var_b = a.var(dim=1, unbiased=True), b.var(dim=1, unbiased=True)
+    cov = ((a - mu_a[:, None]) * (b - mu_b[:, None])).sum(dim=1) / (a.shape[1] - 1)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    out = (2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return out.float()
 
 
 def perturbation_metrics(x: torch.Tensor, x_adv: torch.Tensor, atol: float = 1e-6) -> dict[str, float]:

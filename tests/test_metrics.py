@@ -164,3 +164,27 @@ def test_perturbation_metrics_pass_the_l0_tolerance():
     x_adv = x + 1e-4
     assert perturbation_metrics(x, x_adv)["l0"] == 1.0  # above the default 1e-6
     assert perturbation_metrics(x, x_adv, atol=1e-3)["l0"] == 0.0
+
+
+def test_ssim_global_is_eq8_of_seed_002_over_the_whole_image():
+    """Eq. 8 with Eq. 9's unbiased covariance, computed here in NumPy from its definition;
+    identical images give 1; the global form differs from the windowed SSIM."""
+    import numpy as np
+
+    from pipeline.metrics import perturbation_sizes, ssim_global
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 16, 16, generator=g)
+    x_adv = (x + 0.1 * torch.randn(3, 3, 16, 16, generator=g)).clamp(0, 1)
+    got = ssim_global(x, x_adv)
+    for i in range(3):
+        a, b = x[i].numpy().ravel().astype(np.float64), x_adv[i].numpy().ravel().astype(np.float64)
+        n = a.size
+        mu_a, mu_b = a.mean(), b.mean()
+        s_ab = ((a - mu_a) * (b - mu_b)).sum() / (n - 1)
+        c1, c2 = 0.01**2, 0.03**2
+        want = (2 * mu_a * mu_b + c1) * (2 * s_ab + c2) / ((mu_a**2 + mu_b**2 + c1) * (a.var(ddof=1) + b.var(ddof=1) + c2))
+        assert float(got[i]) == pytest.approx(want, rel=1e-6)
+    assert torch.allclose(ssim_global(x, x), torch.ones(3))
+    sizes = perturbation_sizes(x, x_adv)
+    assert torch.equal(sizes["ssim_global"], got) and not torch.allclose(sizes["ssim"], got, atol=1e-3)
