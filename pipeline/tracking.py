@@ -238,6 +238,7 @@ class _StageLog:
     the file or folder ``source`` in a folder of the record's name beside it, so that a
     temporary folder, or an output a later run replaces, replays as it was), ``dicts``
     (``{"data", "artifact_file"}``), ``children`` (nested runs, :func:`log_child_runs`),
+    ``inputs`` (datasets, :func:`log_dataset`),
     ``status`` and ``start_time`` / ``end_time`` (ms).
     """
 
@@ -246,7 +247,7 @@ class _StageLog:
         self.path = PENDING_DIR / f"{stage}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S-%f')}.json"
         self.record: dict[str, Any] = {
             "stage": stage, "experiment": experiment, "tracking_uri": tracking_uri(), "run_id": None,
-            "params": params, "tags": tags, "metrics": [], "artifacts": [], "dicts": [], "children": [],
+            "params": params, "tags": tags, "metrics": [], "artifacts": [], "dicts": [], "children": [], "inputs": [],
             "status": None, "start_time": PROCESS_START_MS, "end_time": None,
         }
 
@@ -534,6 +535,50 @@ def set_tags(tags: Mapping[str, str]) -> None:
         _ACTIVE.send("tags", tags, lambda: mlflow.set_tags(tags))
 
 
+def _log_dataset(client: Any, run_id: str, entry: Mapping[str, Any]) -> None:
+    """Log one :func:`log_dataset` entry as an input of run ``run_id``."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    with warnings.catch_warnings():  # a local path matches two equivalent local source kinds
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(entry["path"])
+    dataset = MetaDataset(source=source, name=entry["name"], digest=entry["digest"][:36])
+    tags = [InputTag("mlflow.data.context", entry["context"]), *(InputTag(k, str(v)) for k, v in entry["tags"].items())]
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=tags)])
+
+
+def log_dataset(name: str, path: str | Path, digest: str, context: str, tags: Mapping[str, Any] | None = None) -> None:
+    """Log a dataset the stage read or wrote as an input of the active run (MLflow's
+    Datasets: the runs table's "Dataset" column and the run page's inputs).
+
+    Args:
+        name: e.g. ``cifar10 test``.
+        path: where it lies (the prepared data folder).
+        digest: a content hash (at most 36 characters are kept), so two runs on the
+            same data show the same digest.
+        context: ``train``, ``validation`` or ``test``.
+        tags: more input tags, e.g. ``{"n_images": 1000}``.
+
+    Inside :func:`stage_run`, a store failure records it instead (replayed by ``sync``).
+    """
+    import mlflow
+
+    entry = {"name": name, "path": str(Path(path).resolve()), "digest": digest, "context": context,
+             "tags": {k: str(v) for k, v in (tags or {}).items()}}
+
+    def call() -> None:
+        _log_dataset(mlflow.MlflowClient(), mlflow.active_run().info.run_id, entry)
+
+    if _ACTIVE is None:
+        call()
+    else:
+        _ACTIVE.send("inputs", entry, call)
+
+
 def _artifact(path: str | Path, artifact_path: str | None, is_dir: bool) -> None:
     import mlflow
 
@@ -696,6 +741,8 @@ def replay(record: Mapping[str, Any], save: Callable[[dict[str, Any]], Any] | No
         (client.log_artifacts if a["dir"] else client.log_artifact)(run_id, a["path"], a["artifact_path"])
     for d in record["dicts"]:
         client.log_dict(run_id, d["data"], d["artifact_file"])
+    for entry in record.get("inputs", []):
+        _log_dataset(client, run_id, entry)
     exp_id = client.get_run(run_id).info.experiment_id
     for child in record.get("children", []):
         _log_child(client, exp_id, run_id, child, record.get("end_time") or int(time.time() * 1000))

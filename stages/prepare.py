@@ -11,12 +11,12 @@ import logging
 import time
 from pathlib import Path
 
-from pipeline.cli import run_stage
+from pipeline.cli import key_hash, run_stage
 from pipeline.config import Params
 from pipeline.data.prepare import prepare_dataset, resolve_source
 from pipeline.distributed import init_ray, ray_map
 from pipeline.io import save_json
-from pipeline.tracking import log_dict, log_metrics, stage_run
+from pipeline.tracking import log_dataset, log_dict, log_metrics, stage_run
 
 log = logging.getLogger("prepare")
 
@@ -48,6 +48,10 @@ def main(params: Params) -> None:
                    tags={"profile": params.profile, "paper": params.mlflow.paper, "dataset": cfg.dataset}):
         log_metrics(summary)
         log_dict(meta, "meta.json")
+        for split, context in (("train", "train"), ("val", "validation"), ("test", "test")):
+            info = meta["splits"][split]
+            log_dataset(f"{cfg.dataset} {split}", out_dir, key_hash({"split": split, "meta": meta}), context,
+                        {"n_images": info["n_images"]})
 
 
 if __name__ == "__main__":

@@ -269,3 +269,23 @@ def test_nested_runs_are_recorded_and_replayed_with_their_parent(workdir, monkey
     exp = client.get_experiment_by_name("cells-offline").experiment_id
     (parent,) = client.search_runs([exp], filter_string="tags.stage = 'evaluate'")
     assert _children(client, parent.info.run_id)["none"].data.metrics["robust_accuracy"] == 0.3
+
+
+def test_datasets_are_logged_as_run_inputs_and_replayed(workdir, monkeypatch):
+    (workdir / "prepared").mkdir()
+    with stage_run("prepare", "inputs", {"seed": 0}) as run:
+        tracking.log_dataset("cifar10 test", workdir / "prepared", "d" * 64, "test", {"n_images": 1000})
+    (inp,) = mlflow.MlflowClient().get_run(run.info.run_id).inputs.dataset_inputs
+    assert inp.dataset.name == "cifar10 test" and inp.dataset.digest == "d" * 36
+    assert {t.key: t.value for t in inp.tags} == {"mlflow.data.context": "test", "n_images": "1000"}
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", DEAD)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with stage_run("prepare", "inputs-offline", {"seed": 0}):
+        tracking.log_dataset("cifar10 val", workdir / "prepared", "e" * 64, "validation")
+    store = f"sqlite:///{workdir / 'replayed.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    assert sync(workdir / ".mlflow-pending") == 0
+    client = mlflow.MlflowClient(tracking_uri=store)
+    (replayed,) = client.search_runs([client.get_experiment_by_name("inputs-offline").experiment_id])
+    assert [i.dataset.name for i in replayed.inputs.dataset_inputs] == ["cifar10 val"]
