@@ -6,6 +6,10 @@ Needs Debian's Chromium (``apt-get install chromium``) and Playwright's Python p
 
     python scripts/mlflow_screenshot.py [--store sqlite:///mlflow.db] [--stages 'train_*']
                                         [--out docs/figures/mlflow_compare.png]
+    python scripts/mlflow_screenshot.py --cells advp [--dvc-experiments exp-a,exp-b]
+
+The second form compares evaluation cells (evaluate's nested runs, one per defense) under
+one attack across two (or more) DVC experiments, cell by cell.
 
 It starts ``mlflow server`` on a free port of 127.0.0.1 over the store, opens the compare
 view of the latest run of every stage instance matching ``--stages`` (shell pattern over
@@ -45,6 +49,31 @@ def latest_runs(client: mlflow.MlflowClient, experiment_id: str, pattern: str) -
         if fnmatch.fnmatch(stage, pattern):
             latest.setdefault(stage, r.info.run_id)
     return latest
+
+
+def cell_runs(client: mlflow.MlflowClient, experiment_id: str, attack: str,
+              dvc_experiments: list[str] | None) -> dict[str, str]:
+    """``"<DVC experiment>: <cell>" -> run id`` of the evaluation cells under ``attack`` (the
+    nested runs of evaluate, one per defense) of the latest evaluate run of each DVC
+    experiment in ``dvc_experiments`` (its ``dvc_experiment`` tag); without names, of the
+    two latest evaluate runs."""
+    parents = [r for r in client.search_runs([experiment_id], filter_string="tags.stage = 'evaluate'",
+                                             order_by=["attributes.start_time DESC"], max_results=500)]
+    chosen: dict[str, str] = {}  # dvc experiment (or run name) -> evaluate run id
+    for r in parents:
+        name = r.data.tags.get("dvc_experiment", "workspace")
+        if dvc_experiments is not None and name not in dvc_experiments:
+            continue
+        key = name if dvc_experiments is not None else f"{name} {r.info.run_name} {r.info.run_id[:6]}"
+        chosen.setdefault(key, r.info.run_id)
+        if dvc_experiments is None and len(chosen) == 2:
+            break
+    out = {}
+    for name, parent in chosen.items():
+        for c in client.search_runs([experiment_id], max_results=1000, filter_string=(
+                f"tags.mlflow.parentRunId = '{parent}' and params.attack = '{attack}'")):
+            out[f"{name}: {c.info.run_name}"] = c.info.run_id
+    return out
 
 
 def screenshot(url: str, out: Path, chromium: str, width: int, wait_ms: int) -> None:
@@ -95,6 +124,11 @@ def main() -> None:
     parser.add_argument("--store", default=f"sqlite:///{Path.cwd() / 'mlflow.db'}")
     parser.add_argument("--experiment", default=None, help="default: mlflow.experiment of params.yaml")
     parser.add_argument("--stages", default="train_*", help="shell pattern over the runs' stage tag")
+    parser.add_argument("--cells", default=None, metavar="ATTACK",
+                        help="compare evaluate's cells under this attack (e.g. advp) across DVC experiments "
+                             "instead of stage runs")
+    parser.add_argument("--dvc-experiments", default=None,
+                        help="with --cells: comma-separated dvc exp names (default: the two latest evaluate runs)")
     parser.add_argument("--out", default="docs/figures/mlflow_compare.png", type=Path)
     parser.add_argument("--width", default=1800, type=int, help="window width in pixels")
     parser.add_argument("--wait", default=60, type=float, help="seconds to wait for the page")
@@ -111,10 +145,16 @@ def main() -> None:
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         sys.exit(f"error: no experiment {experiment!r} in {args.store}; run dvc repro first")
-    latest = latest_runs(client, exp.experiment_id, args.stages)
+    if args.cells:
+        names = args.dvc_experiments.split(",") if args.dvc_experiments else None
+        latest = cell_runs(client, exp.experiment_id, args.cells, names)
+        what = f"evaluation cells under {args.cells!r}"
+    else:
+        latest = latest_runs(client, exp.experiment_id, args.stages)
+        what = f"run(s) with a stage tag matching {args.stages!r}"
     if len(latest) < 2:
-        sys.exit(f"error: {len(latest)} run(s) with a stage tag matching {args.stages!r} in {experiment!r}; "
-                 "the compare view needs two or more (try --stages '*')")
+        sys.exit(f"error: {len(latest)} {what} in {experiment!r}; the compare view needs two or more "
+                 "(try --stages '*', or run two dvc experiments before --cells)")
     workdir = Path(tempfile.mkdtemp(prefix="mlflow-shot"))
     try:
         with mlflow_server(args.store, workdir) as base:

@@ -30,6 +30,7 @@ import importlib.metadata
 import inspect
 import io
 import logging
+import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -123,7 +124,9 @@ def _cell_runs(table: dict[str, dict[str, dict]], params: Params, model: str) ->
                 cell.update({"patch.area_fraction": params.patch.area_fraction, "patch.target": params.patch.target})
             if d == "fnc":
                 cell["fnc.alpha"] = params.fnc.alpha
-            out.append({"name": f"{d} / {a}", "params": cell, "tags": {"defense": d, "attack": a, "attack_kind": kind},
+            tags = {"defense": d, "attack": a, "attack_kind": kind,
+                    "dvc_experiment": os.environ.get("DVC_EXP_NAME") or "workspace"}
+            out.append({"name": f"{d} / {a}", "params": cell, "tags": tags,
                         "metrics": {k: m[k] for k in CELL_METRICS if k in m}})
     return out
 
