@@ -579,6 +579,57 @@ def log_dataset(name: str, path: str | Path, digest: str, context: str, tags: Ma
         _ACTIVE.send("inputs", entry, call)
 
 
+def log_model(checkpoint: str | Path, image_shape: tuple[int, int, int], name: str = "model") -> None:
+    """Log a checkpoint as an MLflow PyTorch model with its signature, so that
+    ``mlflow.pytorch.load_model(<the run's tag model_uri.<name>>)`` (a ``models:/`` URI)
+    gives the (defended) network and the UI shows what it takes and returns.
+
+    The signature: input float32 ``(-1, C, H, W)`` images in [0, 1] (the network
+    normalises inside), output float32 ``(-1, num_classes)`` logits. The ``pipeline``
+    package is stored beside the model (``code_paths``), so it loads without this
+    checkout; the requirements are pinned to the running torch and torchvision (no pip
+    inference).
+
+    Args:
+        checkpoint: a checkpoint file of :func:`pipeline.checkpoint.save_checkpoint`.
+        image_shape: ``(C, H, W)`` of the prepared images.
+        name: the model's artifact path in the run.
+
+    Inside :func:`stage_run`, a store failure skips the model with one warning line (the
+    checkpoint itself is logged as an artifact and recorded).
+    """
+    import torch
+
+    from pipeline.checkpoint import build_from_spec, load_checkpoint
+
+    def call() -> None:
+        import mlflow.pytorch
+        from mlflow.models import infer_signature
+
+        model = build_from_spec(load_checkpoint(checkpoint)).float().eval()
+        example = torch.rand(2, *image_shape)
+        with torch.no_grad():
+            logits = model(example)
+        signature = infer_signature(example.numpy(), logits.numpy())
+        requirements = [f"{p}=={importlib.metadata.version(p)}" for p in ("torch", "torchvision")]
+        info = mlflow.pytorch.log_model(model, name=name, signature=signature, pip_requirements=requirements,
+                                        serialization_format="pickle",  # the defenses need not trace
+                                        code_paths=[str(Path(__file__).resolve().parent)])
+        mlflow.set_tag(f"model_uri.{name}", info.model_uri)
+
+    if _ACTIVE is None:
+        call()
+        return
+    if _ACTIVE.online:
+        try:
+            call()
+            return
+        except _store_errors() as exc:
+            _ACTIVE.failed(exc)
+    log.warning("MLflow: model %s not logged (the store failed); its checkpoint is recorded as an artifact",
+                checkpoint)
+
+
 def _artifact(path: str | Path, artifact_path: str | None, is_dir: bool) -> None:
     import mlflow
 

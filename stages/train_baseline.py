@@ -22,7 +22,7 @@ from pipeline.data.datasets import DATASETS
 from pipeline.io import atomic_write, save_json
 from pipeline.models import build_model
 from pipeline.models.registry import TORCHVISION_PREFIX, torchvision_weights_file
-from pipeline.tracking import log_artifact, log_metrics, stage_run
+from pipeline.tracking import log_artifact, log_metrics, log_model, stage_run
 from pipeline.train import accuracy
 from pipeline.training_run import train_resumable
 
@@ -85,6 +85,7 @@ def main(params: Params) -> None:
         log_metrics({"clean_accuracy": metrics["clean_accuracy"], "train_seconds": metrics["train_seconds"]})
         log_artifact(out_path, artifact_path="checkpoints")
         log_artifact("plots/train_baseline.csv", artifact_path="plots")
+        log_model(out_path, tuple(meta["image_shape"]))
     log.info("baseline %s: clean accuracy %.4f", name, metrics["clean_accuracy"])
 
 

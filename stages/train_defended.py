@@ -34,7 +34,7 @@ from pipeline.defenses.base import check_defenses
 from pipeline.distributed import init_ray, ray_map
 from pipeline.io import atomic_write, save_json, sha256_file
 from pipeline.tasks import defend_task
-from pipeline.tracking import log_artifact, log_metrics, stage_run
+from pipeline.tracking import log_artifact, log_metrics, log_model, stage_run
 from pipeline.training_run import train_resumable
 
 log = logging.getLogger("train_defended")
@@ -127,6 +127,7 @@ def main(params: Params, defense: str) -> None:
         per_epoch = {"epochs", "train_accuracy", "train_penalty", "test_robust_accuracy"}  # logged by epoch already
         log_metrics({k: v for k, v in metrics.items() if k not in per_epoch})
         log_artifact(out_path, artifact_path="checkpoints")
+        log_model(out_path, tuple(meta["image_shape"]))
         if history:
             log_artifact(Path("plots/train_defended") / f"{defense}.csv", artifact_path="plots")
 

@@ -289,3 +289,23 @@ def test_datasets_are_logged_as_run_inputs_and_replayed(workdir, monkeypatch):
     client = mlflow.MlflowClient(tracking_uri=store)
     (replayed,) = client.search_runs([client.get_experiment_by_name("inputs-offline").experiment_id])
     assert [i.dataset.name for i in replayed.inputs.dataset_inputs] == ["cifar10 val"]
+
+
+def test_a_checkpoint_is_logged_as_a_loadable_mlflow_model_with_its_signature(workdir):
+    import torch
+
+    from pipeline.checkpoint import build_from_spec, model_spec, save_checkpoint
+
+    spec = model_spec("resnet20", 10, [0.5] * 3, [0.25] * 3, None)
+    spec["state_dict"] = build_from_spec(spec).state_dict()
+    save_checkpoint(spec, workdir / "baseline.pt")
+    with stage_run("train_baseline", "models", {"seed": 0}) as run:
+        tracking.log_model(workdir / "baseline.pt", (3, 32, 32))
+    uri = mlflow.MlflowClient().get_run(run.info.run_id).data.tags["model_uri.model"]
+    loaded = mlflow.pytorch.load_model(uri)
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded.eval()(x), build_from_spec(spec).eval()(x), atol=1e-6)
+    info = mlflow.models.get_model_info(uri)
+    assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 3, 32, 32]
+    assert list(info.signature.outputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 10]
