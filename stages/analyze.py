@@ -13,7 +13,8 @@ Wilson intervals, and an MLflow tag ``masking.<defense>`` ("suspected: b, d" or 
 suspected"); check (a) transfers from the baseline, whose checkpoint the stage always loads.
 
 One Ray task per model. Writes ``analysis/<model>/<name>/`` (CSV tables and PNG
-figures, shown by ``dvc plots show``) and logs them to MLflow.
+figures; ``dvc plots show`` draws the CSVs named in dvc.yaml's ``plots:``, one line per
+value of their ``series`` column) and logs them to MLflow.
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ def _inputs(params: Params, name: str, meta: dict) -> dict:
 def _feature_norms(results, out_dir: Path, params: Params, specs, inputs) -> dict:
     frames = [r["table"].assign(defense=d) for d, r in results.items()]
     df = pd.concat(frames, ignore_index=True)[["defense", "block", "depth", "ifnr_mean", "ifnr_std", "n_images"]]
+    df["series"] = df["defense"]  # the line of dvc plots show's chart (.dvc/plots/series_line.json)
     atomic_write(out_dir / "ifnr.csv", lambda f: f.write(df.to_csv(index=False).encode()))
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     for d, g in df.groupby("defense", sort=False):
@@ -153,7 +155,7 @@ def _feature_norms(results, out_dir: Path, params: Params, specs, inputs) -> dic
 
 
 def _pixel_robustness(results, out_dir: Path, params: Params, specs, inputs) -> dict:
-    rows = [{"defense": d, **row} for d, r in results.items() for row in r["curve"]]
+    rows = [{"defense": d, **row, "series": f"{d}, {row['which']} k"} for d, r in results.items() for row in r["curve"]]
     df = pd.DataFrame(rows)
     atomic_write(out_dir / "accuracy_vs_k.csv", lambda f: f.write(df.to_csv(index=False).encode()))
     n = len(results)
@@ -200,7 +202,7 @@ def _prm_fraction(params: Params, defense: str) -> float:
 def _loss_landscape(results, out_dir: Path, params: Params, specs, inputs) -> dict:
     from pipeline.analysis.landscape import landscape_figure
 
-    hist = pd.DataFrame([{"defense": d, "restart": i, "iteration": t, "loss": float(v)}
+    hist = pd.DataFrame([{"defense": d, "restart": i, "iteration": t, "loss": float(v), "series": d, "line": i}
                          for d, r in results.items() for i, row in enumerate(r["history"]) for t, v in enumerate(row)])
     atomic_write(out_dir / "loss_history.csv", lambda f: f.write(hist.to_csv(index=False).encode()))
     final = pd.DataFrame([{"defense": d, "restart": i, "image": j, "loss": float(v)}
@@ -215,7 +217,7 @@ def _loss_landscape(results, out_dir: Path, params: Params, specs, inputs) -> di
 
 def _gradcam_distance(results, out_dir: Path, params: Params, specs, inputs) -> dict:
     df = pd.DataFrame([{"defense": d, "distance": float(dist), "confidence": float(c),
-                        "clean_confidence": float(r["clean_confidence"])}
+                        "clean_confidence": float(r["clean_confidence"]), "series": d}
                        for d, r in results.items() for dist, c in zip(r["distance"], r["confidence"], strict=True)])
     atomic_write(out_dir / "confidence_vs_distance.csv", lambda f: f.write(df.to_csv(index=False).encode()))
     fig, ax = plt.subplots(figsize=(6.0, 3.6))
@@ -250,7 +252,7 @@ def _masking(results, out_dir: Path, params: Params, specs, inputs) -> dict:
     m = params.analysis.masking
     checks = pd.DataFrame([{"defense": d, **row} for d, r in results.items() for row in r["checks"]])
     atomic_write(out_dir / "checks.csv", lambda f: f.write(checks.to_csv(index=False).encode()))
-    sweep = pd.DataFrame([{"defense": d, **row, "eps_255": row["eps"] * 255} for d, r in results.items()
+    sweep = pd.DataFrame([{"defense": d, **row, "eps_255": row["eps"] * 255, "series": d} for d, r in results.items()
                           for row in r["sweep"]])
     atomic_write(out_dir / "eps_sweep.csv", lambda f: f.write(sweep.to_csv(index=False).encode()))
     fig, ax = plt.subplots(figsize=(6.4, 3.8))

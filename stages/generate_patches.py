@@ -101,7 +101,8 @@ def main(params: Params) -> None:
             r = cached[(attack, seed)]
             save_torch(r["patch"], out_dir / f"seed_{seed}.pt")
             save_png(r["patch"], out_dir / f"seed_{seed}.png", upscale=8)
-            rows += [{"attack": attack, "seed": seed, "epoch": e, "loss": v} for e, v in enumerate(r["history"])]
+            rows += [{"attack": attack, "seed": seed, "epoch": e, "loss": v, "series": f"{attack} seed {seed}"}
+                     for e, v in enumerate(r["history"])]  # series: a line of dvc plots show's chart
             summary[attack][str(seed)] = {"final_loss": r["history"][-1], "seconds": round(r["seconds"], 1)}
         _figure([cached[(attack, s)]["patch"] for s in p.seeds], p.seeds, x[:1], meta["classes"], p.target,
                 out_dir / "patches.png", attack)

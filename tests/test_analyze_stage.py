@@ -65,8 +65,10 @@ def test_pixel_robustness_landscape_and_gradcam(project):
     curve = pd.read_csv("analysis/resnet20/pixel_robustness/accuracy_vs_k.csv")
     assert len(curve) == 2 * 2 * 2  # defenses x (top, bottom) x ks
     assert curve["accuracy"].between(0, 1).all()
+    assert set(curve["series"]) == {f"{d}, {w} k" for d in ("none", "fnc") for w in ("top", "bottom")}  # dvc plots' lines
     hist = pd.read_csv("analysis/resnet20/loss_landscape/loss_history.csv")
     assert hist.groupby("defense")["restart"].nunique().eq(3).all()
+    assert (hist["series"] == hist["defense"]).all() and (hist["line"] == hist["restart"]).all()
     assert hist.groupby("defense")["iteration"].nunique().eq(4).all()  # start + 3 steps
     conf = pd.read_csv("analysis/resnet20/gradcam_distance/confidence_vs_distance.csv")
     assert list(conf[conf.defense == "none"]["distance"]) == [0, 4, 8] and conf["confidence"].between(0, 1).all()

@@ -159,12 +159,49 @@ def test_stage_outputs_match_params(smoke_project):
     assert len(history) == 1 + params["train"]["epochs"]
 
 
-def test_dvc_metrics_show_lists_the_table(smoke_project):
+def test_dvc_metrics_show_lists_the_headline_and_the_table_on_request(smoke_project):
+    """``dvc metrics show`` prints metrics/headline.json alone, one narrow line: per defense
+    the clean accuracy and the robust accuracy under the worst-case AdvP patch, PGD and
+    AutoAttack, the matrix's own cells; the matrix itself is shown when named."""
     out = dvc(smoke_project, "metrics", "show", "--json")
     assert out.returncode == 0, out.stderr
-    text = out.stdout
+    shown = json.loads(out.stdout)[""]["data"]
+    assert list(shown) == ["metrics/headline.json"]
+    cells = json.loads((smoke_project["dir"] / "metrics" / "evaluate.json").read_text())["resnet20"]
+    headline = shown["metrics/headline.json"]["data"]
+    assert list(headline) == list(cells)
+    for defense, row in cells.items():
+        want = {"clean_accuracy": row["none"]["clean_accuracy"], "advp_worst": row["advp_worst"]["robust_accuracy"]}
+        want.update({a: row[a]["robust_accuracy"] for a in ("pgd", "autoattack") if a in row})
+        assert headline[defense] == pytest.approx(want)
+    table = dvc(smoke_project, "metrics", "show")
+    assert max(map(len, table.stdout.splitlines())) <= 200, table.stdout
+    full = dvc(smoke_project, "metrics", "show", "metrics/evaluate.json", "--json")
+    assert full.returncode == 0, full.stderr
     for key in ("clean_accuracy", "robust_accuracy", "attack_success_rate"):
-        assert key in text
+        assert key in full.stdout
+
+
+def test_dvc_plots_show_draws_every_chart_with_named_axes(smoke_project):
+    """No plot fails to load (the spectrum analysis's note is no plot), every chart names its
+    axes, and the patch loss is a line per attack and seed."""
+    out = dvc(smoke_project, "plots", "show", "--json")
+    assert out.returncode == 0, out.stderr
+    shown = json.loads(out.stdout)
+    assert not shown.get("errors"), shown["errors"]
+    charts = {name: p["content"] for name, plots in shown["data"].items() for p in plots
+              if p["type"] == "vega" and p["content"]}
+    a = "analysis/resnet20/"
+    assert {"plots/evaluate_accuracy.csv", "plots/train_baseline.csv", "plots/patch_loss.csv", a + "feature_norms/ifnr.csv",
+            a + "pixel_robustness/accuracy_vs_k.csv", a + "loss_landscape/loss_history.csv",
+            a + "gradcam_distance/confidence_vs_distance.csv", a + "masking/eps_sweep.csv"} <= set(charts)
+    for name, spec in charts.items():
+        encodings = [part["encoding"] for part in (spec, *spec.get("layer", [])) if "encoding" in part]
+        titles = {ch: enc[ch]["title"] for enc in encodings for ch in ("x", "y") if ch in enc}
+        assert set(titles) == {"x", "y"} and all(titles.values()) and "step" not in titles.values(), (name, titles)
+    params = smoke_project["params"]["patch"]
+    lines = {row["series"] for row in charts["plots/patch_loss.csv"]["data"]["values"]}
+    assert lines == {f"{attack} seed {seed}" for attack in params["attacks"] for seed in params["seeds"]}
 
 
 def test_mlflow_has_one_run_per_stage_with_metrics_and_patch(smoke_project):
