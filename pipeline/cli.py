@@ -5,7 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import signal
+import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +22,12 @@ log = logging.getLogger("pipeline")
 CACHE_ROOT = Path(".cache")
 """Resume state lives here, outside every stage's DVC ``outs`` (which
 ``dvc repro`` deletes before a stage runs)."""
+
+SIGTERM_GRACE_S = 10.0
+"""Seconds a stage has, after SIGTERM, to stop by itself (the ``SystemExit`` its handler
+raises unwinds it and Ray's exit hooks run) before :func:`stop_on_sigterm`'s watchdog ends
+it: Python runs signal handlers only between bytecodes, and a call blocked inside Ray's
+C++ code (e.g. waiting for a cluster's GCS) returns only after tens of seconds."""
 
 STAGE_STATS = CACHE_ROOT / "stage_stats"
 """``<stage>.json`` per stage run (:func:`run_stage`): wall time, time computing on
@@ -51,26 +61,120 @@ def run_stage(name: str, main: Callable[..., dict | None], params_path: str = "p
 
     The store is checked (:func:`pipeline.tracking.check_tracking_store`) before ``main``, so a
     dead MLflow server stops the stage in seconds, before Ray starts or anything is computed.
-    Known user errors (bad params, missing or corrupt data, missing inputs, a refused
-    checkpoint, an unreachable store) print ``error: <stage>: <message>`` and exit with
-    status 2; anything else is a bug and keeps its traceback.
-    """
-    from pipeline.data.sources import DatasetError
-    from pipeline.io import RefusedFileError
-    from pipeline.tracking import TrackingStoreError, check_tracking_store
+    Known user errors (bad params, resource requests no node of the Ray cluster can hold,
+    missing or corrupt data, missing inputs, a refused checkpoint, an unreachable store or
+    Ray cluster) print ``error: <stage>: <message>`` and exit with status 2; anything else is
+    a bug and keeps its traceback. SIGTERM stops the stage promptly (:func:`stop_on_sigterm`).
 
+    Args:
+        name: the stage's name in messages and in ``.cache/stage_stats/<name>.json``.
+        main: the stage's work, called as ``main(params, **kwargs)``.
+        params_path: the params file.
+        **kwargs: passed to ``main``.
+
+    Raises:
+        SystemExit: status 2 after a user error, 143 after SIGTERM.
+    """
     setup_logging()
+    restore = stop_on_sigterm(name)
     start, started_at = time.perf_counter(), time.time()
     try:
+        from pipeline.tracking import check_tracking_store
+
         params = load_params(params_path)
         check_tracking_store()
         main(params, **kwargs)
-    except (ParamsError, DatasetError, FileNotFoundError, RefusedFileError, TrackingStoreError) as exc:
+    except _user_errors() as exc:
         print(f"error: {name}: {exc}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        restore()
     stats = stage_stats(name, started_at, time.perf_counter() - start)
     log.info("%s finished in %.1f s (%.1f s of it computing on Ray; driver peak RSS %.0f MiB)", name,
              stats["wall_seconds"], stats["compute_seconds"], stats["driver_peak_rss_mib"])
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions :func:`run_stage` prints as one line (evaluated when one is raised, so
+    a stage that never imported Ray does not import it here)."""
+    from pipeline.data.sources import DatasetError
+    from pipeline.io import RefusedFileError
+    from pipeline.tracking import TrackingStoreError
+
+    errors: list[type[BaseException]] = [ParamsError, DatasetError, FileNotFoundError, RefusedFileError,
+                                         TrackingStoreError]
+    distributed = sys.modules.get("pipeline.distributed")
+    if distributed is not None:  # ResourceRequestError is a ParamsError already
+        errors.append(distributed.ClusterError)
+    return tuple(errors)
+
+
+def stop_on_sigterm(name: str, grace_s: float | None = None) -> Callable[[], None]:
+    """Make SIGTERM stop this stage process promptly.
+
+    The handler prints ``error: <name>: stopped by SIGTERM`` and raises
+    ``SystemExit(143)``, which unwinds the stage (Ray's and MLflow's exit hooks run).
+    Python runs it only between bytecodes, though, so a watchdog thread, woken through
+    ``signal.set_wakeup_fd`` at the moment the signal arrives, ends the process with
+    ``os._exit(143)`` if it is still alive ``grace_s`` seconds later (a call blocked in
+    Ray's C++ code). :func:`pipeline.distributed.init_ray` puts this handler back after
+    ``ray.init`` replaces it. Outside the main thread it does nothing.
+
+    Args:
+        name: the stage's name in the message.
+        grace_s: seconds before the watchdog ends the process (default :data:`SIGTERM_GRACE_S`).
+
+    Returns:
+        A function that puts back the SIGTERM handler and wakeup fd found before and
+        stops the watchdog (unless SIGTERM already came: then it still ends the process).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.getsignal(signal.SIGTERM)
+    grace = SIGTERM_GRACE_S if grace_s is None else grace_s
+
+    def handler(signum: int, frame: Any) -> None:
+        print(f"error: {name}: stopped by SIGTERM", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
+
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    try:
+        previous_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    except (ValueError, OSError):  # no wakeup fd here: the handler alone
+        reader.close()
+        writer.close()
+        signal.signal(signal.SIGTERM, handler)
+        return lambda: signal.signal(signal.SIGTERM, previous)
+
+    def watchdog() -> None:
+        while True:
+            try:
+                data = reader.recv(64)
+            except OSError:
+                return
+            if not data:
+                return
+            if signal.SIGTERM in data:
+                time.sleep(grace)
+                print(f"error: {name}: still running {grace:g} s after SIGTERM (blocked in Ray?); exiting "
+                      "without cleanup", file=sys.stderr, flush=True)
+                os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=watchdog, name=f"{name}-sigterm-watchdog", daemon=True).start()
+    signal.signal(signal.SIGTERM, handler)
+
+    def restore() -> None:
+        if signal.getsignal(signal.SIGTERM) is handler:
+            signal.signal(signal.SIGTERM, previous)
+        try:
+            signal.set_wakeup_fd(previous_fd)
+        except (ValueError, OSError):
+            pass
+        writer.close()  # the watchdog reads EOF and ends
+        reader.shutdown(socket.SHUT_RDWR)
+
+    return restore
 
 
 def stage_stats(name: str, started_at: float, wall_seconds: float) -> dict[str, Any]:

@@ -7,8 +7,10 @@ or ``ray job submit``. Run it from the command line::
 
     python -m pipeline.local_cluster --nodes 2 --cpus-per-node 1
 
-which prints the ``RAY_ADDRESS`` and the job-submission address, and stops the
-cluster's processes (only those) on Ctrl-C.
+which prints a ``RAY_ADDRESS=127.0.0.1:<port> dvc repro`` line to paste as it
+stands into another shell of this machine (:meth:`LocalCluster.driver_command`), a
+``ray job submit`` line (:meth:`LocalCluster.job_command`), and stops the cluster's
+processes (only those) on Ctrl-C or SIGTERM.
 
 Loopback only. On Linux, Ray turns ``--node-ip-address=127.0.0.1`` into the machine's
 reachable address as soon as multi-node clusters are enabled
@@ -19,9 +21,18 @@ but with Ray's localhost resolution (``ray._private.services.resolve_ip_for_loca
 a private function: checked against Ray 2.60) left out, so that it, too, joins as
 127.0.0.1. A real cluster needs none of this: plain ``ray start`` on each machine.
 
+A driver in another shell needs nothing more than ``RAY_ADDRESS``:
+:func:`pipeline.distributed.init_ray` sees that ``127.0.0.1:<port>`` listens on the
+loopback interface only and joins it as 127.0.0.1 (Ray would substitute the machine's
+address, where nothing listens, and retry for minutes).
+
 Token authentication: ``ray start`` enables Ray's token authentication; the cluster
 gets a fresh random token (``RAY_AUTH_MODE=token``, ``RAY_AUTH_TOKEN``), which
-:attr:`LocalCluster.env` carries for drivers and ``ray job submit``.
+:attr:`LocalCluster.env` carries for drivers and ``ray job submit``. The token is also
+registered for the head's port in a folder of this user only
+(:func:`registry_dir`: mode 0700, the file 0600), where
+:func:`pipeline.distributed.init_ray` finds it for a driver given just
+``RAY_ADDRESS=127.0.0.1:<port>``; :meth:`LocalCluster.stop` removes it.
 
 Stopping: each ``ray start`` runs in a new session (``setsid``), and every process it
 launches (GCS, raylet, agents, workers) stays in that session; :meth:`LocalCluster.stop`
@@ -33,6 +44,7 @@ recognise them: Ray's processes rewrite their title over it.)
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import secrets
 import shutil
@@ -45,7 +57,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LocalCluster", "free_port"]
+__all__ = ["LocalCluster", "free_port", "registered_token", "registry_dir"]
+
+JOB_EXCLUDES = [".venv", "mlflow*.db", "mlruns"]
+"""What ``ray job submit`` leaves out of the project upload (README, Cluster)."""
 
 _JOIN_AS_LOOPBACK = (
     "import sys, ray._private.services as services\n"
@@ -61,6 +76,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def registry_dir() -> Path:
+    """Where local clusters register their tokens: ``<tmp>/pipeline-ray-<uid>``."""
+    return Path(tempfile.gettempdir()) / f"pipeline-ray-{os.getuid()}"
+
+
+def registered_token(port: int) -> Path | None:
+    """The token file a :class:`LocalCluster` of this user registered for head port ``port``.
+
+    Args:
+        port: the port of the head (the ``RAY_ADDRESS`` port).
+
+    Returns:
+        The file's path, or None when there is none, or when the folder or the file
+        is not this user's alone (then it is not trusted).
+    """
+    folder, path = registry_dir(), registry_dir() / f"{port}.token"
+    try:
+        for entry, mode in ((folder, 0o077), (path, 0o077)):
+            st = entry.lstat()
+            if st.st_uid != os.getuid() or st.st_mode & mode or entry.is_symlink():
+                return None
+    except OSError:
+        return None
+    return path
 
 
 class LocalCluster:
@@ -95,6 +136,7 @@ class LocalCluster:
         self._own_temp = temp_dir is None
         self.temp_dir = temp_dir or tempfile.mkdtemp(prefix="rayc", dir="/tmp")
         self._sessions: set[int] = set()
+        self._token_file: Path | None = None
         self.address = ""
         self.dashboard_url: str | None = None
         bin_dir = str(Path(sys.executable).parent)
@@ -136,6 +178,7 @@ class LocalCluster:
             head += ["--include-dashboard=false"]
         self._ray_start(head, "0", join_as_loopback=False)
         self.address = f"127.0.0.1:{port}"
+        self._register_token(port)
         for i in range(1, self.nodes):  # each node its own session folder, as on separate machines (a shared
             # one would let one node's runtime-env cleanup delete a working_dir another node is using)
             node_dir = Path(self.temp_dir) / f"n{i}"
@@ -143,6 +186,52 @@ class LocalCluster:
             self._ray_start(["start", f"--address={self.address}", f"--temp-dir={node_dir}", *common, *own_ports()],
                             "1", join_as_loopback=True)
         return self
+
+    def _register_token(self, port: int) -> None:
+        """Write the token to ``registry_dir()/<port>.token`` (this user only)."""
+        folder = registry_dir()
+        folder.mkdir(mode=0o700, exist_ok=True)
+        if folder.lstat().st_uid != os.getuid() or folder.is_symlink():
+            return  # someone else's folder: no registration, drivers need RAY_AUTH_TOKEN
+        os.chmod(folder, 0o700)
+        path = folder / f"{port}.token"
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.env["RAY_AUTH_TOKEN"])
+        self._token_file = path
+
+    def driver_command(self, command: str = "dvc repro") -> str:
+        """The shell line that runs ``command`` as a driver of this cluster from any shell
+        of this machine: ``RAY_ADDRESS=127.0.0.1:<port> <command>`` (what :func:`main` prints).
+
+        Args:
+            command: the driver's command line.
+
+        Returns:
+            The line; it needs the cluster's token registered (:meth:`start` does that).
+        """
+        return f"RAY_ADDRESS={self.address} {command}"
+
+    def job_command(self, command: str = "dvc repro", env_vars: dict[str, str] | None = None) -> str:
+        """The shell line that submits ``command`` as a Ray job from the project's root: the
+        token, the upload of ``.git`` and the DVC outputs (README, Cluster) and the job's
+        environment, then ``ray job submit`` (what :func:`main` prints).
+
+        Args:
+            command: the job's command line.
+            env_vars: more variables of the job's environment (e.g. ``MLFLOW_TRACKING_URI``:
+                the job gets none of the submitting shell's).
+
+        Returns:
+            The line (its ``--address`` is :attr:`dashboard_url`: start the cluster with the dashboard).
+        """
+        runtime_env = {"excludes": JOB_EXCLUDES,
+                       "env_vars": {"DVC_NO_ANALYTICS": "1", "PYTHONPATH": ".", **(env_vars or {})}}
+        return (f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN={self.env['RAY_AUTH_TOKEN']} "
+                "RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES= RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1 "
+                f"ray job submit --address {self.dashboard_url} --working-dir . "
+                f"--runtime-env-json '{json.dumps(runtime_env)}' -- {command}")
 
     def pids(self) -> list[int]:
         """Pids of the live (not zombie) processes in this cluster's sessions (Linux ``/proc``)."""
@@ -168,6 +257,9 @@ class LocalCluster:
             while pids and time.monotonic() < deadline:
                 time.sleep(0.2)
                 pids = [p for p in pids if _state_and_session(p)[0] not in ("", "Z")]
+        if self._token_file is not None:
+            self._token_file.unlink(missing_ok=True)
+            self._token_file = None
         if self._own_temp:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
@@ -187,22 +279,42 @@ def _state_and_session(pid: int) -> tuple[str, int]:
         return "", -1
 
 
-def main() -> None:
-    """Start a local cluster, print how to use it, stop it on Ctrl-C."""
+def main(argv: list[str] | None = None) -> None:
+    """Start a local cluster, print how to use it, stop it on Ctrl-C, SIGTERM or SIGHUP.
+
+    Args:
+        argv: command-line arguments (default ``sys.argv[1:]``).
+    """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--cpus-per-node", type=int, default=1)
-    args = parser.parse_args()
-    with LocalCluster(args.nodes, args.cpus_per_node) as cluster:
-        print(f"{args.nodes} nodes on 127.0.0.1, session files in {cluster.temp_dir}\n"
-              f"  export RAY_AUTH_MODE=token RAY_AUTH_TOKEN={cluster.env['RAY_AUTH_TOKEN']}\n"
-              f"  RAY_ADDRESS={cluster.address} dvc repro\n"
-              f"  ray job submit --address {cluster.dashboard_url} --working-dir . -- dvc repro\n"
-              "Ctrl-C stops it.", flush=True)
-        try:
-            signal.pause()
-        except KeyboardInterrupt:
-            pass
+    parser.add_argument("--no-dashboard", action="store_true", help="no dashboard (and so no ray job submit)")
+    args = parser.parse_args(argv)
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # stop the cluster, not just this process
+        signal.signal(sig, stop)
+    cluster = LocalCluster(args.nodes, args.cpus_per_node, dashboard=not args.no_dashboard)
+    try:  # not `with`: a signal during start() must stop the nodes already started, too
+        cluster.start()
+        nodes = f"{args.nodes} node" + ("" if args.nodes == 1 else "s")
+        cpus = f"{args.cpus_per_node} CPU" + ("" if args.cpus_per_node == 1 else "s")
+        lines = [f"{nodes} on 127.0.0.1 ({cpus} each), session files in {cluster.temp_dir}",
+                 "Run the pipeline on it from the project's root, in any shell of this machine:",
+                 f"  {cluster.driver_command()}"]
+        if cluster.dashboard_url:
+            lines += ["or as a Ray job (the outputs stay on the head, README, Cluster):",
+                      f"  {cluster.job_command()}"]
+        print("\n".join([*lines, "Ctrl-C stops it."]), flush=True)
+        signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a second signal must not cut the stop short
+            signal.signal(sig, signal.SIG_IGN)
+        cluster.stop()
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import ray
 from tqdm.auto import tqdm
 
 from pipeline.config import ParamsError
-from pipeline.distributed import effective_gpus, init_ray, node_id, record_compute
+from pipeline.distributed import check_resources, effective_gpus, init_ray, node_id, record_compute
 from pipeline.io import load_torch, save_torch
 from pipeline.tracking import log_metrics, set_tags, stage_run
 from pipeline.train import Trainer
@@ -96,7 +96,12 @@ def train_resumable(
         ray.exceptions.ActorDiedError, ray.train.TrainingFailedError: the training
             workers died more than ``MAX_ACTOR_RESTARTS`` times.
         ParamsError: training diverged (non-finite loss; the message says which param
-            to change), or ``train.workers`` asks for more CPUs or GPUs than the cluster has.
+            to change).
+        pipeline.distributed.ResourceRequestError: (a ``ParamsError``) no node of the
+            cluster has ``resources.train_num_cpus`` CPUs and ``train_num_gpus`` GPUs, or
+            the cluster cannot hold ``train.workers`` of them at once (checked before
+            anything is submitted).
+        pipeline.distributed.ClusterError: ``RAY_ADDRESS`` is set and cannot be joined.
     """
     state_path = cache / "last.pt"
     state = load_torch(state_path) if state_path.is_file() else None
@@ -107,6 +112,9 @@ def train_resumable(
 
     init_ray()
     workers = int(cfg.get("workers") or 1)
+    check_resources(resources.train_num_cpus, effective_gpus(resources.train_num_gpus),
+                    cpu_param="resources.train_num_cpus", gpu_param="resources.train_num_gpus",
+                    count=workers, count_param="train.workers")
     data_refs = ray.put(train), ray.put(test)
     args = (spec, data_refs, cfg, seed, resources, horizontal_flip)
     source = _RayTrainEpochs(*args, workers=workers, storage=cache) if workers > 1 else _ActorEpochs(*args)
@@ -208,14 +216,7 @@ class _RayTrainEpochs:
     """
 
     def __init__(self, spec, data_refs, cfg, seed, resources, horizontal_flip, *, workers: int, storage: Path):
-        cluster = ray.cluster_resources()
         cpus, gpus = resources.train_num_cpus, effective_gpus(resources.train_num_gpus)
-        for name, need, have in (("CPU", cpus, cluster.get("CPU", 0)), ("GPU", gpus, cluster.get("GPU", 0))):
-            if workers * need > have + 1e-9:
-                raise ParamsError(
-                    f"train.workers={workers} with {need:g} {name}s each (resources.train_num_{name.lower()}s) needs "
-                    f"{workers * need:g} {name}s; the Ray cluster has {have:g}: lower train.workers or "
-                    f"resources.train_num_{name.lower()}s")
         self.workers, self.cpus, self.gpus, self.storage = workers, cpus, gpus, storage
         self.config = {"spec": spec, "train": data_refs[0], "test": data_refs[1], "cfg": cfg, "seed": seed,
                        "num_threads": max(1, int(cpus)), "horizontal_flip": horizontal_flip}

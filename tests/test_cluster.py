@@ -9,13 +9,21 @@ the smoke project's evaluate stage through both entry points, logging to the tes
 
 Both must put tasks on both nodes (the node ids recorded in the MLflow run) and give
 the numbers of the one-machine run. The cluster is stopped by the pids of its own
-processes; nothing else on the machine is touched."""
+processes; nothing else on the machine is touched.
+
+These tests meet the cluster as a user does: without the tests' own
+``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (``tests/conftest.py``), and drivers start from
+the line ``python -m pipeline.local_cluster`` prints, in the environment of a new shell
+(no token, no Ray settings). A resource request no node can hold stops a stage with one
+line naming the param."""
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -25,11 +33,33 @@ import mlflow
 import pytest
 import yaml
 
-from pipeline.local_cluster import LocalCluster
+from pipeline.local_cluster import LocalCluster, registered_token
 
 pytestmark = pytest.mark.e2e
 CELLS = ["none", "advp", "occlusion"]  # the cells recomputed on the cluster
 EXPERIMENT = "cluster-test"  # on the same server as the smoke run, but not among its runs
+ROOT = Path(__file__).resolve().parents[1]
+NOT_IN_A_NEW_SHELL = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
+                      "RAY_AUTH_TOKEN_PATH")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def as_users_meet_it():
+    """This module runs without the Ray settings of tests/conftest.py (the loopback switch)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for var in NOT_IN_A_NEW_SHELL:
+            mp.delenv(var, raising=False)
+        yield
+
+
+def new_shell(env: dict[str, str], **extra: str) -> dict[str, str]:
+    """``env`` as a user's new shell has it: none of the Ray settings, ``extra`` added."""
+    return {**{k: v for k, v in env.items() if k not in NOT_IN_A_NEW_SHELL}, **extra}
+
+
+def paste(line: str, cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """Run ``line`` as pasted into a shell."""
+    return subprocess.run(["bash", "-c", line], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +101,9 @@ def _same_numbers(got: dict, want: dict) -> None:
 def test_ray_address_puts_tasks_on_both_nodes(cluster, smoke_project, mlflow_server, tmp_path):
     work = _project(smoke_project, tmp_path)
     before = {r.info.run_id for r in _evaluate_runs(mlflow_server)}
-    env = {**smoke_project["env"], **{k: cluster.env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")},
-           "RAY_ADDRESS": cluster.address, "MLFLOW_TRACKING_URI": mlflow_server, "PYTHONPATH": str(work)}
-    proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "evaluate"], cwd=work, env=env,
-                          capture_output=True, text=True, timeout=1200)
+    # the line python -m pipeline.local_cluster prints, in a new shell: no token, no loopback switch
+    env = new_shell(smoke_project["env"], MLFLOW_TRACKING_URI=mlflow_server, PYTHONPATH=str(work))
+    proc = paste(cluster.driver_command("dvc repro evaluate"), work, env, timeout=1200)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert f"joining Ray cluster at {cluster.address}" in proc.stderr
     (run,) = [r for r in _evaluate_runs(mlflow_server) if r.info.run_id not in before]
@@ -87,15 +116,12 @@ def test_ray_address_puts_tasks_on_both_nodes(cluster, smoke_project, mlflow_ser
 def test_ray_job_submit_runs_the_driver_on_the_head(cluster, smoke_project, mlflow_server, tmp_path):
     work = _project(smoke_project, tmp_path)
     before = {r.info.run_id for r in _evaluate_runs(mlflow_server)}
-    # the job gets no variables of this shell: the tracking server goes in the runtime env
-    runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": "."},
-                   "excludes": [".venv", "mlflow*.db", "mlruns"]}
-    # upload the DVC outputs (git-ignored) and .git (DVC needs it) with the code, as the README says
-    env = {**cluster.env, "RAY_RUNTIME_ENV_IGNORE_GITIGNORE": "1", "RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES": ""}
-    cmd = ["ray", "job", "submit", "--address", cluster.dashboard_url, "--working-dir", str(work),
-           "--runtime-env-json", json.dumps(runtime_env), "--", "python", "-m", "dvc", "repro", "evaluate"]
+    # the line python -m pipeline.local_cluster prints, in a new shell; the job gets no variables of this
+    # shell: the tracking server goes in the runtime env
+    line = cluster.job_command("python -m dvc repro evaluate", env_vars={"MLFLOW_TRACKING_URI": mlflow_server})
+    env = new_shell(cluster.env)
     for _ in range(24):  # the head's job agent takes a few seconds to come up after `ray start`
-        proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=1200)
+        proc = paste(line, work, env, timeout=1200)
         if "No available agent" not in proc.stderr:
             break
         time.sleep(5)
@@ -115,3 +141,59 @@ def test_ray_job_submit_runs_the_driver_on_the_head(cluster, smoke_project, mlfl
     assert run.data.tags["attacks"] == ",".join(CELLS)  # the job logged to the same tracking server
     assert len(run.data.tags["node_ids"].split(",")) == 2
     assert os.environ.get("RAY_ADDRESS") is None  # nothing leaked into the test process
+
+
+@pytest.mark.parametrize("stage, key, value", [("train_baseline", "train_num_cpus", 2), ("evaluate", "num_cpus", 8)])
+def test_a_request_no_node_can_hold_stops_the_stage_with_one_line(cluster, smoke_project, mlflow_server, tmp_path,
+                                                                   stage, key, value):
+    work = _project(smoke_project, tmp_path)
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["resources"][key] = value  # the smoke profile trains with 2 CPUs; these nodes have 1
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = new_shell(smoke_project["env"], MLFLOW_TRACKING_URI=mlflow_server, PYTHONPATH=str(work))
+    proc = paste(cluster.driver_command(f"python -m stages.{stage}"), work, env, timeout=600)  # a hang fails here
+    assert proc.returncode == 2, (proc.stdout + proc.stderr)[-4000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {stage}: resources.{key}: {value} but the largest node has 1 CPU; lower it or add a bigger node")
+
+
+def test_the_printed_lines_work_in_a_new_shell(tmp_path):
+    """``python -m pipeline.local_cluster`` as the README says: the ``RAY_ADDRESS=...`` line it
+    prints, pasted as it stands, runs ``dvc repro`` of a project whose stage joins the cluster;
+    SIGTERM stops the cluster and removes its token."""
+    env = new_shell(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+                    PYTHONPATH=str(ROOT))
+    lines: list[str] = []
+    cli = subprocess.Popen([sys.executable, "-m", "pipeline.local_cluster", "--nodes", "1", "--no-dashboard"],
+                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in cli.stdout:  # returns at EOF if it dies; the test's own timeout bounds a hang
+            lines.append(line.rstrip("\n"))
+            if line.startswith("Ctrl-C stops it"):
+                break
+        drivers = [line.strip() for line in lines if line.strip().startswith("RAY_ADDRESS=")]
+        assert len(drivers) == 1, "\n".join(lines)[-4000:]
+        driver = drivers[0]
+        address = shlex.split(driver)[0].split("=", 1)[1]
+        assert driver == f"RAY_ADDRESS={address} dvc repro", lines
+
+        project = tmp_path / "project"  # a DVC project of one stage that runs tasks on the cluster
+        project.mkdir()
+        subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+        subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=project, env=env, check=True)
+        (project / "dvc.yaml").write_text(
+            "stages:\n  check:\n    cmd: python -m pipeline.distributed --tasks 2 > check.txt\n"
+            "    outs:\n      - check.txt:\n          cache: false\n")
+        proc = paste(driver, project, env, timeout=600)  # exactly the printed line
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out[-4000:]
+        assert "joining as 127.0.0.1" in out and "using the auth token that pipeline.local_cluster registered" in out
+        assert (project / "check.txt").read_text().splitlines()[-1] == "2 tasks ran on 1 node of 1 CPU in all"
+    finally:
+        cli.terminate()  # SIGTERM: the command stops its cluster
+        code = cli.wait(timeout=120)
+    assert code == 0, lines
+    port = int(address.rsplit(":", 1)[1])
+    assert registered_token(port) is None
+    with pytest.raises(OSError):  # the head is gone
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
