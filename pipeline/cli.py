@@ -48,11 +48,78 @@ def key_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+FORCED = False
+"""True while a stage runs under ``dvc repro -f`` / ``dvc exp run -f`` (:func:`forced_by_dvc`,
+set by :func:`run_stage`): :func:`resume_dir` then empties each entry it hands out, once, so
+the stage recomputes instead of reusing what an earlier run cached."""
+
+_EMPTIED: set[Path] = set()
+
+
 def resume_dir(stage: str, key: Any) -> Path:
-    """``.cache/<stage>/<hash of key>``: where a stage keeps what a rerun can reuse."""
+    """``.cache/<stage>/<hash of key>``: where a stage keeps what a rerun can reuse.
+
+    Under :data:`FORCED`, the folder is emptied the first time this process asks for it, so
+    ``dvc repro -f`` recomputes what it forces (and a forced run killed midway resumes from
+    what it had itself written).
+    """
+    import shutil
+
     path = CACHE_ROOT / stage / key_hash(key)
+    if FORCED and path not in _EMPTIED:
+        _EMPTIED.add(path)
+        if path.exists():
+            log.info("dvc repro -f: not reusing %s", path)
+            shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _dvc_forces(argv: list[str]) -> bool | None:
+    """For the argv of a process: None when it is not ``dvc repro`` / ``dvc exp run``, else
+    whether it was given ``-f`` / ``--force``."""
+    names = [os.path.basename(a) for a in argv]
+    if "dvc" in names:
+        rest = argv[names.index("dvc") + 1:]
+    elif "-m" in argv and argv.index("-m") + 1 < len(argv) and argv[argv.index("-m") + 1] == "dvc":
+        rest = argv[argv.index("-m") + 2:]
+    else:
+        return None
+    if rest[:1] == ["repro"] or rest[:2] == ["exp", "run"]:
+        return any(a in ("-f", "--force") or (a.startswith("-") and not a.startswith("--") and "f" in a[1:]
+                                               and a[1:].isalpha()) for a in rest)
+    return None
+
+
+def forced_by_dvc(pid: int | None = None) -> bool:
+    """Whether the nearest ``dvc repro`` / ``dvc exp run`` among this process's ancestors was
+    given ``-f`` (``--force``). DVC passes nothing to a stage's command that says so; every
+    stage it runs under ``-f`` is forced (DVC's ``-f`` reruns every stage in scope), so the
+    ancestor's arguments decide. Reads ``/proc`` (Linux); False elsewhere or when no DVC
+    process is found.
+
+    Args:
+        pid: start from this process's parent (default: this process).
+    """
+    pid = os.getppid() if pid is None else _parent(pid)
+    while pid and pid > 1:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        verdict = _dvc_forces([a.decode(errors="replace") for a in argv if a])
+        if verdict is not None:
+            return verdict
+        pid = _parent(pid)
+    return False
+
+
+def _parent(pid: int) -> int:
+    """The parent pid of ``pid`` (0 when unknown)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def run_stage(name: str, main: Callable[..., dict | None], params_path: str = "params.yaml", **kwargs: Any) -> None:
@@ -75,6 +142,7 @@ def run_stage(name: str, main: Callable[..., dict | None], params_path: str = "p
     Raises:
         SystemExit: status 2 after a user error, 143 after SIGTERM.
     """
+    global FORCED
     setup_logging()
     restore = stop_on_sigterm(name)
     start, started_at = time.perf_counter(), time.time()
@@ -83,6 +151,9 @@ def run_stage(name: str, main: Callable[..., dict | None], params_path: str = "p
 
         params = load_params(params_path)
         check_tracking_store()
+        FORCED = forced_by_dvc()
+        if FORCED:
+            log.info("%s: forced by dvc repro -f; its caches in %s are not reused", name, CACHE_ROOT)
         main(params, **kwargs)
     except _user_errors() as exc:
         print(f"error: {name}: {exc}", file=sys.stderr)
