@@ -358,6 +358,21 @@ class _StageLog:
                     len(r["dicts"]), r["stage"], self.path, tracking_uri())
 
 
+def _call_or_record(call: Callable[[], Any], offline: Callable[[], Any]) -> None:
+    """``call()`` outside a :func:`stage_run` block or while its store answers; inside one,
+    after the store's first failure (this call's included), ``offline()`` instead."""
+    if _ACTIVE is None:
+        call()
+        return
+    if _ACTIVE.online:
+        try:
+            call()
+            return
+        except _store_errors() as exc:
+            _ACTIVE.failed(exc)
+    offline()
+
+
 def previous_params(client: Any, experiment_id: str, stage: str) -> dict[str, str] | None:
     """The params of the latest top-level run of ``stage`` in the experiment (None: none yet)."""
     runs = client.search_runs([experiment_id], filter_string=f"tags.stage = '{stage}'", max_results=20,
@@ -437,16 +452,7 @@ def log_child_runs(children: list[Mapping[str, Any]]) -> None:
         for c in children:
             _log_child(client, active.info.experiment_id, active.info.run_id, c, now)
 
-    if _ACTIVE is None:
-        call()
-        return
-    if _ACTIVE.online:
-        try:
-            call()
-            return
-        except _store_errors() as exc:
-            _ACTIVE.failed(exc)
-    _ACTIVE.record["children"].extend(children)
+    _call_or_record(call, lambda: _ACTIVE.record["children"].extend(children))
 
 
 _ACTIVE: _StageLog | None = None
@@ -617,17 +623,8 @@ def log_model(checkpoint: str | Path, image_shape: tuple[int, int, int], name: s
                                         code_paths=[str(Path(__file__).resolve().parent)])
         mlflow.set_tag(f"model_uri.{name}", info.model_uri)
 
-    if _ACTIVE is None:
-        call()
-        return
-    if _ACTIVE.online:
-        try:
-            call()
-            return
-        except _store_errors() as exc:
-            _ACTIVE.failed(exc)
-    log.warning("MLflow: model %s not logged (the store failed); its checkpoint is recorded as an artifact",
-                checkpoint)
+    _call_or_record(call, lambda: log.warning(
+        "MLflow: model %s not logged (the store failed); its checkpoint is recorded as an artifact", checkpoint))
 
 
 def _artifact(path: str | Path, artifact_path: str | None, is_dir: bool) -> None:

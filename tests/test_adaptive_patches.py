@@ -21,19 +21,12 @@ from pipeline.data.prepare import prepare_dataset
 from pipeline.evaluation import cell_metrics, worst_case_metrics
 from pipeline.io import load_torch, save_png, save_torch
 from pipeline.models import build_model
+from tests.helpers import serial_map
 from tests.test_data import make_zip
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def serial_map(fn, items, on_result=None, **_):
-    """``ray_map`` in this process: each result handed to ``on_result`` as it is made."""
-    results = []
-    for i, item in enumerate(items):
-        results.append(fn(item))
-        if on_result is not None:
-            on_result(i, results[-1])
-    return results
 
 
 @pytest.fixture()

@@ -17,6 +17,7 @@ import yaml
 from pipeline.checkpoint import model_spec, save_checkpoint
 from pipeline.config import ParamsError, load_params
 from pipeline.models import build_model
+from tests.helpers import serial_map
 
 ROOT = Path(__file__).resolve().parents[1]
 RP2_DIR = ROOT.parent / "shared" / "datasets" / "rp2-stop-signs"
@@ -92,17 +93,12 @@ def project(tmp_path, monkeypatch):
 
     calls = []
 
-    def serial_map(fn, items, on_result=None, **_):
+    def counting_map(fn, items, **kwargs):
         calls.append(len(items))
-        results = []
-        for i, item in enumerate(items):
-            results.append(fn(item))
-            if on_result is not None:
-                on_result(i, results[-1])
-        return results
+        return serial_map(fn, items, **kwargs)
 
     monkeypatch.setattr(stage, "init_ray", lambda: None)
-    monkeypatch.setattr(stage, "ray_map", serial_map)
+    monkeypatch.setattr(stage, "ray_map", counting_map)
     return {"dir": tmp_path, "stage": stage, "calls": calls}
 
 

@@ -236,7 +236,8 @@ class ScriptedClassifier:
         self.calls, self.k, self.n = calls, k, 0
 
     def predict(self, x: np.ndarray, batch_size: int = 0) -> np.ndarray:
-        pred = np.asarray(self.calls[self.n]); self.n += 1
+        pred = np.asarray(self.calls[self.n])
+        self.n += 1
         return np.eye(self.k, dtype=np.float32)[pred]
 
 
