@@ -143,6 +143,7 @@ def run_stage(name: str, main: Callable[..., dict | None], params_path: str = "p
         SystemExit: status 2 after a user error, 143 after SIGTERM.
     """
     global FORCED
+    params = None
     setup_logging()
     restore = stop_on_sigterm(name)
     start, started_at = time.perf_counter(), time.time()
@@ -157,12 +158,32 @@ def run_stage(name: str, main: Callable[..., dict | None], params_path: str = "p
         main(params, **kwargs)
     except _user_errors() as exc:
         print(f"error: {name}: {exc}", file=sys.stderr)
+        _record_failure(name, params, exc)
         sys.exit(2)
+    except BaseException as exc:  # a bug, SIGTERM or Ctrl-C: recorded, then raised on
+        _record_failure(name, params, exc)
+        raise
     finally:
         restore()
     stats = stage_stats(name, started_at, time.perf_counter() - start)
     log.info("%s finished in %.1f s (%.1f s of it computing on Ray; driver peak RSS %.0f MiB)", name,
              stats["wall_seconds"], stats["compute_seconds"], stats["driver_peak_rss_mib"])
+
+
+def _record_failure(name: str, params: Any, exc: BaseException) -> None:
+    """A FAILED MLflow run for a stage that failed after its params and the store were
+    checked and before it opened its own run (:func:`pipeline.tracking.failed_stage_run`);
+    nothing when the params or the store are what failed. Never raises."""
+    from pipeline.tracking import TrackingStoreError
+
+    if params is None or isinstance(exc, TrackingStoreError):
+        return
+    try:
+        from pipeline.tracking import failed_stage_run
+
+        failed_stage_run(name, params.mlflow.experiment, {"profile": params.profile}, exc)
+    except Exception as err:  # the stage's own error is what the user needs to see
+        log.warning("MLflow: the failed run of %s was not recorded (%s)", name, err)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

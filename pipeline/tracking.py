@@ -490,8 +490,9 @@ def stage_run(
         The active ``mlflow.ActiveRun``; if the store failed before a run was opened, a
         stand-in with ``info.run_id`` None.
     """
-    global _ACTIVE
+    global _ACTIVE, STAGE_RUNS_OPENED
 
+    STAGE_RUNS_OPENED += 1
     limit_http_retries()
     logging.getLogger("alembic").setLevel(logging.WARNING)
     all_tags = {"stage": stage, **run_tags(params), **package_versions(), **hardware(), **(tags or {})}
@@ -505,6 +506,34 @@ def stage_run(
     finally:
         _ACTIVE = outer
         stage_log.close(status)
+
+
+STAGE_RUNS_OPENED = 0
+"""How many :func:`stage_run` blocks this process has opened (see :func:`failed_stage_run`)."""
+
+
+def failed_stage_run(stage: str, experiment: str, tags: Mapping[str, str], exc: BaseException) -> str | None:
+    """Record a stage that failed before it opened its run (stages open theirs after the
+    compute): a run named after the stage, from the process's start to now, status FAILED,
+    tagged ``stage``, ``error`` (the exception's first line) and ``tags``. Nothing when
+    the stage had opened a :func:`stage_run` (which ended FAILED itself).
+
+    Returns:
+        The run id, or None when nothing was recorded.
+    """
+    import mlflow
+
+    if STAGE_RUNS_OPENED:
+        return None
+    limit_http_retries()
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri())
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    error = f"{type(exc).__name__}: {_first_line(exc)}" if str(exc) else type(exc).__name__
+    run = client.create_run(exp_id, start_time=PROCESS_START_MS, run_name=stage,
+                            tags={"stage": stage, "error": error[:500], **run_tags({}), **dict(tags)})
+    client.set_terminated(run.info.run_id, "FAILED")
+    return run.info.run_id
 
 
 def log_metrics(metrics: Mapping[str, Any], step: int | None = None, prefix: str = "") -> None:

@@ -309,3 +309,28 @@ def test_a_checkpoint_is_logged_as_a_loadable_mlflow_model_with_its_signature(wo
     info = mlflow.models.get_model_info(uri)
     assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 3, 32, 32]
     assert list(info.signature.outputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 10]
+
+
+def test_a_stage_that_fails_before_logging_leaves_a_failed_run(workdir, monkeypatch):
+    (workdir / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    monkeypatch.setattr(tracking, "STAGE_RUNS_OPENED", 0)
+
+    def crash(params):
+        raise RuntimeError("out of memory in the attack")
+
+    with pytest.raises(RuntimeError):
+        run_stage("evaluate", crash)
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("fnc-cifar10")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FAILED" and run.info.run_name == "evaluate"
+    assert run.data.tags["error"] == "RuntimeError: out of memory in the attack" and run.data.tags["stage"] == "evaluate"
+
+    def crash_inside(params):  # a stage that had opened its run: that run ends FAILED, no second one
+        with stage_run("report", "fnc-cifar10", {}):
+            raise ValueError("bad table")
+
+    with pytest.raises(ValueError):
+        run_stage("report", crash_inside)
+    runs = client.search_runs([experiment.experiment_id], filter_string="tags.stage = 'report'")
+    assert [r.info.status for r in runs] == ["FAILED"]
