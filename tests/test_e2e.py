@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 
 import pytest
 import yaml
+
+from tests.conftest import git
 
 pytestmark = pytest.mark.e2e
 
@@ -353,3 +356,39 @@ def test_report_of_the_smoke_run(smoke_project):
     assert f"{100 * metrics['fnc']['advp']['robust_accuracy']:.2f} %" in md
     page = (smoke_project["dir"] / "reports" / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 3
+
+
+def test_sweeps_and_comparisons_as_the_readme_shows(smoke_project, tmp_path):
+    """README, Sweeps and comparisons, on a copy of the finished smoke project: an experiment
+    that changes a key only `report` reads reruns only `report` (and the cheap `validate`);
+    `dvc exp show --only-changed`, `dvc metrics diff` and `dvc plots diff` against it exit 0
+    without a failed chart; its MLflow run carries the experiment's name; a queued grid queues
+    one experiment per value."""
+    import mlflow
+
+    work = tmp_path / "project"
+    shutil.copytree(smoke_project["dir"], work, symlinks=True)
+    store = f"sqlite:///{work / 'exp.db'}"
+    project = {**smoke_project, "dir": work, "env": {**smoke_project["env"], "MLFLOW_TRACKING_URI": store,
+                                                     "PYTHONPATH": str(work)}}
+    git(work, "add", "-A")
+    git(work, "commit", "-qm", "finished smoke run")
+    run = dvc(project, "exp", "run", "-n", "drop-4pt", "-S", "report.max_clean_drop=0.04")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    ran = {line.split("'")[1] for line in run.stdout.splitlines() if line.startswith("Running stage")}
+    assert ran <= {"validate", "report"} and "report" in ran, ran
+    show = dvc(project, "exp", "show", "--only-changed", "--drop", ".*/", "--csv")
+    assert show.returncode == 0 and "drop-4pt" in show.stdout and "report.max_clean_drop" in show.stdout, show.stderr
+    for args in (("metrics", "diff", "HEAD", "drop-4pt"), ("plots", "diff", "HEAD", "drop-4pt")):
+        out = dvc(project, *args)
+        assert out.returncode == 0, (args, out.stderr[-2000:])
+        assert "failed" not in (out.stdout + out.stderr).lower(), (args, out.stdout[-2000:], out.stderr[-2000:])
+    client = mlflow.MlflowClient(tracking_uri=store)
+    (report,) = client.search_runs([client.get_experiment_by_name(smoke_project["params"]["mlflow"]["experiment"])
+                                    .experiment_id], filter_string="tags.stage = 'report'")
+    assert report.data.tags["dvc_experiment"] == "drop-4pt" and report.info.run_name == "report [drop-4pt]"
+    queued = dvc(project, "exp", "run", "--queue", "-S", "report.max_clean_drop=0.03,0.06")
+    assert queued.returncode == 0, queued.stderr
+    status = dvc(project, "queue", "status")
+    assert status.stdout.count("Queued") == 2, status.stdout
+    assert dvc(project, "queue", "remove", "--all").returncode == 0
