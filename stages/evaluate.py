@@ -86,7 +86,8 @@ HEADLINE_METRICS = ("clean_accuracy", "robust_accuracy", "attack_success_rate")
 
 CELL_METRICS = (*HEADLINE_METRICS, "n_images", "clean_accuracy_ci_low", "clean_accuracy_ci_high",
                 "robust_accuracy_ci_low", "robust_accuracy_ci_high", "attack_success_rate_ci_low",
-                "attack_success_rate_ci_high", "robust_accuracy_std", "attack_success_rate_std", "ssim", "l0", "linf")
+                "attack_success_rate_ci_high", "robust_accuracy_std", "attack_success_rate_std", "ssim", "ssim_global",
+                "l0", "linf")
 """The metrics of a cell's nested MLflow run, where the cell has them."""
 
 
