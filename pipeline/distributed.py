@@ -209,7 +209,7 @@ def _join_settings(address: str) -> None:
     is left to Ray. One that listens on 127.0.0.1 only (``pipeline.local_cluster``,
     whose nodes registered as 127.0.0.1) is joined as 127.0.0.1
     (:func:`_loopback_only`), and with the token ``pipeline.local_cluster`` registered
-    for its port (:func:`pipeline.local_cluster.registered_token`).
+    for its port (:func:`pipeline.local_cluster.use_registered_token`).
 
     Raises:
         ClusterError: nothing accepts a connection at the address within :data:`JOIN_PROBE_S` s.
@@ -237,30 +237,10 @@ def _join_settings(address: str) -> None:
     if ray_host not in _LOOPBACK_HOSTS and _answers(ray_host, port, timeout=1.0) is not None:
         log.info("%s listens on the loopback interface only: joining as 127.0.0.1, not %s", address, ray_host)
         _loopback_only()
-    _use_registered_token(port)
+    from pipeline.local_cluster import use_registered_token
 
-
-def _use_registered_token(port: int) -> None:
-    """Authenticate with the token :mod:`pipeline.local_cluster` registered for ``port``,
-    unless this process already has one in ``RAY_AUTH_TOKEN`` / ``RAY_AUTH_TOKEN_PATH``."""
-    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
-        return
-    from pipeline.local_cluster import registered_token
-
-    path = registered_token(port)
-    if path is None:
-        return
-    os.environ["RAY_AUTH_MODE"] = "token"
-    os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
-    try:  # Ray read its config and token when it was imported: reload both (as ray.init does for its own token)
-        from ray._raylet import AuthenticationTokenLoader, Config
-
-        Config.initialize("")
-        AuthenticationTokenLoader.instance().reset_cache()
-    except (ImportError, AttributeError):
-        log.warning("this Ray version cannot reload its auth token: export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=%s",
-                    path)
-    log.info("using the auth token that pipeline.local_cluster registered for port %d", port)
+    if use_registered_token(port) is not None:
+        log.info("using the auth token that pipeline.local_cluster registered for port %d", port)
 
 
 def _loopback_only() -> None:

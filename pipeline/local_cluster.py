@@ -9,8 +9,10 @@ or ``ray job submit``. Run it from the command line::
 
 which prints a ``RAY_ADDRESS=127.0.0.1:<port> dvc repro`` line to paste as it
 stands into another shell of this machine (:meth:`LocalCluster.driver_command`), a
-``ray job submit`` line (:meth:`LocalCluster.job_command`), and stops the cluster's
-processes (only those) on Ctrl-C or SIGTERM.
+``python -m pipeline.submit --address http://127.0.0.1:<port>`` line that runs the
+same as a Ray job (:meth:`LocalCluster.submit_command`; the plain ``ray job submit``
+equivalent: :meth:`LocalCluster.job_command`), and stops the cluster's processes
+(only those) on Ctrl-C or SIGTERM.
 
 Loopback only. On Linux, Ray turns ``--node-ip-address=127.0.0.1`` into the machine's
 reachable address as soon as multi-node clusters are enabled
@@ -29,10 +31,11 @@ address, where nothing listens, and retry for minutes).
 Token authentication: ``ray start`` enables Ray's token authentication; the cluster
 gets a fresh random token (``RAY_AUTH_MODE=token``, ``RAY_AUTH_TOKEN``), which
 :attr:`LocalCluster.env` carries for drivers and ``ray job submit``. The token is also
-registered for the head's port in a folder of this user only
-(:func:`registry_dir`: mode 0700, the file 0600), where
+registered for the head's port and the dashboard's in a folder of this user only
+(:func:`registry_dir`: mode 0700, the files 0600), where
 :func:`pipeline.distributed.init_ray` finds it for a driver given just
-``RAY_ADDRESS=127.0.0.1:<port>``; :meth:`LocalCluster.stop` removes it.
+``RAY_ADDRESS=127.0.0.1:<port>`` (and ``python -m pipeline.submit`` for
+``--address http://127.0.0.1:<dashboard port>``); :meth:`LocalCluster.stop` removes them.
 
 Stopping: each ``ray start`` runs in a new session (``setsid``), and every process it
 launches (GCS, raylet, agents, workers) stays in that session; :meth:`LocalCluster.stop`
@@ -57,7 +60,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LocalCluster", "free_port", "registered_token", "registry_dir"]
+__all__ = ["LocalCluster", "free_port", "registered_token", "registry_dir", "use_registered_token"]
 
 JOB_EXCLUDES = [".venv", "mlflow*.db", "mlruns"]
 """What ``ray job submit`` leaves out of the project upload (README, Cluster)."""
@@ -84,10 +87,10 @@ def registry_dir() -> Path:
 
 
 def registered_token(port: int) -> Path | None:
-    """The token file a :class:`LocalCluster` of this user registered for head port ``port``.
+    """The token file a :class:`LocalCluster` of this user registered for ``port``.
 
     Args:
-        port: the port of the head (the ``RAY_ADDRESS`` port).
+        port: the port of the head (the ``RAY_ADDRESS`` port) or of its dashboard.
 
     Returns:
         The file's path, or None when there is none, or when the folder or the file
@@ -101,6 +104,38 @@ def registered_token(port: int) -> Path | None:
                 return None
     except OSError:
         return None
+    return path
+
+
+def use_registered_token(port: int) -> Path | None:
+    """Authenticate this process to Ray with the token registered for ``port``
+    (:func:`registered_token`), unless it has one in ``RAY_AUTH_TOKEN`` / ``RAY_AUTH_TOKEN_PATH``.
+
+    Sets ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH``; when Ray is already imported
+    it read both at import, so its config and token cache are reloaded (as ``ray.init``
+    does for a token it creates).
+
+    Args:
+        port: the head's port (``RAY_ADDRESS``) or the dashboard's.
+
+    Returns:
+        The token file used, or None (a token of this shell, or none registered).
+    """
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return None
+    path = registered_token(port)
+    if path is None:
+        return None
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
+    if "ray._raylet" in sys.modules:
+        try:
+            from ray._raylet import AuthenticationTokenLoader, Config
+
+            Config.initialize("")
+            AuthenticationTokenLoader.instance().reset_cache()
+        except (ImportError, AttributeError):  # another Ray: the variables alone
+            pass
     return path
 
 
@@ -136,7 +171,7 @@ class LocalCluster:
         self._own_temp = temp_dir is None
         self.temp_dir = temp_dir or tempfile.mkdtemp(prefix="rayc", dir="/tmp")
         self._sessions: set[int] = set()
-        self._token_file: Path | None = None
+        self._token_files: list[Path] = []
         self.address = ""
         self.dashboard_url: str | None = None
         bin_dir = str(Path(sys.executable).parent)
@@ -179,6 +214,8 @@ class LocalCluster:
         self._ray_start(head, "0", join_as_loopback=False)
         self.address = f"127.0.0.1:{port}"
         self._register_token(port)
+        if self.dashboard_url:  # for python -m pipeline.submit --address <dashboard_url>
+            self._register_token(int(self.dashboard_url.rsplit(":", 1)[1]))
         for i in range(1, self.nodes):  # each node its own session folder, as on separate machines (a shared
             # one would let one node's runtime-env cleanup delete a working_dir another node is using)
             node_dir = Path(self.temp_dir) / f"n{i}"
@@ -199,7 +236,7 @@ class LocalCluster:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(self.env["RAY_AUTH_TOKEN"])
-        self._token_file = path
+        self._token_files.append(path)
 
     def driver_command(self, command: str = "dvc repro") -> str:
         """The shell line that runs ``command`` as a driver of this cluster from any shell
@@ -233,6 +270,19 @@ class LocalCluster:
                 f"ray job submit --address {self.dashboard_url} --working-dir . "
                 f"--runtime-env-json '{json.dumps(runtime_env)}' -- {command}")
 
+    def submit_command(self, command: str = "") -> str:
+        """The shell line that runs ``dvc repro`` (or ``command``) as a Ray job on this cluster
+        and brings ``dvc.lock``, ``metrics/`` and ``plots/`` back (:mod:`pipeline.submit`;
+        what :func:`main` prints).
+
+        Args:
+            command: the job's command line; empty: ``dvc repro``.
+
+        Returns:
+            The line; it needs the dashboard's token registered (:meth:`start` does that).
+        """
+        return f"python -m pipeline.submit --address {self.dashboard_url}" + (f" -- {command}" if command else "")
+
     def pids(self) -> list[int]:
         """Pids of the live (not zombie) processes in this cluster's sessions (Linux ``/proc``)."""
         found = []
@@ -257,9 +307,9 @@ class LocalCluster:
             while pids and time.monotonic() < deadline:
                 time.sleep(0.2)
                 pids = [p for p in pids if _state_and_session(p)[0] not in ("", "Z")]
-        if self._token_file is not None:
-            self._token_file.unlink(missing_ok=True)
-            self._token_file = None
+        for path in self._token_files:
+            path.unlink(missing_ok=True)
+        self._token_files = []
         if self._own_temp:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
@@ -305,8 +355,8 @@ def main(argv: list[str] | None = None) -> None:
                  "Run the pipeline on it from the project's root, in any shell of this machine:",
                  f"  {cluster.driver_command()}"]
         if cluster.dashboard_url:
-            lines += ["or as a Ray job (the outputs stay on the head, README, Cluster):",
-                      f"  {cluster.job_command()}"]
+            lines += ["or as a Ray job, dvc.lock, metrics/ and plots/ brought back here:",
+                      f"  {cluster.submit_command()}"]
         print("\n".join([*lines, "Ctrl-C stops it."]), flush=True)
         signal.pause()
     except KeyboardInterrupt:

@@ -157,6 +157,34 @@ def test_a_request_no_node_can_hold_stops_the_stage_with_one_line(cluster, smoke
         f"error: {stage}: resources.{key}: {value} but the largest node has 1 CPU; lower it or add a bigger node")
 
 
+def tiny_project(root: Path, env: dict[str, str]) -> Path:
+    """A DVC project (in git) of one stage that runs two tasks on the cluster and writes
+    ``metrics/check.txt``."""
+    root.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, env=env, check=True)
+    (root / "metrics").mkdir()
+    (root / "dvc.yaml").write_text(
+        "stages:\n  check:\n    cmd: python -m pipeline.distributed --tasks 2 > metrics/check.txt\n"
+        "    outs:\n      - metrics/check.txt:\n          cache: false\n")
+    return root
+
+
+def test_submit_runs_the_job_and_brings_its_results_back(cluster, tmp_path):
+    """``python -m pipeline.submit --address <dashboard>``, as printed, from a new shell: the job's
+    ``dvc repro`` ran on the head, and its ``dvc.lock`` and ``metrics/`` are here."""
+    env = new_shell(cluster.env, PYTHONPATH=str(ROOT), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'm.db'}")
+    project = tiny_project(tmp_path / "project", env)
+    proc = paste(cluster.submit_command(), project, env, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "Running stage 'check'" in proc.stdout  # the job's log, streamed
+    assert "pipeline.submit results" not in out  # the packed results are not shown
+    assert (project / "metrics" / "check.txt").read_text().splitlines()[-1] == \
+        "2 tasks ran on 2 nodes of 2 CPUs in all"
+    assert "check" in yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+
+
 def test_the_printed_lines_work_in_a_new_shell(tmp_path):
     """``python -m pipeline.local_cluster`` as the README says: the ``RAY_ADDRESS=...`` line it
     prints, pasted as it stands, runs ``dvc repro`` of a project whose stage joins the cluster;
@@ -177,18 +205,13 @@ def test_the_printed_lines_work_in_a_new_shell(tmp_path):
         address = shlex.split(driver)[0].split("=", 1)[1]
         assert driver == f"RAY_ADDRESS={address} dvc repro", lines
 
-        project = tmp_path / "project"  # a DVC project of one stage that runs tasks on the cluster
-        project.mkdir()
-        subprocess.run(["git", "init", "-q"], cwd=project, check=True)
-        subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=project, env=env, check=True)
-        (project / "dvc.yaml").write_text(
-            "stages:\n  check:\n    cmd: python -m pipeline.distributed --tasks 2 > check.txt\n"
-            "    outs:\n      - check.txt:\n          cache: false\n")
+        project = tiny_project(tmp_path / "project", env)
         proc = paste(driver, project, env, timeout=600)  # exactly the printed line
         out = proc.stdout + proc.stderr
         assert proc.returncode == 0, out[-4000:]
         assert "joining as 127.0.0.1" in out and "using the auth token that pipeline.local_cluster registered" in out
-        assert (project / "check.txt").read_text().splitlines()[-1] == "2 tasks ran on 1 node of 1 CPU in all"
+        assert (project / "metrics" / "check.txt").read_text().splitlines()[-1] == \
+            "2 tasks ran on 1 node of 1 CPU in all"
     finally:
         cli.terminate()  # SIGTERM: the command stops its cluster
         code = cli.wait(timeout=120)
