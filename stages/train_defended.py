@@ -99,7 +99,8 @@ def main(params: Params, defense: str) -> None:
         "num_threads": params.resources.train_num_cpus,
     }
     (result,) = ray_map(defend_task, [item], num_cpus=params.resources.train_num_cpus,
-                        num_gpus=params.resources.train_num_gpus, desc=f"{defense}: insert + adjust")
+                        num_gpus=params.resources.train_num_gpus, desc=f"{defense}: insert + adjust",
+                        resource_params=("resources.train_num_cpus", "resources.train_num_gpus"))
     out = {**spec, "state_dict": result.pop("state_dict"), "defenses": list(cfg.defenses) + list(cfg.insert_after)}
     out_path = Path("models") / name / f"{defense}.pt"
     save_checkpoint(out, out_path)
