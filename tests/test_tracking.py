@@ -320,7 +320,7 @@ def test_a_stage_that_fails_before_logging_leaves_a_failed_run(workdir, monkeypa
 
     with pytest.raises(RuntimeError):
         run_stage("evaluate", crash)
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(tracking_uri=tracking.tracking_uri())  # not the global URI an earlier test set
     experiment = client.get_experiment_by_name("fnc-cifar10")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FAILED" and run.info.run_name == "evaluate"
