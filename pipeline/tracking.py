@@ -258,15 +258,22 @@ class _StageLog:
             log.warning("MLflow store %s failed (%s); the stage goes on and records what it cannot log in %s "
                         "(replay: python -m pipeline.tracking sync)", tracking_uri(), _first_line(exc), self.path)
 
-    def send(self, kind: str, entry: dict[str, Any], call: Callable[[], Any]) -> None:
-        """``call()`` while online; on a store failure, or once offline, add ``entry`` to
-        ``record[kind]`` instead (``tags``: merged into the record's tags)."""
+    def try_online(self, call: Callable[[], Any]) -> bool:
+        """``call()`` while online; True when it ran, False when offline or the store failed
+        (which takes this log offline)."""
         if self.online:
             try:
                 call()
-                return
+                return True
             except _store_errors() as exc:
                 self.failed(exc)
+        return False
+
+    def send(self, kind: str, entry: dict[str, Any], call: Callable[[], Any]) -> None:
+        """``call()`` while online; on a store failure, or once offline, add ``entry`` to
+        ``record[kind]`` instead (``tags``: merged into the record's tags)."""
+        if self.try_online(call):
+            return
         if kind == "tags":
             self.record["tags"].update(entry)
         elif kind == "artifacts":
@@ -358,19 +365,27 @@ class _StageLog:
                     len(r["dicts"]), r["stage"], self.path, tracking_uri())
 
 
+def _finite(values: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """The int and float values of a flat dict as floats, keys prefixed; bools and NaN left out."""
+    import math
+
+    return {f"{prefix}{k}": float(v) for k, v in values.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and not math.isnan(float(v))}
+
+
+def _experiment_id(client: Any, name: str) -> str:
+    """The id of experiment ``name`` in ``client``'s store, created when missing."""
+    exp = client.get_experiment_by_name(name)
+    return exp.experiment_id if exp else client.create_experiment(name)
+
+
 def _call_or_record(call: Callable[[], Any], offline: Callable[[], Any]) -> None:
     """``call()`` outside a :func:`stage_run` block or while its store answers; inside one,
     after the store's first failure (this call's included), ``offline()`` instead."""
     if _ACTIVE is None:
         call()
-        return
-    if _ACTIVE.online:
-        try:
-            call()
-            return
-        except _store_errors() as exc:
-            _ACTIVE.failed(exc)
-    offline()
+    elif not _ACTIVE.try_online(call):
+        offline()
 
 
 def previous_params(client: Any, experiment_id: str, stage: str) -> dict[str, str] | None:
@@ -437,13 +452,10 @@ def log_child_runs(children: list[Mapping[str, Any]]) -> None:
     Inside :func:`stage_run`, a store failure records the children instead (replayed by
     ``python -m pipeline.tracking sync`` under the replayed parent).
     """
-    import math
 
     import mlflow
 
-    children = [{**c, "metrics": {k: float(v) for k, v in c.get("metrics", {}).items()
-                                  if isinstance(v, int | float) and not isinstance(v, bool) and not math.isnan(v)}}
-                for c in children]
+    children = [{**c, "metrics": _finite(c.get("metrics", {}))} for c in children]
 
     def call() -> None:
         active = mlflow.active_run()
@@ -527,8 +539,7 @@ def failed_stage_run(stage: str, experiment: str, tags: Mapping[str, str], exc: 
         return None
     limit_http_retries()
     client = mlflow.MlflowClient(tracking_uri=tracking_uri())
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    exp_id = _experiment_id(client, experiment)
     error = f"{type(exc).__name__}: {_first_line(exc)}" if str(exc) else type(exc).__name__
     run = client.create_run(exp_id, start_time=PROCESS_START_MS, run_name=stage,
                             tags={"stage": stage, "error": error[:500], **run_tags({}), **dict(tags)})
@@ -541,15 +552,10 @@ def log_metrics(metrics: Mapping[str, Any], step: int | None = None, prefix: str
 
     Inside :func:`stage_run`, a store failure records them instead of raising.
     """
-    import math
 
     import mlflow
 
-    flat = {
-        f"{prefix}{k}": float(v)
-        for k, v in flatten(metrics).items()
-        if isinstance(v, int | float) and not isinstance(v, bool) and not math.isnan(float(v))
-    }
+    flat = _finite(flatten(metrics), prefix)
     if not flat:
         return
     if _ACTIVE is None:
@@ -795,10 +801,8 @@ def replay(record: Mapping[str, Any], save: Callable[[dict[str, Any]], Any] | No
             if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
     if run is None:
-        exp = client.get_experiment_by_name(record["experiment"])
-        exp_id = exp.experiment_id if exp else client.create_experiment(record["experiment"])
-        run = client.create_run(exp_id, start_time=record.get("start_time"), run_name=record["stage"],
-                                tags={"stage": record["stage"]})
+        run = client.create_run(_experiment_id(client, record["experiment"]), start_time=record.get("start_time"),
+                                run_name=record["stage"], tags={"stage": record["stage"]})
         record["run_id"] = run.info.run_id
         if save is not None:
             save(record)
