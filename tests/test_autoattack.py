@@ -205,6 +205,37 @@ def test_eot_gradient_is_the_mean_of_eot_iter_single_draws(task):
             assert apgd.estimator.model is clf.model
 
 
+def test_eot_apgd_returns_its_last_iterate_and_predicts_the_mean_of_draws(task):
+    """ART's APGD returns its random starting point wherever one ``predict`` of its last
+    iterate says "not adversarial"; on a random model that threw away iterates fooling many
+    draws (and made AutoAttack weaker than PGD with EOT). With the EOT classifier every
+    attacked image comes back as APGD's last iterate -- after signed steps of at least
+    ``eps``, on the L-inf ball's boundary almost everywhere, where a uniform random start
+    almost never is -- and the check of which images to attack is the mean of ``eot_iter`` draws."""
+    model, x, y = task
+    noisy = NoisyInput(model, 0.1)
+    clf = PyTorchClassifier(noisy, loss=nn.CrossEntropyLoss(), input_shape=(3, SIDE, SIDE), nb_classes=K,
+                            clip_values=(0.0, 1.0), preprocessing=None, device_type="cpu")
+    xs, ys = x[:40].numpy(), y[:40].numpy()
+    eps = 1 / 255  # too small to fool most images: ART alone returns most of them at their random start
+
+    def on_boundary(version: str, **params) -> np.ndarray:
+        """Per image, the fraction of values moved by (almost) exactly ``eps``."""
+        torch.manual_seed(0)
+        attack = build_attack("autoattack", {"eps": eps, "version": version, "n_iter": 5, **params})
+        adv = attack._apgd(clf, "cross_entropy", False).generate(xs, y=ys)
+        return (np.abs(adv - xs) > 0.99 * eps).reshape(len(xs), -1).mean(1)
+
+    assert np.median(on_boundary("standard")) < 0.1  # the fault: mostly random starts come back
+    assert np.median(on_boundary("rand", eot_iter=2)) > 0.5
+    # the restart's check of which images to attack: the mean logits of eot_iter draws
+    eot = _with_eot(clf, 3)
+    torch.manual_seed(1)
+    draws = [clf.predict(xs[:8]) for _ in range(3)]
+    torch.manual_seed(1)
+    np.testing.assert_allclose(eot.predict(xs[:8]), np.mean(draws, axis=0), rtol=1e-5, atol=1e-6)
+
+
 def test_rand_version_on_a_randomised_model_is_at_least_as_strong_as_standard(task):
     model, x, y = task
     noisy = NoisyInput(model, 0.1)

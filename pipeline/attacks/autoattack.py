@@ -60,12 +60,15 @@ EOT (``version: rand``): the APGD attacks see the model through a
 return the mean of ``eot_iter`` gradients, each from a fresh forward and backward
 pass of the random model at the same input (so ``eot_iter`` times the cost per
 APGD iteration). Loss values (APGD's step-size checkpoints, inside ART) are single
-draws, as in the authors' code. The ensemble's own success check differs from the
-authors' single draw: it counts how many of ``eot_iter`` draws a component's image
-fools, keeps per image the image that fools the most draws (never the clean image
-after one unlucky draw) and stops attacking an image once at least half the draws
-are fooled. With a single-draw check, a randomised model made AutoAttack report more
-robust accuracy than PGD with EOT on the same images (smoke-defenses profile).
+draws, as in the authors' code. ART's APGD returns its random starting point wherever
+its last iterate is not adversarial by one ``predict``; on a random model that
+discarded iterates fooling many draws but not that one, so the subclass answers that check with
+"adversarial" and APGD always returns its last iterate (as PGD with EOT does); its
+other ``predict`` (which images to attack) is the mean of ``eot_iter`` draws. The
+ensemble's own success check differs from the authors' single draw: it counts how
+many of ``eot_iter`` draws a component's image fools, keeps per image the image that
+fools the most draws (never the clean image after one unlucky draw) and stops
+attacking an image once at least half the draws are fooled.
 
 Conventions (those of :mod:`pipeline.attacks.base`): ``x`` float32
 (N, C, H, W) in [0, 1], ``y`` int64 (N,) true labels, output float32
@@ -173,14 +176,53 @@ def _eot_classifier_class() -> type:
     art = _import_art()
 
     class EOTPyTorchClassifier(art.estimators.classification.PyTorchClassifier):
-        """A ``PyTorchClassifier`` whose ``loss_gradient`` and ``class_gradient`` are
-        the mean over ``eot_iter`` independent forward/backward passes at the same
-        input (fresh randomness of the model each pass); other methods are single passes."""
+        """A ``PyTorchClassifier`` for APGD on a randomised model.
+
+        ``loss_gradient`` and ``class_gradient`` are the mean over ``eot_iter``
+        independent forward/backward passes at the same input (fresh randomness of
+        the model each pass); ``compute_loss`` (APGD's step-size checkpoints) is a
+        single pass, as in the authors' code.
+
+        ``predict`` has two cases, because ART's APGD uses it for two things. Before a
+        restart (no loss computed since the last ``predict``) it is the mean of
+        ``eot_iter`` draws of the logits, float32 (n, classes): which images still
+        need attacking. After the iterations (a loss was computed since), APGD asks
+        whether its last iterate is adversarial and, if not, returns its random
+        starting point; on a randomised model that throws away iterates that fool some
+        draws but not that one (PGD with EOT keeps them, and AutoAttack reported more
+        robust accuracy than PGD). There ``predict`` answers "adversarial" for every image
+        (logits with the true class lowest, or the target class highest when
+        ``targeted``), so APGD returns its last iterate, and the ensemble's own
+        multi-draw success check (:meth:`AutoAttack._keep`) decides what to keep.
+        """
 
         eot_iter: int = 1
+        targeted: bool = False
+        _labels: Any = None  # the labels of the last loss computed (one-hot or indices)
+
+        def predict(self, x: Any, batch_size: int = 128, training_mode: bool = False, **kwargs: Any) -> Any:
+            """Mean of ``eot_iter`` draws of the logits, or "every image adversarial"
+            after APGD's iterations (class docstring)."""
+            labels, self._labels = self._labels, None
+            if labels is not None and len(labels) == len(x):
+                labels = np.asarray(labels)
+                index = labels.argmax(1) if labels.ndim == 2 else labels.astype(int)
+                logits = np.zeros((len(x), self.nb_classes), dtype=np.float32)
+                logits[np.arange(len(x)), index] = 1.0 if self.targeted else -1.0
+                return logits
+            total = super().predict(x, batch_size=batch_size, training_mode=training_mode, **kwargs)
+            for _ in range(self.eot_iter - 1):
+                total = total + super().predict(x, batch_size=batch_size, training_mode=training_mode, **kwargs)
+            return total / self.eot_iter
+
+        def compute_loss(self, x: Any, y: Any, reduction: str = "none", **kwargs: Any) -> Any:
+            """One draw of the loss (per image with ``reduction='none'``)."""
+            self._labels = y
+            return super().compute_loss(x, y, reduction=reduction, **kwargs)
 
         def loss_gradient(self, x: Any, y: Any, training_mode: bool = False, **kwargs: Any) -> Any:
             """Mean of ``eot_iter`` loss gradients w.r.t. ``x``, shaped like ``x``."""
+            self._labels = y
             total = super().loss_gradient(x, y, training_mode=training_mode, **kwargs)
             for _ in range(self.eot_iter - 1):
                 total = total + super().loss_gradient(x, y, training_mode=training_mode, **kwargs)
@@ -196,9 +238,10 @@ def _eot_classifier_class() -> type:
     return EOTPyTorchClassifier
 
 
-def _with_eot(classifier: Any, eot_iter: int) -> Any:
+def _with_eot(classifier: Any, eot_iter: int, targeted: bool = False) -> Any:
     """An EOT copy of ART ``PyTorchClassifier`` ``classifier`` (same model, loss
-    and label handling), averaging ``eot_iter`` gradients."""
+    and label handling), averaging ``eot_iter`` gradients, for an APGD attack that is
+    ``targeted`` or not (``EOTPyTorchClassifier`` above)."""
     cls = _eot_classifier_class()
     eot = cls(
         model=classifier.model, loss=classifier.loss, input_shape=classifier.input_shape,
@@ -210,6 +253,7 @@ def _with_eot(classifier: Any, eot_iter: int) -> Any:
     eot._int_labels = classifier._int_labels
     eot._probability_labels = classifier._probability_labels
     eot.eot_iter = eot_iter
+    eot.targeted = targeted
     return eot
 
 
@@ -328,7 +372,7 @@ class AutoAttack(_ARTAttack):
         if getattr(self, "_version", p.version) == "rand":
             # APGD builds its own PyTorchClassifier around the model with the chosen loss;
             # swap in the same one with EOT gradients (ART has no hook for this)
-            attack._estimator = _with_eot(attack.estimator, p.eot_iter)
+            attack._estimator = _with_eot(attack.estimator, p.eot_iter, targeted)
         return attack
 
     def _project(self, x0: np.ndarray, adv: np.ndarray) -> np.ndarray:
