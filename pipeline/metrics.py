@@ -56,6 +56,25 @@ def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, fl
     return float(ci.low), float(ci.high)
 
 
+def versus_baseline(low: float, high: float, base_low: float, base_high: float) -> str:
+    """Whether a rate differs from a baseline's beyond sampling noise, from their 95 %
+    intervals (e.g. :func:`wilson_interval`): ``"higher"`` or ``"lower"`` when the two
+    intervals do not overlap, else ``"within noise"``. Conservative: two non-overlapping
+    95 % intervals imply a difference at better than the 5 % level, while overlapping ones
+    may still hide a small real difference (Schenker and Gentleman, Am. Stat. 2001).
+
+    Raises:
+        ValueError: an interval with ``low > high``.
+    """
+    if low > high or base_low > base_high:
+        raise ValueError(f"versus_baseline: intervals need low <= high, got [{low}, {high}], [{base_low}, {base_high}]")
+    if low > base_high:
+        return "higher"
+    if high < base_low:
+        return "lower"
+    return "within noise"
+
+
 def _check(*tensors: torch.Tensor) -> None:
     n = tensors[0].shape
     for t in tensors:

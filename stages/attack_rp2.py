@@ -42,6 +42,7 @@ from pipeline.data import load_meta  # noqa: E402
 from pipeline.data.rp2 import load_mask, load_victims  # noqa: E402
 from pipeline.distributed import init_ray, ray_map  # noqa: E402
 from pipeline.io import atomic_write, load_torch, save_figure, save_json, save_png, save_torch, sha256_file  # noqa: E402
+from pipeline.metrics import versus_baseline, wilson_interval  # noqa: E402
 from pipeline.tasks import rp2_task  # noqa: E402
 from pipeline.tracking import log_artifact, log_artifacts, log_metrics, stage_run  # noqa: E402
 
@@ -72,29 +73,56 @@ def _disabled(params: Params) -> None:
     log.info("rp2.enabled is false: nothing to do")
 
 
-def summarise(rows: pd.DataFrame) -> dict:
-    """Per (defense, setting): means over targets and seeds, and the worst target.
+def summarise(rows: pd.DataFrame, n_victims: int) -> dict:
+    """Per (defense, setting): means over targets and seeds, the worst target, and 95 %
+    Wilson intervals (Wilson 1927, :func:`pipeline.metrics.wilson_interval`) of both rates.
+
+    The intervals are over the ``n_victims`` victims: every sticker is evaluated on the
+    same victims, so the victims, not the stickers, are the independent draws; a rate
+    averaged over targets and seeds is read as ``round(rate * n_victims)`` of
+    ``n_victims``. With 40 victims one victim is 2.5 points and a rate near 0.3 has an
+    interval of about +-0.14: differences inside it are noise.
 
     Args:
         rows: one row per (defense, setting, target, seed) with the :data:`PER_STICKER` columns.
+        n_victims: victims every sticker was evaluated on (> 0).
 
     Returns:
-        ``{defense: {setting: {"clean_accuracy", "fooling_rate_mean", "fooling_rate_worst",
-        "worst_target", "target_success_mean", "target_success_transformed_mean",
-        "l2_dissimilarity_mean", "n_stickers"}}}``; fractions in [0, 1].
+        ``{defense: {setting: {"clean_accuracy", "fooling_rate_mean",
+        "fooling_rate_mean_ci_low", "fooling_rate_mean_ci_high", "fooling_rate_worst",
+        "fooling_rate_worst_ci_low", "fooling_rate_worst_ci_high", "worst_target",
+        "target_success_mean", "target_success_transformed_mean", "l2_dissimilarity_mean",
+        "n_stickers", "n_seeds", "n_victims"}}}``; fractions in [0, 1].
+
+    Raises:
+        ValueError: ``n_victims`` < 1.
     """
+    if n_victims < 1:
+        raise ValueError(f"summarise: n_victims must be >= 1, got {n_victims}")
+
+    def interval(rate: float) -> tuple[float, float]:
+        return wilson_interval(min(n_victims, max(0, round(rate * n_victims))), n_victims)
+
     out: dict = {}
     for (defense, setting), g in rows.groupby(["defense", "setting"], sort=False):
         per_target = g.groupby("target")["fooling_rate"].mean()
+        mean, worst = float(g["fooling_rate"].mean()), float(per_target.max())
+        (mean_low, mean_high), (worst_low, worst_high) = interval(mean), interval(worst)
         out.setdefault(defense, {})[setting] = {
             "clean_accuracy": float(g["clean_accuracy"].iloc[0]),
-            "fooling_rate_mean": float(g["fooling_rate"].mean()),
-            "fooling_rate_worst": float(per_target.max()),
+            "fooling_rate_mean": mean,
+            "fooling_rate_mean_ci_low": mean_low,
+            "fooling_rate_mean_ci_high": mean_high,
+            "fooling_rate_worst": worst,
+            "fooling_rate_worst_ci_low": worst_low,
+            "fooling_rate_worst_ci_high": worst_high,
             "worst_target": int(per_target.idxmax()),
             "target_success_mean": float(g["target_success"].mean()),
             "target_success_transformed_mean": float(g["target_success_transformed"].mean()),
             "l2_dissimilarity_mean": float(g["l2_dissimilarity"].mean()),
             "n_stickers": int(len(g)),
+            "n_seeds": int(g["seed"].nunique()),
+            "n_victims": int(n_victims),
         }
     return out
 
@@ -165,7 +193,7 @@ def main(params: Params) -> None:
             rows.append({"defense": defense, "setting": setting, "source": source, "target": target, "seed": seed,
                          **{k: m[k] for k in PER_STICKER}, "seconds": res["seconds"]})
     table = pd.DataFrame(rows).sort_values(["setting", "defense", "target", "seed"], key=_setting_order)
-    summary = summarise(table)
+    summary = summarise(table, len(victims))
 
     out_dir = Path("rp2") / name
     for (source, target, seed), res in done.items():
@@ -207,16 +235,38 @@ def _setting_order(col: pd.Series) -> pd.Series:
     return col.map({"black_box": 0, "white_box": 1}) if col.name == "setting" else col
 
 
+def _rate(v: dict, key: str) -> str:
+    """``"0.3000 [0.1800, 0.4500]"``: a rate of :func:`summarise` with its 95 % interval."""
+    return f"{v[key]:.4f} [{v[key + '_ci_low']:.4f}, {v[key + '_ci_high']:.4f}]"
+
+
 def _markdown(table: pd.DataFrame, summary: dict, classes: list[str], r, n: int) -> str:
-    """The summary table (BlurNet's Tables 1 and 2 layout) and the per-sticker rows."""
+    """The summary table (BlurNet's Tables 1 and 2 layout, every rate with its 95 % Wilson
+    interval over the victims and its difference from the undefended model's white-box
+    rate told apart from noise) and the per-sticker rows."""
     lines = [f"# RP2 on {n} stop-sign victims (true class {r.true_class}, {classes[r.true_class]})", "",
              "Fooling rate: victims whose prediction the sticker changes (BlurNet's attack success rate); "
              "mean over targets and seeds, worst over targets. Black box: stickers made on the undefended model; "
-             "white box: made on each model itself.", ""]
-    flat = [{"setting": s, "defense": d, **{k: v for k, v in vals.items()}}
-            for d, by in summary.items() for s, vals in by.items()]
+             f"white box: made on each model itself. Brackets: 95 % Wilson interval over the {n} victims (the "
+             f"stickers share them, so they are the independent draws; one victim is {100 / n:.1f} points). "
+             "`vs none`: the mean fooling rate against the undefended model's white-box one, 'higher' or 'lower' "
+             "only where the two intervals do not overlap.", ""]
+    base = summary.get("none", {}).get("white_box")
+    flat = []
+    for d, by in summary.items():
+        for setting, v in by.items():
+            vs = "" if base is None or (d == "none" and setting == "white_box") else versus_baseline(
+                v["fooling_rate_mean_ci_low"], v["fooling_rate_mean_ci_high"],
+                base["fooling_rate_mean_ci_low"], base["fooling_rate_mean_ci_high"])
+            flat.append({"setting": setting, "defense": d, "clean_accuracy": v["clean_accuracy"],
+                         "fooling_rate_mean [95% CI]": _rate(v, "fooling_rate_mean"), "vs none": vs,
+                         "fooling_rate_worst [95% CI]": _rate(v, "fooling_rate_worst"),
+                         "worst_target": f"{v['worst_target']} ({classes[v['worst_target']]})",
+                         "target_success_mean": v["target_success_mean"],
+                         "target_success_transformed_mean": v["target_success_transformed_mean"],
+                         "l2_dissimilarity_mean": v["l2_dissimilarity_mean"], "stickers": v["n_stickers"],
+                         "seeds": v["n_seeds"]})
     df = pd.DataFrame(flat).sort_values(["setting", "defense"], key=_setting_order)
-    df["worst_target"] = df["worst_target"].map(lambda t: f"{t} ({classes[t]})")
     lines += [df.to_markdown(index=False, floatfmt=".4f"), "", "## Per sticker", "",
               table.drop(columns=["seconds"]).to_markdown(index=False, floatfmt=".4f"), ""]
     return "\n".join(lines)

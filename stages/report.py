@@ -26,6 +26,7 @@ from pipeline.analysis.pixel_robustness import PRM_IOU_CSV
 from pipeline.cli import run_stage
 from pipeline.config import PATCH_ATTACKS, Params
 from pipeline.io import atomic_write
+from pipeline.metrics import versus_baseline
 from pipeline.tracking import git_commit, log_artifacts, stage_run, tracking_uri
 
 log = logging.getLogger("report")
@@ -482,12 +483,30 @@ def _prm(rep: Report, params: Params, ev: dict, run) -> None:
               "the model for it). The seed document gives no PRM numbers.")
 
 
+def _pct_ci(v: dict, key: str) -> str:
+    """``v[key]`` in percent with its 95 % interval (``key_ci_low`` / ``key_ci_high``) where
+    the metrics carry one (older metrics files do not)."""
+    if f"{key}_ci_low" not in v:
+        return _pct(v[key])
+    return f"{_pct(v[key])} [{100 * v[key + '_ci_low']:.1f}, {100 * v[key + '_ci_high']:.1f}]"
+
+
+def _vs_baseline(v: dict, base: dict | None, defense: str) -> str:
+    """:func:`pipeline.metrics.versus_baseline` of the mean fooling rate against the
+    undefended model's white-box one; empty for the baseline itself or without intervals."""
+    if base is None or v is base or defense == "none" or "fooling_rate_mean_ci_low" not in v:
+        return ""
+    return versus_baseline(v["fooling_rate_mean_ci_low"], v["fooling_rate_mean_ci_high"],
+                           base["fooling_rate_mean_ci_low"], base["fooling_rate_mean_ci_high"])
+
+
 def _blurnet(rep: Report, params: Params, rp2: dict, run) -> None:
     rep.h(2, "BlurNet against RP2 stickers (Raju and Lipasti 2019; seed 001)")
     if not rp2.get("enabled"):
         rep.p("RP2 is off in this profile; params/blurnet.yaml reproduces the slides' tables on GTSRB.")
         return
     s, p = rp2["summary"], papers.BLURNET
+    base = s.get("none", {}).get("white_box")
     for key, setting, label in (("table1", "black_box", "Table 1, black box (stickers made on the baseline)"),
                                 ("table2", "white_box", "Table 2, white box (stickers made on each model)")):
         rows = []
@@ -504,17 +523,23 @@ def _blurnet(rep: Report, params: Params, rp2: dict, run) -> None:
                          "victims classified stop (ours)": _pct(v["clean_accuracy"]),
                          "test accuracy (ours)": _pct((test or {}).get("clean_accuracy")),
                          "fooling rate (mean) paper": _pct(paper_avg),
-                         "fooling rate (mean) ours": _pct(v["fooling_rate_mean"]),
+                         "fooling rate (mean) ours [95 % CI]": _pct_ci(v, "fooling_rate_mean"),
                          "difference": _diff(v["fooling_rate_mean"], paper_avg),
+                         "vs baseline (ours)": _vs_baseline(v, base, d),
                          "fooling rate (worst target) paper": _pct(paper_worst),
-                         "fooling rate (worst target) ours": _pct(v["fooling_rate_worst"]),
+                         "fooling rate (worst target) ours [95 % CI]": _pct_ci(v, "fooling_rate_worst"),
+                         "L2 dissimilarity paper": f"{ref[4]:.3f}" if ref and key == "table2" else "",
                          "L2 dissimilarity ours": f"{v['l2_dissimilarity_mean']:.3f}"})
         rep.h(3, label)
         rep.table(pd.DataFrame(rows))
     rep.p(f"Paper: {p['source']}. Ours: {params.model.name} on GTSRB (not LISA), RP2 on the same 40 victims with "
           f"their sticker mask, targets {rp2['targets']}; fooling rate = victims whose prediction the sticker changes "
-          f"(the slides' attack success rate). The slides' accuracy reads as the share of the victims classified "
-          f"stop in Table 1 (baseline 100 %) and as test accuracy in Table 2 (baseline 91 %); ours gives both. "
+          f"(the slides' attack success rate), with its 95 % Wilson interval over the victims (one victim is "
+          f"{100 / max(1, (base or {}).get('n_victims', 40)):.1f} points); 'vs baseline' says whether a model's mean "
+          f"fooling rate differs from the undefended model's white-box one beyond that noise (intervals that do not "
+          f"overlap), and no direction is read from a difference 'within noise'. The slides' accuracy reads as the "
+          f"share of the victims classified stop in Table 1 (baseline 100 %) and as test accuracy in Table 2 "
+          f"(baseline 91 %); ours gives both. "
           f"Comparable in direction, not digit for digit. "
           f"MLflow run {run('attack_rp2')}.")
     rep.figure(Path("rp2") / params.model.name / "stickers.png", "RP2 stickers on a victim")

@@ -133,7 +133,41 @@ def test_stage_writes_white_and_black_box_metrics(project):
     assert (tmp / "rp2/resnet20/stickers.png").stat().st_size > 0
     assert (tmp / "rp2/resnet20/fnc/target_1_seed_0.png").is_file()
     md = (tmp / "metrics/rp2.md").read_text()
-    assert "black_box" in md and "white_box" in md and "fooling_rate_worst" in md
+    assert "black_box" in md and "white_box" in md and "fooling_rate_worst [95% CI]" in md
+
+
+def test_summary_rates_carry_wilson_intervals_over_the_victims():
+    """Means over targets and seeds, the worst target, and 95 % Wilson intervals over the
+    victims (the stickers share them), checked against SciPy directly."""
+    import pandas as pd
+    from scipy.stats import binomtest
+
+    from stages.attack_rp2 import summarise
+
+    rates = {(5, 0): 0.5, (5, 1): 0.3, (1, 0): 0.1, (1, 1): 0.1}  # (target, seed) -> fooling rate over 40
+    rows = pd.DataFrame([{"defense": "none", "setting": "white_box", "target": t, "seed": sd, "clean_accuracy": 0.95,
+                          "fooling_rate": r, "target_success": r / 2, "target_success_transformed": r / 4,
+                          "l2_dissimilarity": 0.2} for (t, sd), r in rates.items()])
+    s = summarise(rows, 40)["none"]["white_box"]
+    assert s["fooling_rate_mean"] == pytest.approx(0.25) and s["fooling_rate_worst"] == pytest.approx(0.4)
+    assert s["worst_target"] == 5 and s["n_stickers"] == 4 and s["n_seeds"] == 2 and s["n_victims"] == 40
+    for key, k in (("fooling_rate_mean", 10), ("fooling_rate_worst", 16)):  # 0.25 and 0.4 of 40 victims
+        ci = binomtest(k, 40).proportion_ci(method="wilson")
+        assert (s[f"{key}_ci_low"], s[f"{key}_ci_high"]) == pytest.approx((ci.low, ci.high))
+    # 40 victims: an interval about +-0.14 wide near 0.3, as the issue computed
+    assert 0.25 < s["fooling_rate_mean_ci_high"] - s["fooling_rate_mean_ci_low"] < 0.3
+    with pytest.raises(ValueError, match="n_victims"):
+        summarise(rows, 0)
+
+
+def test_versus_baseline_reads_a_direction_only_outside_the_noise():
+    from pipeline.metrics import versus_baseline
+
+    assert versus_baseline(0.5, 0.7, 0.1, 0.4) == "higher"
+    assert versus_baseline(0.05, 0.2, 0.3, 0.5) == "lower"
+    assert versus_baseline(0.2, 0.35, 0.3, 0.5) == "within noise"  # overlapping: no direction
+    with pytest.raises(ValueError, match="low <= high"):
+        versus_baseline(0.5, 0.4, 0.1, 0.2)
 
 
 def test_black_box_row_is_the_none_sticker_on_the_defended_model(project):

@@ -54,11 +54,16 @@ def test_report_puts_ours_beside_the_papers(tmp_path, monkeypatch):
                 "advp_adaptive": {**cell, "robust_accuracy": 0.4}, "advp_bpda": {**cell, "robust_accuracy": 0.4}}}})
     _write("metrics/train_baseline.json", {"clean_accuracy": 0.8, "epochs": 6})
     _write("metrics/train_defended/fnc.json", {"clean_accuracy": 0.75})
-    summary = {"clean_accuracy": 0.9, "fooling_rate_mean": 0.5, "fooling_rate_worst": 0.8, "worst_target": 5,
-               "target_success_mean": 0.3, "target_success_transformed_mean": 0.2, "l2_dissimilarity_mean": 0.1,
-               "n_stickers": 3}
+    summary = {"clean_accuracy": 0.9, "fooling_rate_mean": 0.5, "fooling_rate_mean_ci_low": 0.35,
+               "fooling_rate_mean_ci_high": 0.65, "fooling_rate_worst": 0.8, "fooling_rate_worst_ci_low": 0.65,
+               "fooling_rate_worst_ci_high": 0.9, "worst_target": 5, "target_success_mean": 0.3,
+               "target_success_transformed_mean": 0.2, "l2_dissimilarity_mean": 0.1, "n_stickers": 3, "n_victims": 40}
     _write("metrics/rp2.json", {"enabled": True, "targets": [5, 1, 38], "summary": {
-        "none": {"white_box": summary}, "blurnet5": {"black_box": {**summary, "fooling_rate_mean": 0.25}}}})
+        "none": {"white_box": summary},
+        "blurnet5": {"black_box": {**summary, "fooling_rate_mean": 0.25, "fooling_rate_mean_ci_low": 0.14,
+                                   "fooling_rate_mean_ci_high": 0.4}},
+        "blurnet3": {"black_box": {**summary, "fooling_rate_mean": 0.15, "fooling_rate_mean_ci_low": 0.07,
+                                   "fooling_rate_mean_ci_high": 0.29}}}})
     Path("plots").mkdir()
     fig, ax = plt.subplots()
     ax.plot([0, 1])
@@ -84,7 +89,9 @@ def test_report_puts_ours_beside_the_papers(tmp_path, monkeypatch):
     # the patch masking check: the adaptive patch succeeds as often as the transferred one
     assert suite["fnc"]["gradient masking"] == "not suspected"
     black = next(r for r in rows if r[0] == "blurnet5")  # the slides' 5x5 row, black box
-    assert "17.50 %" in black and "25.00 %" in black and "+7.50 pt" in black
+    assert "17.50 %" in black and "+7.50 pt" in black
+    assert "25.00 % [14.0, 40.0]" in black and "within noise" in black  # [14, 40] overlaps the baseline's [35, 65]
+    assert "lower" in next(r for r in rows if r[0] == "blurnet3")  # [7, 29] lies below it
     assert "![the evaluation matrix" in md
     page = Path("reports/report.html").read_text()
     assert page.startswith("<!doctype html>") and "data:image/png;base64," in page and "<table" in page
