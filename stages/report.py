@@ -483,14 +483,6 @@ def _prm(rep: Report, params: Params, ev: dict, run) -> None:
               "the model for it). The seed document gives no PRM numbers.")
 
 
-def _pct_ci(v: dict, key: str) -> str:
-    """``v[key]`` in percent with its 95 % interval (``key_ci_low`` / ``key_ci_high``) where
-    the metrics carry one (older metrics files do not)."""
-    if f"{key}_ci_low" not in v:
-        return _pct(v[key])
-    return f"{_pct(v[key])} [{100 * v[key + '_ci_low']:.1f}, {100 * v[key + '_ci_high']:.1f}]"
-
-
 def _vs_baseline(v: dict, base: dict | None, defense: str) -> str:
     """:func:`pipeline.metrics.versus_baseline` of the mean fooling rate against the
     undefended model's white-box one; empty for the baseline itself or without intervals."""
@@ -523,11 +515,11 @@ def _blurnet(rep: Report, params: Params, rp2: dict, run) -> None:
                          "victims classified stop (ours)": _pct(v["clean_accuracy"]),
                          "test accuracy (ours)": _pct((test or {}).get("clean_accuracy")),
                          "fooling rate (mean) paper": _pct(paper_avg),
-                         "fooling rate (mean) ours [95 % CI]": _pct_ci(v, "fooling_rate_mean"),
+                         "fooling rate (mean) ours [95 % CI]": _with_spread(v, "fooling_rate_mean"),
                          "difference": _diff(v["fooling_rate_mean"], paper_avg),
                          "vs baseline (ours)": _vs_baseline(v, base, d),
                          "fooling rate (worst target) paper": _pct(paper_worst),
-                         "fooling rate (worst target) ours [95 % CI]": _pct_ci(v, "fooling_rate_worst"),
+                         "fooling rate (worst target) ours [95 % CI]": _with_spread(v, "fooling_rate_worst"),
                          "L2 dissimilarity paper": f"{ref[4]:.3f}" if ref and key == "table2" else "",
                          "L2 dissimilarity ours": f"{v['l2_dissimilarity_mean']:.3f}"})
         rep.h(3, label)
