@@ -118,7 +118,7 @@ def smoke_project(tmp_path_factory, mlflow_server):
     git(work, "add", "-A")
     git(work, "commit", "-qm", "smoke")
     env = {**stage_env(work), "MLFLOW_TRACKING_URI": mlflow_server}
-    log = _repro(work, env, "evaluate")
+    log = _repro(work, env)
     yield {"dir": work, "env": env, "params": params, "log": log}
     shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)  # the Ray session folder this fixture made
 
