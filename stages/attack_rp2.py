@@ -92,7 +92,10 @@ def summarise(rows: pd.DataFrame, n_victims: int) -> dict:
         "fooling_rate_mean_ci_low", "fooling_rate_mean_ci_high", "fooling_rate_worst",
         "fooling_rate_worst_ci_low", "fooling_rate_worst_ci_high", "worst_target",
         "target_success_mean", "target_success_transformed_mean", "l2_dissimilarity_mean",
-        "n_stickers", "n_seeds", "n_victims"}}}``; fractions in [0, 1].
+        "n_stickers", "n_seeds", "n_victims", "fooling_rate_mean_vs_none"}}}``; fractions in
+        [0, 1]; ``fooling_rate_mean_vs_none`` is :func:`pipeline.metrics.versus_baseline` of the
+        mean fooling rate against the undefended model's white-box one ("" for that row itself
+        or without an undefended row).
 
     Raises:
         ValueError: ``n_victims`` < 1.
@@ -124,6 +127,12 @@ def summarise(rows: pd.DataFrame, n_victims: int) -> dict:
             "n_seeds": int(g["seed"].nunique()),
             "n_victims": int(n_victims),
         }
+    base = out.get("none", {}).get("white_box")
+    for by in out.values():
+        for v in by.values():  # the undefended model's white-box rate is the baseline itself
+            v["fooling_rate_mean_vs_none"] = "" if base is None or v is base else versus_baseline(
+                v["fooling_rate_mean_ci_low"], v["fooling_rate_mean_ci_high"],
+                base["fooling_rate_mean_ci_low"], base["fooling_rate_mean_ci_high"])
     return out
 
 
@@ -251,15 +260,12 @@ def _markdown(table: pd.DataFrame, summary: dict, classes: list[str], r, n: int)
              f"stickers share them, so they are the independent draws; one victim is {100 / n:.1f} points). "
              "`vs none`: the mean fooling rate against the undefended model's white-box one, 'higher' or 'lower' "
              "only where the two intervals do not overlap.", ""]
-    base = summary.get("none", {}).get("white_box")
     flat = []
     for d, by in summary.items():
         for setting, v in by.items():
-            vs = "" if base is None or (d == "none" and setting == "white_box") else versus_baseline(
-                v["fooling_rate_mean_ci_low"], v["fooling_rate_mean_ci_high"],
-                base["fooling_rate_mean_ci_low"], base["fooling_rate_mean_ci_high"])
             flat.append({"setting": setting, "defense": d, "clean_accuracy": v["clean_accuracy"],
-                         "fooling_rate_mean [95% CI]": _rate(v, "fooling_rate_mean"), "vs none": vs,
+                         "fooling_rate_mean [95% CI]": _rate(v, "fooling_rate_mean"),
+                         "vs none": v["fooling_rate_mean_vs_none"],
                          "fooling_rate_worst [95% CI]": _rate(v, "fooling_rate_worst"),
                          "worst_target": f"{v['worst_target']} ({classes[v['worst_target']]})",
                          "target_success_mean": v["target_success_mean"],

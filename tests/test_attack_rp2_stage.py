@@ -158,6 +158,14 @@ def test_summary_rates_carry_wilson_intervals_over_the_victims():
     assert 0.25 < s["fooling_rate_mean_ci_high"] - s["fooling_rate_mean_ci_low"] < 0.3
     with pytest.raises(ValueError, match="n_victims"):
         summarise(rows, 0)
+    # each row against the undefended white-box one: a direction only outside both intervals
+    assert s["fooling_rate_mean_vs_none"] == ""  # the baseline itself
+    low = pd.DataFrame([{**r, "defense": "blur", "fooling_rate": 0.0} for r in rows.to_dict("records")])
+    same = pd.DataFrame([{**r, "defense": "same", "fooling_rate": r["fooling_rate"] + 0.025}
+                         for r in rows.to_dict("records")])
+    both = summarise(pd.concat([rows, low, same]), 40)
+    assert both["blur"]["white_box"]["fooling_rate_mean_vs_none"] == "lower"  # 0 of 40 against 10 of 40
+    assert both["same"]["white_box"]["fooling_rate_mean_vs_none"] == "within noise"  # 11 of 40
 
 
 def test_versus_baseline_reads_a_direction_only_outside_the_noise():

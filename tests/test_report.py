@@ -61,9 +61,9 @@ def test_report_puts_ours_beside_the_papers(tmp_path, monkeypatch):
     _write("metrics/rp2.json", {"enabled": True, "targets": [5, 1, 38], "summary": {
         "none": {"white_box": summary},
         "blurnet5": {"black_box": {**summary, "fooling_rate_mean": 0.25, "fooling_rate_mean_ci_low": 0.14,
-                                   "fooling_rate_mean_ci_high": 0.4}},
+                                   "fooling_rate_mean_ci_high": 0.4, "fooling_rate_mean_vs_none": "within noise"}},
         "blurnet3": {"black_box": {**summary, "fooling_rate_mean": 0.15, "fooling_rate_mean_ci_low": 0.07,
-                                   "fooling_rate_mean_ci_high": 0.29}}}})
+                                   "fooling_rate_mean_ci_high": 0.29, "fooling_rate_mean_vs_none": "lower"}}}})
     Path("plots").mkdir()
     fig, ax = plt.subplots()
     ax.plot([0, 1])
