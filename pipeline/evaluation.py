@@ -13,7 +13,9 @@ so defenses and attacks differ in nothing else. Attacks:
   AdvP and LaVAN patches have the same size, so it serves both;
 * any registered per-image attack (:mod:`pipeline.attacks.base`: FGSM, PGD,
   Mask-FGSM, masked PGD, DeepFool, JSMA, C&W, One Pixel), run white-box on each
-  (defended) model itself, on the first ``n_images`` of the evaluated images.
+  (defended) model itself, on the first ``n_images`` of the evaluated images;
+* ``per_image_worst``: per image, the worst case over the untargeted per-image attacks
+  of PGD's threat model (:func:`per_image_worst_metrics`).
 
 Spread: each patch metric is computed per patch seed, then reported as the mean
 and the standard deviation over seeds (``<metric>_std``).
@@ -377,4 +379,53 @@ def attack_cell_metrics(
     out["n_images"] = ra.n_images
     for name, values in sizes.items():
         out[name] = float(values.double().mean()) if len(values) else math.nan
+    return out
+
+
+def per_image_worst_metrics(cells: dict[str, dict[str, Any]], labels: torch.Tensor) -> dict[str, float | int | str]:
+    """The per-image worst case over several untargeted attacks of one threat model (e.g.
+    PGD with EOT and AutoAttack at the same L-inf ``eps``): an image counts as robust only if
+    no attack fools it, as AutoAttack's own ensemble counts its components (Croce and Hein,
+    ICML 2020, Section 4) and as Carlini et al. ("On Evaluating Adversarial Robustness",
+    2019, Section 3) ask of an evaluation. Its robust accuracy is at most every attack's on
+    the same images, by construction; on randomised defenses, where one attack may be the
+    stronger on some images and the other on others, it is the number to cite.
+
+    Args:
+        cells: attack name -> its per-image cell, each with ``pred_clean`` and ``pred_adv``
+            (int64 (n_a,), the first n_a test images) and ``sizes`` (name -> float (n_a,)).
+            The first cell's clean predictions are the clean ones (on a randomised model every
+            cell drew its own).
+        labels: int64 (N,), N >= every n_a.
+
+    Returns:
+        :func:`attack_cell_metrics` over the first ``n = min(n_a)`` images, with per image the
+        prediction (and perturbation sizes) of the first attack listed that fools it; plus
+        ``worst_attack`` (the attack of the lowest robust accuracy alone on those images) and
+        ``attacks`` (the attacks combined, comma-separated).
+
+    Raises:
+        ValueError: fewer than two cells.
+    """
+    if len(cells) < 2:
+        raise ValueError(f"a per-image worst case needs at least two attacks, got {list(cells)}")
+    n = min(len(c["pred_adv"]) for c in cells.values())
+    y = labels[:n]
+    first = next(iter(cells.values()))
+    pred = y.clone()
+    sizes = {k: torch.zeros(n, dtype=torch.float64) for k in first["sizes"]}
+    open_ = torch.ones(n, dtype=torch.bool)  # not fooled by any attack listed so far
+    for c in cells.values():
+        fooled = open_ & (c["pred_adv"][:n] != y)
+        pred[fooled] = c["pred_adv"][:n][fooled]
+        for k in sizes:
+            if k in c["sizes"]:
+                sizes[k][fooled] = c["sizes"][k][:n][fooled].double()
+        open_ &= ~fooled
+    for k in sizes:  # the images no attack fools keep the first attack's sizes
+        sizes[k][open_] = first["sizes"][k][:n][open_].double()
+    out: dict[str, float | int | str] = dict(attack_cell_metrics(first["pred_clean"][:n], pred, y, None, sizes))
+    alone = {a: robust_accuracy(c["pred_adv"][:n], y, None).value for a, c in cells.items()}
+    out["worst_attack"] = min(alone, key=alone.__getitem__)  # ties: the first listed
+    out["attacks"] = ",".join(cells)
     return out

@@ -62,6 +62,7 @@ from pipeline.evaluation import (  # noqa: E402
     cell_metrics,
     fixed_placements,
     noise_patches,
+    per_image_worst_metrics,
     test_order,
     worst_case_metrics,
 )
@@ -75,8 +76,10 @@ PATCH_CELLS = ("none", *PATCH_ATTACKS, *ADAPTIVE_PATCH_ATTACKS, "occlusion")
 """Cells computed from the same forward passes at fixed placements (clean, patches, control)."""
 HEADLINE = Path("metrics/headline.json")
 """Per defense: clean, worst-case patch, PGD and AutoAttack accuracy (:func:`headline`)."""
-HEADLINE_ATTACKS = ("pgd", "autoattack")
-"""The per-image attacks whose robust accuracy :func:`headline` reports, where evaluated."""
+PER_IMAGE_WORST = "per_image_worst"
+"""The cell of the per-image worst case over the attacks of :func:`per_image_worst_attacks`."""
+HEADLINE_ATTACKS = ("pgd", "autoattack", PER_IMAGE_WORST)
+"""The per-image cells whose robust accuracy :func:`headline` reports, where evaluated."""
 ACCURACY_CSV = Path("plots/evaluate_accuracy.csv")
 """Accuracy per (defense, attack) cell, labelled with its images, for ``dvc plots show`` (:func:`accuracy_bars`)."""
 
@@ -94,18 +97,47 @@ CELL_METRICS = (*HEADLINE_METRICS, "n_images", "clean_accuracy_ci_low", "clean_a
 def attack_kind(attack: str) -> str:
     """How a cell's adversarial images are made: ``clean``, ``patch transferred`` (from the
     baseline), ``patch adaptive`` / ``patch bpda`` (optimised through the defended model),
-    ``patch worst case``, ``occlusion`` or ``per-image``."""
+    ``patch worst case``, ``occlusion``, ``per-image`` or ``per-image worst case``."""
     if attack == "none":
         return "clean"
     if attack == "occlusion":
         return "occlusion"
     if attack in PATCH_ATTACKS:
         return "patch transferred"
+    if attack == PER_IMAGE_WORST:
+        return "per-image worst case"
     if attack.endswith("_worst"):
         return "patch worst case"
     if attack in ADAPTIVE_PATCH_ATTACKS:
         return f"patch {attack.rsplit('_', 1)[1]}"
     return "per-image"
+
+
+def per_image_worst_attacks(per_image: list[str], params: Params) -> list[str]:
+    """The evaluated per-image attacks that :data:`PER_IMAGE_WORST` combines: ``pgd`` first,
+    then every other untargeted attack with PGD's norm and an ``eps`` no larger than PGD's
+    (its images lie inside PGD's threat model), in ``evaluate.attacks`` order. Empty when
+    ``pgd`` is not evaluated or no other attack qualifies."""
+    if "pgd" not in per_image:
+        return []
+    def threat(name: str) -> tuple[str, float] | None:  # (norm, eps) of an untargeted eps-bounded attack
+        ap = params.attack_params(name)
+        if "eps" not in ap or ap.get("target") is not None:
+            return None
+        return ap.get("norm", "linf"), _eps(ap["eps"])  # FGSM-like attacks without a norm are L-inf
+
+    norm, eps = threat("pgd") or ("", 0.0)
+    same = [a for a in per_image if a != "pgd" and (t := threat(a)) is not None and t[0] == norm
+            and t[1] <= eps + 1e-6]
+    return ["pgd", *same] if same else []
+
+
+def _eps(value: float | str) -> float:
+    """An ``eps`` param as a float (``"8/255"`` or ``0.0314``)."""
+    if isinstance(value, str) and "/" in value:
+        num, den = value.split("/")
+        return float(num) / float(den)
+    return float(value)
 
 
 def _cell_runs(table: dict[str, dict[str, dict]], params: Params, model: str) -> list[dict]:
@@ -118,8 +150,8 @@ def _cell_runs(table: dict[str, dict[str, dict]], params: Params, model: str) ->
         for a, m in row.items():
             kind = attack_kind(a)
             cell = {"model": model, "defense": d, "attack": a, "attack_kind": kind}
-            if kind == "per-image":
-                ap = params.attack_params(a)
+            if kind.startswith("per-image"):
+                ap = params.attack_params("pgd" if a == PER_IMAGE_WORST else a)
                 cell.update({k: ap[k] for k in ("eps", "norm") if k in ap})
             elif kind.startswith("patch") or kind == "occlusion":
                 cell.update({"patch.area_fraction": params.patch.area_fraction, "patch.target": params.patch.target})
@@ -328,6 +360,9 @@ def main(params: Params) -> None:
                                                   params.attack_params(a).get("target"), c["sizes"])
             if (d, a) in selection:
                 table[d][a].update(selection[(d, a)])
+        worst_of = per_image_worst_attacks(per_image, params)
+        if worst_of:  # per image, the worst case over the attacks of PGD's threat model
+            table[d][PER_IMAGE_WORST] = per_image_worst_metrics({a: cells[(d, a)] for a in worst_of}, y)
         for attack in PATCH_ATTACKS:  # the worst case over every way of making this attack's patch
             variants = [a for a in (attack, *(c for c, b in ADAPTIVE_PATCH_ATTACKS.items() if b == attack))
                         if a in ev.attacks]
@@ -518,7 +553,8 @@ def _markdown(df: pd.DataFrame, params: Params) -> str:
             "the transferred patch and from `patch.adaptive_restarts` random patches and keeps the start that attacks "
             "the validation split best (`selected_start`, `val_robust_accuracy`); `*_worst` is the worst case over "
             "the transferred and adaptive cells per seed (`worst_attack`: the cell that achieved it). Per-image "
-            "attacks are white-box on each model.\n\n")
+            "attacks are white-box on each model; `per_image_worst` counts an image as robust only if no attack of "
+            "PGD's threat model fools it (`worst_attack`: the strongest of them alone).\n\n")
     return head + df[cols].to_markdown(index=False, floatfmt=".4f", missingval="") + "\n"
 
 
@@ -589,7 +625,8 @@ def headline(table: dict[str, dict[str, dict]], params: Params) -> dict[str, dic
     print, per defense: ``clean_accuracy``; the robust accuracy under the first of
     ``patch.attacks`` that was evaluated, as its worst case over the transferred and adaptive
     patches (key ``<attack>_worst``) where that cell exists, else the transferred patch's (key
-    ``<attack>``); and, where evaluated, the robust accuracy under ``pgd`` and ``autoattack``.
+    ``<attack>``); and, where evaluated, the robust accuracy under ``pgd``, ``autoattack`` and
+    their per-image worst case (``per_image_worst``).
     The full matrix is ``metrics/evaluate.json``."""
     out: dict[str, dict[str, float]] = {}
     for d, row in table.items():

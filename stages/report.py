@@ -267,6 +267,12 @@ def _masking_section(rep: Report, params: Params, verdicts: dict[str, str], df: 
                "robust accuracy under PGD against eps, per model, with Wilson intervals")
 
 
+def _worst_of(ev: dict) -> str:
+    """The attacks the ``per_image_worst`` cells combine (the first cell's list), or 'PGD'."""
+    cell = next((row["per_image_worst"] for row in ev.values() if "per_image_worst" in row), None)
+    return cell["attacks"].replace(",", ", ") if cell else "PGD"
+
+
 def _defense_suite(rep: Report, params: Params, ev: dict, run, masking: dict[str, str]) -> None:
     """One row per evaluated model: clean accuracy and its drop from the undefended model's,
     per-image attacks, every patch cell with its attack success rate, and the headline: the
@@ -290,6 +296,10 @@ def _defense_suite(rep: Report, params: Params, ev: dict, run, masking: dict[str
             ap = params.attack_params(a)
             label = f"PGD-{ap['steps']}" if a == "pgd" else "AutoAttack"
             row[f"{label} (n={ap['n_images']})"] = _with_spread(ev[d].get(a, {}), "robust_accuracy")
+        both = ev[d].get("per_image_worst")
+        if both is not None:
+            row[f"per-image worst case (n={both['n_images']})"] = (
+                f"{_with_spread(both, 'robust_accuracy')} ({both['worst_attack']})")
         for attack in PATCH_ATTACKS:
             if attack not in attacks and not any(f"{attack}{s}" in attacks for s, _ in PATCH_KINDS):
                 continue
@@ -323,6 +333,9 @@ def _defense_suite(rep: Report, params: Params, ev: dict, run, masking: dict[str
     pgd_text = (f"PGD: {pgd['steps']} steps of {float(pgd['step_size']) * 255:.3g}/255 within "
                 f"eps {float(pgd['eps']) * 255:.3g}/255 ({pgd['norm']}), {pgd['restarts']} restart(s), "
                 f"{pgd.get('eot_samples', 1)} EOT sample(s) on randomised models, white box on each model. "
+                f"'per-image worst case': an image counts as robust only if no attack of PGD's threat model "
+                f"({_worst_of(ev)}) fools it, the number to cite for the per-image attacks; in brackets the "
+                f"strongest of them alone. "
                 ) if pgd is not None else ""
     rep.p(f"Robust accuracy / attack success rate (target class {params.patch.target}) in percent; '± x' is the "
           f"standard deviation over {len(params.patch.seeds)} patch seed(s), '[a, b]' a 95 % Wilson interval over the "

@@ -28,10 +28,12 @@ def _table() -> dict[str, dict[str, dict]]:
     return {
         "none": {"none": _cell(0.9, n=1000), "advp": _cell(0.9, 0.5, 900), "advp_adaptive": _cell(0.9, 0.4, 900),
                  "pgd": _cell(0.88, 0.1, 200), "autoattack": _cell(0.88, 0.05, 200),
-                 "one_pixel": _cell(0.93, 0.6, 30), "advp_worst": _cell(0.9, 0.4, 900)},
+                 "one_pixel": _cell(0.93, 0.6, 30), "advp_worst": _cell(0.9, 0.4, 900),
+                 "per_image_worst": _cell(0.88, 0.04, 200)},
         "fnc": {"none": _cell(0.8, n=1000), "advp": _cell(0.8, 0.7, 900), "advp_adaptive": _cell(0.8, 0.3, 900),
                 "pgd": _cell(0.79, 0.02, 200), "autoattack": _cell(0.79, 0.01, 200),
-                "one_pixel": _cell(0.9, 0.5, 40), "advp_worst": _cell(0.8, 0.3, 900)},
+                "one_pixel": _cell(0.9, 0.5, 40), "advp_worst": _cell(0.8, 0.3, 900),
+                "per_image_worst": _cell(0.79, 0.005, 200)},
     }
 
 
@@ -43,9 +45,12 @@ def params():
 def test_headline_is_clean_worst_patch_pgd_and_autoattack_per_defense(params):
     assert params.patch.attacks[0] == "advp"
     h = stage.headline(_table(), params)
-    assert h == {"none": {"clean_accuracy": 0.9, "advp_worst": 0.4, "pgd": 0.1, "autoattack": 0.05},
-                 "fnc": {"clean_accuracy": 0.8, "advp_worst": 0.3, "pgd": 0.02, "autoattack": 0.01}}
-    assert list(h["fnc"]) == ["clean_accuracy", "advp_worst", "pgd", "autoattack"]  # the order dvc exp show keeps
+    assert h == {"none": {"clean_accuracy": 0.9, "advp_worst": 0.4, "pgd": 0.1, "autoattack": 0.05,
+                          "per_image_worst": 0.04},
+                 "fnc": {"clean_accuracy": 0.8, "advp_worst": 0.3, "pgd": 0.02, "autoattack": 0.01,
+                         "per_image_worst": 0.005}}
+    assert list(h["fnc"]) == ["clean_accuracy", "advp_worst", "pgd", "autoattack",
+                              "per_image_worst"]  # the order dvc exp show keeps
 
 
 def test_headline_without_a_worst_case_cell_or_per_image_attacks(params):
@@ -86,7 +91,7 @@ def test_figure_gives_every_attack_its_own_colour_and_its_images(params, monkeyp
     figures = []
     monkeypatch.setattr(stage.plt, "close", figures.append)
     table = _table()
-    for row in table.values():  # more attacks than the default colour cycle's 10
+    for row in table.values():  # more attacks than the default colour cycle's 10: 8 cells + 8 extra
         row.update({f"extra{i}": _cell(0.9, 0.1 * i, 50) for i in range(8)})
     png = stage._figure(_frame(table), "m", params)
     assert png.startswith(b"\x89PNG")
@@ -94,7 +99,7 @@ def test_figure_gives_every_attack_its_own_colour_and_its_images(params, monkeyp
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert labels[0] == "clean (n=1000)" and "one_pixel (n=30/40)" in labels and "extra3 (n=50)" in labels
     colours = {tuple(c.patches[0].get_facecolor()) for c in ax.containers if hasattr(c, "patches") and c.patches}
-    assert len(colours) == len(labels) == 15
+    assert len(colours) == len(labels) == 16
 
 
 def _dvc(cwd: Path, *args: str) -> subprocess.CompletedProcess:

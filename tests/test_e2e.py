@@ -32,7 +32,7 @@ def test_metrics_nested_model_defense_attack(smoke_project):
     assert set(cells) == {"none", "fnc"}
     params = smoke_project["params"]
     for defense in ("none", "fnc"):
-        assert list(cells[defense]) == [*params["evaluate"]["attacks"], "advp_worst", "lavan_worst"]
+        assert list(cells[defense]) == [*params["evaluate"]["attacks"], "per_image_worst", "advp_worst", "lavan_worst"]
         for attack, m in cells[defense].items():
             if attack in ("advp", "lavan", "occlusion", "advp_worst", "lavan_worst"):
                 assert m["n_seeds"] == len(params["patch"]["seeds"])
@@ -45,6 +45,10 @@ def test_metrics_nested_model_defense_attack(smoke_project):
                     cells[defense][variant]["robust_accuracy"] + 1e-12, (defense, variant)
         # AutoAttack and PGD-10 attack the same first 200 images: the ensemble is never weaker
         assert cells[defense]["autoattack"]["robust_accuracy"] <= cells[defense]["pgd"]["robust_accuracy"]
+        worst = cells[defense]["per_image_worst"]  # FGSM, PGD, AutoAttack, masked PGD: the first 200 images
+        assert worst["attacks"] == "pgd,fgsm,autoattack,masked_pgd" and worst["n_images"] == 200
+        for attack in worst["attacks"].split(","):
+            assert worst["robust_accuracy"] <= cells[defense][attack]["robust_accuracy"], (defense, attack)
     # every test image counted; the targeted cells leave the target class out
     n_test = 10 * smoke_project["params"]["data"]["test_per_class"]
     assert cells["none"]["none"]["n_images"] == n_test
@@ -164,8 +168,8 @@ def test_stage_outputs_match_params(smoke_project):
 
 def test_dvc_metrics_show_lists_the_headline_and_the_table_on_request(smoke_project):
     """``dvc metrics show`` prints metrics/headline.json alone, one narrow line: per defense
-    the clean accuracy and the robust accuracy under the worst-case AdvP patch, PGD and
-    AutoAttack, the matrix's own cells; the matrix itself is shown when named."""
+    the clean accuracy and the robust accuracy under the worst-case AdvP patch, PGD,
+    AutoAttack and their per-image worst case, the matrix's own cells; the matrix itself is shown when named."""
     out = dvc(smoke_project, "metrics", "show", "--json")
     assert out.returncode == 0, out.stderr
     shown = json.loads(out.stdout)[""]["data"]
@@ -175,7 +179,7 @@ def test_dvc_metrics_show_lists_the_headline_and_the_table_on_request(smoke_proj
     assert list(headline) == list(cells)
     for defense, row in cells.items():
         want = {"clean_accuracy": row["none"]["clean_accuracy"], "advp_worst": row["advp_worst"]["robust_accuracy"]}
-        want.update({a: row[a]["robust_accuracy"] for a in ("pgd", "autoattack") if a in row})
+        want.update({a: row[a]["robust_accuracy"] for a in ("pgd", "autoattack", "per_image_worst") if a in row})
         assert headline[defense] == pytest.approx(want)
     table = dvc(smoke_project, "metrics", "show")
     assert max(map(len, table.stdout.splitlines())) <= 200, table.stdout

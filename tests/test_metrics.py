@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,6 +113,43 @@ def test_attack_cell_metrics_counts():
     assert m["clean_accuracy"] == 0.75 and m["robust_accuracy"] == 0.25
     assert m["attack_success_rate"] == pytest.approx(2 / 3) and m["fooling_rate"] == 0.5
     assert m["l0"] == pytest.approx(0.1) and m["n_images"] == 4
+
+
+def test_per_image_worst_counts_an_image_robust_only_if_no_attack_fools_it():
+    """Two attacks that each fool different images: the worst case fools their union, on the
+    images both attacked, with each image's sizes from the attack that fooled it."""
+    from pipeline.evaluation import per_image_worst_metrics
+
+    labels = torch.tensor([0, 1, 2, 3, 4, 5])
+    clean = torch.tensor([0, 1, 2, 3, 4, 0])  # 5 of the first 5 correct
+    pgd = {"pred_clean": clean[:5], "pred_adv": torch.tensor([9, 1, 2, 3, 4]),
+           "sizes": {"linf": torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5])}}
+    aa = {"pred_clean": clean, "pred_adv": torch.tensor([9, 8, 8, 3, 4, 0]),
+          "sizes": {"linf": torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])}}
+    m = per_image_worst_metrics({"pgd": pgd, "autoattack": aa}, labels)
+    assert m["n_images"] == 5  # the images both attacks attacked
+    assert m["robust_accuracy"] == pytest.approx(2 / 5)  # images 3 and 4 survive both
+    assert m["robust_accuracy"] < min(0.8, 0.6)  # below either attack alone on the same images
+    assert m["attack_success_rate"] == pytest.approx(3 / 5) and m["clean_accuracy"] == 1.0
+    assert m["linf"] == pytest.approx((0.1 + 2.0 + 3.0 + 0.4 + 0.5) / 5)  # image 0: PGD, listed first, fooled it
+    assert m["worst_attack"] == "autoattack" and m["attacks"] == "pgd,autoattack"
+    with pytest.raises(ValueError, match="at least two"):
+        per_image_worst_metrics({"pgd": pgd}, labels)
+
+
+def test_per_image_worst_combines_the_attacks_of_pgds_threat_model():
+    """FGSM, AutoAttack and masked PGD at PGD's L-inf eps join; Mask-FGSM (twice the eps),
+    DeepFool (no eps) and a targeted attack do not; without PGD there is no worst-case cell."""
+    from pipeline.config import load_params
+    from stages.evaluate import per_image_worst_attacks
+
+    params = load_params(Path(__file__).resolve().parents[1] / "params" / "smoke.yaml")
+    attacks = ["pgd", "fgsm", "mask_fgsm", "autoattack", "deepfool", "masked_pgd"]
+    assert per_image_worst_attacks(attacks, params) == ["pgd", "fgsm", "autoattack", "masked_pgd"]
+    params.attacks["fgsm"] = {**params.attack_params("fgsm"), "target": 3}
+    assert "fgsm" not in per_image_worst_attacks(attacks, params)
+    assert per_image_worst_attacks(["fgsm", "autoattack"], params) == []
+    assert per_image_worst_attacks(["pgd", "deepfool"], params) == []
 
 
 # --------------------------------------------------------------------------- mutation-testing additions

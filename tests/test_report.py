@@ -51,7 +51,10 @@ def test_report_puts_ours_beside_the_papers(tmp_path, monkeypatch):
     _write("metrics/evaluate.json", {"resnet20": {
         "none": {"none": {"clean_accuracy": 0.8, "n_images": 1000}, "advp": cell},
         "fnc": {"none": {"clean_accuracy": 0.75, "n_images": 1000}, "advp": {**cell, "robust_accuracy": 0.6},
-                "advp_adaptive": {**cell, "robust_accuracy": 0.4}, "advp_bpda": {**cell, "robust_accuracy": 0.4}}}})
+                "advp_adaptive": {**cell, "robust_accuracy": 0.4}, "advp_bpda": {**cell, "robust_accuracy": 0.4},
+                "per_image_worst": {"robust_accuracy": 0.05, "robust_accuracy_ci_low": 0.02,
+                                    "robust_accuracy_ci_high": 0.1, "n_images": 200, "worst_attack": "autoattack",
+                                    "attacks": "pgd,autoattack"}}}})
     _write("metrics/train_baseline.json", {"clean_accuracy": 0.8, "epochs": 6})
     _write("metrics/train_defended/fnc.json", {"clean_accuracy": 0.75})
     summary = {"clean_accuracy": 0.9, "fooling_rate_mean": 0.5, "fooling_rate_mean_ci_low": 0.35,
@@ -85,6 +88,9 @@ def test_report_puts_ours_beside_the_papers(tmp_path, monkeypatch):
     assert suite["fnc"]["worst case under a patch (attack)"] == "40.00 % (advp_adaptive)"  # a tie: the first kind
     assert "lavan adaptive: robust / success" not in header  # listed in the profile, not in the metrics
     assert suite["fnc"]["PGD-10 (n=200)"] == ""  # no cell: a missing value is never invented
+    assert suite["fnc"]["per-image worst case (n=200)"] == "5.00 % [2.0, 10.0] (autoattack)"
+    assert suite["none"]["per-image worst case (n=200)"] == ""
+    assert "no attack of PGD's threat model (pgd, autoattack) fools it" in md
     assert suite["fnc"]["clean drop"] == "5.00 pt"  # 80 % -> 75 %: not above report.max_clean_drop (5 pt)
     # the patch masking check: the adaptive patch succeeds as often as the transferred one
     assert suite["fnc"]["gradient masking"] == "not suspected"
