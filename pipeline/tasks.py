@@ -128,7 +128,10 @@ def defend_task(item: dict[str, Any]) -> dict[str, Any]:
             out["finetune_loss"] = finetune_classifier(
                 model, iterate_batches(x_train[idx], y_train[idx], bs, device), lr=item["finetune_lr"], device=device
             )
-    out["clean_accuracy"] = accuracy(model, x_test, y_test, bs, device)
+    if adjustment in ("bn_recalibration", "finetune_classifier"):
+        out["clean_accuracy"] = accuracy(model, x_test, y_test, bs, device)
+    else:  # nothing adjusted: the same model on the same images (a randomised one: the same draw)
+        out["clean_accuracy"] = out["clean_accuracy_unadjusted"]
     out["baseline_clean_accuracy"] = accuracy(
         build_from_spec(spec).to(device), x_test, y_test, bs, device
     )

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from pipeline import tracking
+from pipeline.local_cluster import LocalCluster
 
 os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -105,7 +106,30 @@ def _repro(work: Path, env: dict[str, str], *targets: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def smoke_project(tmp_path_factory, mlflow_server):
+def ray_head():
+    """One Ray head on 127.0.0.1 (:class:`pipeline.local_cluster.LocalCluster`, every core of
+    this machine, no dashboard) that the DAG fixtures' stages join through ``RAY_ADDRESS``,
+    as on a cluster, instead of each starting and stopping its own instance (about 5-10 s a
+    stage, over some 50 stage runs). Stopped at the end by the pids of its own processes.
+    Tests of a stage on a machine alone use :func:`local_ray` on the environment."""
+    with LocalCluster(nodes=1, cpus_per_node=os.cpu_count() or 2, dashboard=False) as cluster:
+        yield cluster
+
+
+def joined(env: dict[str, str], cluster: LocalCluster) -> dict[str, str]:
+    """``env`` with ``RAY_ADDRESS`` and the auth token of ``cluster``: stages join it."""
+    return {**env, "RAY_ADDRESS": cluster.address,
+            **{k: cluster.env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}}
+
+
+def local_ray(env: dict[str, str]) -> dict[str, str]:
+    """``env`` without the shared head: a stage started with it runs its own local Ray instance
+    (the tests that kill a stage's workers find them among the stage's own processes)."""
+    return {k: v for k, v in env.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+
+
+@pytest.fixture(scope="session")
+def smoke_project(tmp_path_factory, mlflow_server, ray_head):
     """One ``dvc repro`` of the smoke profile on the shared CIFAR-10 archives,
     in a copy of the project, shared by every test that needs a finished run; every
     stage logs to the real MLflow server of :func:`mlflow_server` (``MLFLOW_TRACKING_URI``)."""
@@ -117,14 +141,14 @@ def smoke_project(tmp_path_factory, mlflow_server):
     git(work, "init", "-q")
     git(work, "add", "-A")
     git(work, "commit", "-qm", "smoke")
-    env = {**stage_env(work), "MLFLOW_TRACKING_URI": mlflow_server}
+    env = joined({**stage_env(work), "MLFLOW_TRACKING_URI": mlflow_server}, ray_head)
     log = _repro(work, env)
     yield {"dir": work, "env": env, "params": params, "log": log}
     shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)  # the Ray session folder this fixture made
 
 
 @pytest.fixture(scope="session")
-def defenses_project(smoke_project, tmp_path_factory):
+def defenses_project(smoke_project, tmp_path_factory, ray_head):
     """The smoke project copied after its run, switched to ``params/smoke-defenses.yaml``
     (every defense as a defended model) and reproduced up to ``evaluate``: data and baseline
     are reused; the patches (one seed), the defended models and evaluate run. The analyses and
@@ -133,7 +157,7 @@ def defenses_project(smoke_project, tmp_path_factory):
     work = tmp_path_factory.mktemp("defenses") / "project"
     shutil.copytree(smoke_project["dir"], work, symlinks=True)
     params = _write_profile(work, "smoke-defenses")
-    env = stage_env(work)  # its own SQLite store in the copy
+    env = joined(stage_env(work), ray_head)  # its own SQLite store in the copy
     log = _repro(work, env, "evaluate")
     yield {"dir": work, "env": env, "params": params, "log": log}
     shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)

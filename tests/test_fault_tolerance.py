@@ -15,6 +15,8 @@ import time
 import pytest
 import yaml
 
+from tests.conftest import local_ray
+
 pytestmark = pytest.mark.e2e
 
 
@@ -45,7 +47,8 @@ def test_killed_worker_is_retried_with_the_same_metrics(smoke_project, tmp_path)
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["evaluate"]["attacks"] = ["none", "advp", "lavan", "occlusion"]
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**smoke_project["env"], "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'side.db'}", "PYTHONPATH": str(work)}
+    env = {**local_ray(smoke_project["env"]), "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'side.db'}",
+           "PYTHONPATH": str(work)}  # its own Ray instance: the workers are the stage's descendants
     proc = subprocess.Popen([sys.executable, "-m", "stages.evaluate"], cwd=work, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     killed = None

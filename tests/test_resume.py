@@ -24,6 +24,7 @@ import yaml
 
 from pipeline.config import load_params
 from tests import test_adaptive_patches as adaptive
+from tests.conftest import local_ray
 from tests.test_fault_tolerance import _descends_from
 
 project = adaptive.project  # a tiny prepared project: data, a baseline, an FNC model, one patch
@@ -176,7 +177,8 @@ def test_evaluate_killed_mid_phase_reruns_only_unfinished_tasks(smoke_project, t
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["evaluate"]["attacks"] = PER_IMAGE
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**smoke_project["env"], "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'side.db'}", "PYTHONPATH": str(work)}
+    env = {**local_ray(smoke_project["env"]), "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'side.db'}",
+           "PYTHONPATH": str(work)}  # its own Ray instance: killing the stage kills its workers
 
     with (work / "killed.log").open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "stages.evaluate"], cwd=work, env=env,
