@@ -82,12 +82,12 @@ MIN_DROP = {
     "masked_pgd": 0.15,
     # DeepFool runs until the boundary is crossed (Moosavi-Dezfooli et al. 2016): almost every correct image flips.
     "deepfool": 0.25,
-    # JSMA (gamma 10 % of features) and C&W L2 flip most images of a weak model; 30 images, so a loose bound.
+    # JSMA (gamma 10 % of features) and C&W L2 flip most images of a weak model; 10 and 30 images, so a loose bound.
     "jsma": 0.10,
     "cw_l2": 0.10,
     # Mask-FGSM changes at most tau of the input values.
     "mask_fgsm": 0.02,
-    # One Pixel at smoke budgets (5 pixels, 10 generations, 10 images) flips none to a few of the ~5 correctly
+    # One Pixel at smoke budgets (5 pixels, 5 generations, 5 images) flips none to a few of the ~2 correctly
     # classified images depending on the baseline's draw: no success is required, its pixel budget is checked.
     "one_pixel": None,
     # AutoAttack (smoke budgets) is at least as strong as PGD-10 on the same images

@@ -87,7 +87,8 @@ def test_report_puts_ours_beside_the_papers(tmp_path, monkeypatch):
     assert suite["fnc"]["advp transferred: robust / success"] == "60.00 % / 30.00 %"
     assert suite["fnc"]["worst case under a patch (attack)"] == "40.00 % (advp_adaptive)"  # a tie: the first kind
     assert "lavan adaptive: robust / success" not in header  # listed in the profile, not in the metrics
-    assert suite["fnc"]["PGD-10 (n=200)"] == ""  # no cell: a missing value is never invented
+    pgd_images = load_params("params.yaml").attack_params("pgd")["n_images"]
+    assert suite["fnc"][f"PGD-10 (n={pgd_images})"] == ""  # no cell: a missing value is never invented
     assert suite["fnc"]["per-image worst case (n=200)"] == "5.00 % [2.0, 10.0] (autoattack)"
     assert suite["none"]["per-image worst case (n=200)"] == ""
     assert "no attack of PGD's threat model (pgd, autoattack) fools it" in md

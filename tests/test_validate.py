@@ -104,6 +104,24 @@ BAD_PARAMS = [  # (what, edit of the params dict or None for a text edit, text a
 ]
 
 
+@pytest.mark.parametrize("what, edit, text, needle", [b for b in BAD_PARAMS if b[1] is not None],
+                         ids=[b[0] for b in BAD_PARAMS if b[1] is not None])
+def test_each_bad_param_is_one_line_naming_it(tmp_path, capsys, what, edit, text, needle):
+    """What validate says of each bad edit of the smoke profile: one line naming the key, exit 2,
+    no stamp (the command dvc.yaml's validate stage runs)."""
+    params = _smoke_params()
+    edit(params)
+    path = _write(tmp_path / "params.yaml", params)
+    assert validate_mod.main([str(path), "--stamp", str(tmp_path / "stamp")]) == 2, what
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: validate:") and needle in err[0], (what, err)
+    assert not (tmp_path / "stamp").exists()
+
+
+IN_DVC = ("unknown nested key", "YAML syntax error", "defended name without a section")
+"""The bad params also run through ``dvc repro`` (the rest are checked in-process above: CI time)."""
+
+
 @pytest.mark.e2e
 def test_bad_params_stop_dvc_repro_before_any_output_is_touched(smoke_project, tmp_path):
     work = tmp_path / "project"
@@ -112,7 +130,7 @@ def test_bad_params_stop_dvc_repro_before_any_output_is_touched(smoke_project, t
     good = (work / "params.yaml").read_text()
     before = _digest(work)
     assert len(before) > 10, "the smoke project has outputs to guard"
-    for what, edit, text, needle in BAD_PARAMS:
+    for what, edit, text, needle in (b for b in BAD_PARAMS if b[0] in IN_DVC):
         if edit is not None:
             params = yaml.safe_load(good)
             edit(params)
