@@ -61,6 +61,18 @@ def test_headline_without_a_worst_case_cell_or_per_image_attacks(params):
                                              "fnc": {"clean_accuracy": 0.8, "advp": 0.7}}
 
 
+def test_per_image_worst_combines_the_attacks_of_pgds_threat_model():
+    """FGSM, AutoAttack and masked PGD at PGD's L-inf eps join; Mask-FGSM (twice the eps),
+    DeepFool (no eps) and a targeted attack do not; without PGD there is no worst-case cell."""
+    params = load_params(ROOT / "params" / "smoke.yaml")
+    attacks = ["pgd", "fgsm", "mask_fgsm", "autoattack", "deepfool", "masked_pgd"]
+    assert stage.per_image_worst_attacks(attacks, params) == ["pgd", "fgsm", "autoattack", "masked_pgd"]
+    params.attacks["fgsm"] = {**params.attack_params("fgsm"), "target": 3}
+    assert "fgsm" not in stage.per_image_worst_attacks(attacks, params)
+    assert stage.per_image_worst_attacks(["fgsm", "autoattack"], params) == []
+    assert stage.per_image_worst_attacks(["pgd", "deepfool"], params) == []
+
+
 def _frame(table: dict) -> pd.DataFrame:
     return pd.DataFrame([{"model": "m", "defense": d, "attack": a, **m} for d, row in table.items()
                          for a, m in row.items()])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -135,21 +134,6 @@ def test_per_image_worst_counts_an_image_robust_only_if_no_attack_fools_it():
     assert m["worst_attack"] == "autoattack" and m["attacks"] == "pgd,autoattack"
     with pytest.raises(ValueError, match="at least two"):
         per_image_worst_metrics({"pgd": pgd}, labels)
-
-
-def test_per_image_worst_combines_the_attacks_of_pgds_threat_model():
-    """FGSM, AutoAttack and masked PGD at PGD's L-inf eps join; Mask-FGSM (twice the eps),
-    DeepFool (no eps) and a targeted attack do not; without PGD there is no worst-case cell."""
-    from pipeline.config import load_params
-    from stages.evaluate import per_image_worst_attacks
-
-    params = load_params(Path(__file__).resolve().parents[1] / "params" / "smoke.yaml")
-    attacks = ["pgd", "fgsm", "mask_fgsm", "autoattack", "deepfool", "masked_pgd"]
-    assert per_image_worst_attacks(attacks, params) == ["pgd", "fgsm", "autoattack", "masked_pgd"]
-    params.attacks["fgsm"] = {**params.attack_params("fgsm"), "target": 3}
-    assert "fgsm" not in per_image_worst_attacks(attacks, params)
-    assert per_image_worst_attacks(["fgsm", "autoattack"], params) == []
-    assert per_image_worst_attacks(["pgd", "deepfool"], params) == []
 
 
 # --------------------------------------------------------------------------- mutation-testing additions
