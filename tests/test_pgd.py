@@ -285,6 +285,19 @@ def test_l2_random_start_lies_inside_the_ball_at_uniform_radii_in_random_directi
     assert float(unit.abs().amax(1).mean()) < 0.35  # a Gaussian direction in 192 dims: max |u_i| ~ 0.2
 
 
+@pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 1.0)])
+def test_random_start_at_black_and_white_images_is_clipped_to_the_image_range(norm, eps):
+    """From images at 0 and at 1, the start's offsets pointing out of [0, 1] are clipped away
+    at either end, and the ones pointing in are kept."""
+    x = torch.cat([torch.zeros(8, 3, 8, 8), torch.ones(8, 3, 8, 8)])
+    model = FirstInput(tiny_conv())
+    pgd(model, x, torch.arange(16) % 4, ThreatModel(norm=norm, eps=eps, step_size=eps / 4, steps=1),
+        generator=torch.Generator().manual_seed(0), record_loss=False)
+    start = model.first
+    assert start.min() >= 0 and start.max() <= 1
+    assert (start[:8] > 0).float().mean() > 0.3 and (start[8:] < 1).float().mean() > 0.3  # moved inwards
+
+
 # --------------------------------------------------------------------------- mutation-testing additions
 
 def test_fgsm_step_is_the_given_eps_and_the_registered_attacks_pass_their_target():
