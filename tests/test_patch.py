@@ -157,6 +157,36 @@ def test_lavan_at_a_fixed_location_lowers_its_margin_on_unseen_images():
     assert after < before
 
 
+@pytest.mark.parametrize("location", ["fixed", "random"])
+def test_training_pastes_at_the_configured_location_rotation_and_scale(monkeypatch, location):
+    """Every placement the training loop pastes at: the bottom-right corner for ``fixed``; for
+    ``random``, fresh placements whose angles and scales span the configured ranges. The patch
+    stays in [0, 1] under a step large enough to push it out."""
+    import pipeline.attacks.patch as patch_mod
+
+    seen = []
+    real = patch_mod.apply_patch
+    monkeypatch.setattr(patch_mod, "apply_patch", lambda x, p, pl: seen.append(pl) or real(x, p, pl))
+    model = build_model("resnet20", 10, (0.5,) * 3, (0.25,) * 3).eval()
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    y = torch.randint(0, 10, (64,))
+    cfg = PatchTrainingConfig(side=8, target=3, epochs=1, batch_size=16, step_size=2.0, decay_epochs=(),
+                              location=location, rotation_deg=30.0, scale_range=(0.5, 0.9))
+    patch, _ = train_universal_patch(model, x, y, cfg, seed=0)
+    assert patch.min() == 0 and patch.max() == 1  # a step of 2 lands every value on a bound of [0, 1]
+    assert len(seen) == 4
+    angle, scale = torch.cat([pl.angle for pl in seen]), torch.cat([pl.scale for pl in seen])
+    if location == "fixed":
+        corner = corner_placements(16, (32, 32), 8)
+        for pl in seen:
+            assert torch.equal(pl.top, corner.top) and torch.equal(pl.left, corner.left)
+        assert (angle == 0).all() and (scale == 1).all()
+    else:
+        assert angle.abs().max() <= torch.pi / 6 + 1e-6 and angle.abs().max() > 0.8 * torch.pi / 6
+        assert scale.min() >= 0.5 - 1e-6 and scale.max() <= 0.9 + 1e-6 and scale.max() - scale.min() > 0.25
+        assert not torch.equal(seen[0].top, seen[1].top)  # a fresh draw per batch
+
+
 def test_patch_training_images_drop_the_target_and_draw_a_seeded_subset_in_order():
     x = torch.arange(40, dtype=torch.uint8).view(40, 1, 1, 1).expand(40, 3, 2, 2).contiguous()
     y = torch.arange(40) % 5
