@@ -400,7 +400,8 @@ def per_image_worst_metrics(cells: dict[str, dict[str, Any]], labels: torch.Tens
 
     Returns:
         :func:`attack_cell_metrics` over the first ``n = min(n_a)`` images, with per image the
-        prediction (and perturbation sizes) of the first attack listed that fools it; plus
+        prediction (and the perturbation sizes every cell has) of the first attack listed that
+        fools it, of the first attack where none does; plus
         ``worst_attack`` (the attack of the lowest robust accuracy alone on those images) and
         ``attacks`` (the attacks combined, comma-separated).
 
@@ -412,20 +413,14 @@ def per_image_worst_metrics(cells: dict[str, dict[str, Any]], labels: torch.Tens
     n = min(len(c["pred_adv"]) for c in cells.values())
     y = labels[:n]
     first = next(iter(cells.values()))
-    pred = y.clone()
-    sizes = {k: torch.zeros(n, dtype=torch.float64) for k in first["sizes"]}
-    open_ = torch.ones(n, dtype=torch.bool)  # not fooled by any attack listed so far
-    for c in cells.values():
-        fooled = open_ & (c["pred_adv"][:n] != y)
-        pred[fooled] = c["pred_adv"][:n][fooled]
-        for k in sizes:
-            if k in c["sizes"]:
-                sizes[k][fooled] = c["sizes"][k][:n][fooled].double()
-        open_ &= ~fooled
-    for k in sizes:  # the images no attack fools keep the first attack's sizes
-        sizes[k][open_] = first["sizes"][k][:n][open_].double()
+    preds = torch.stack([c["pred_adv"][:n] for c in cells.values()])  # (A, n)
+    # per image, the first attack that fools it; argmax of an all-False column is 0, the first attack
+    pick = (preds != y).to(torch.uint8).argmax(0, keepdim=True)
+    keys = [k for k in first["sizes"] if all(k in c["sizes"] for c in cells.values())]
+    sizes = {k: torch.stack([c["sizes"][k][:n].double() for c in cells.values()]).gather(0, pick)[0] for k in keys}
+    pred = preds.gather(0, pick)[0]
     out: dict[str, float | int | str] = dict(attack_cell_metrics(first["pred_clean"][:n], pred, y, None, sizes))
-    alone = {a: robust_accuracy(c["pred_adv"][:n], y, None).value for a, c in cells.items()}
+    alone = {a: robust_accuracy(p, y, None).value for a, p in zip(cells, preds, strict=True)}
     out["worst_attack"] = min(alone, key=alone.__getitem__)  # ties: the first listed
     out["attacks"] = ",".join(cells)
     return out

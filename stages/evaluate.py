@@ -44,7 +44,7 @@ import pandas as pd  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.attacks.base import attack_params_class, build_attack  # noqa: E402
+from pipeline.attacks.base import attack_params_class, build_attack, parse_fraction  # noqa: E402
 from pipeline.attacks.patch import (  # noqa: E402
     corner_placements,
     patch_cache_params,
@@ -124,20 +124,12 @@ def per_image_worst_attacks(per_image: list[str], params: Params) -> list[str]:
         ap = params.attack_params(name)
         if "eps" not in ap or ap.get("target") is not None:
             return None
-        return ap.get("norm", "linf"), _eps(ap["eps"])  # FGSM-like attacks without a norm are L-inf
+        return ap.get("norm", "linf"), float(parse_fraction(ap["eps"]))  # FGSM-like attacks without a norm: L-inf
 
     norm, eps = threat("pgd") or ("", 0.0)
     same = [a for a in per_image if a != "pgd" and (t := threat(a)) is not None and t[0] == norm
             and t[1] <= eps + 1e-6]
     return ["pgd", *same] if same else []
-
-
-def _eps(value: float | str) -> float:
-    """An ``eps`` param as a float (``"8/255"`` or ``0.0314``)."""
-    if isinstance(value, str) and "/" in value:
-        num, den = value.split("/")
-        return float(num) / float(den)
-    return float(value)
 
 
 def _cell_runs(table: dict[str, dict[str, dict]], params: Params, model: str) -> list[dict]:
@@ -343,6 +335,7 @@ def main(params: Params) -> None:
                 desc="evaluate per-image attacks (defense x attack x shard)", on_result=attack_done)
 
     table: dict[str, dict] = {}
+    worst_of = per_image_worst_attacks(per_image, params)
     for d in ev.defenses:
         table[d] = {}
         clean = cells[(d, "none")]["preds"] if (d, "none") in cells else None
@@ -360,7 +353,6 @@ def main(params: Params) -> None:
                                                   params.attack_params(a).get("target"), c["sizes"])
             if (d, a) in selection:
                 table[d][a].update(selection[(d, a)])
-        worst_of = per_image_worst_attacks(per_image, params)
         if worst_of:  # per image, the worst case over the attacks of PGD's threat model
             table[d][PER_IMAGE_WORST] = per_image_worst_metrics({a: cells[(d, a)] for a in worst_of}, y)
         for attack in PATCH_ATTACKS:  # the worst case over every way of making this attack's patch

@@ -116,16 +116,19 @@ def ray_head():
         yield cluster
 
 
+HEAD_ENV = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
+"""The variables that make a stage join the shared head (:func:`joined`, :func:`local_ray`)."""
+
+
 def joined(env: dict[str, str], cluster: LocalCluster) -> dict[str, str]:
     """``env`` with ``RAY_ADDRESS`` and the auth token of ``cluster``: stages join it."""
-    return {**env, "RAY_ADDRESS": cluster.address,
-            **{k: cluster.env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}}
+    return {**env, "RAY_ADDRESS": cluster.address, **{k: cluster.env[k] for k in HEAD_ENV[1:]}}
 
 
 def local_ray(env: dict[str, str]) -> dict[str, str]:
     """``env`` without the shared head: a stage started with it runs its own local Ray instance
     (the tests that kill a stage's workers find them among the stage's own processes)."""
-    return {k: v for k, v in env.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    return {k: v for k, v in env.items() if k not in HEAD_ENV}
 
 
 @pytest.fixture(scope="session")
