@@ -42,11 +42,6 @@ def _pct(v: float | None) -> str:
     return NOT_PUBLISHED if v is None else ("n/a" if isinstance(v, float) and math.isnan(v) else f"{100 * v:.2f} %")
 
 
-def _ours(v: float | None) -> str:
-    """Our number in percent, or empty where this run has no such cell."""
-    return "" if v is None else _pct(v)
-
-
 def _diff(ours: float | None, paper: float | None) -> str:
     if ours is None or paper is None or (isinstance(ours, float) and math.isnan(ours)):
         return ""
@@ -374,14 +369,16 @@ def _fnc(rep: Report, params: Params, ev: dict, run) -> None:
             if ours is None:
                 continue
             rows.append({"metric": label, "model": d, "paper": _pct(paper if d == "fnc" else None),
-                         "ours": _pct(ours), "difference": _diff(ours, paper if d == "fnc" else None),
+                         "ours": _with_spread(ev[d][attack], key),
+                         "difference": _diff(ours, paper if d == "fnc" else None),
                          "MLflow run": run("evaluate")})
     rep.table(pd.DataFrame(rows))
     patch = params.patch
     rep.p(f"Paper: {p['source']}; {p['setting']}. Ours: {params.model.name}, fnc.alpha {params.fnc.alpha}, "
           f"adjustment {params.fnc.adjustment}, {patch.area_fraction:.0%} patch targeted at class {patch.target}, "
           f"{patch.epochs} patch epochs on {patch.train_images or 'all'} {patch.train_on} images, "
-          f"{len(patch.seeds)} seeds; our patched cells leave the target class out.")
+          f"{len(patch.seeds)} seeds; our patched cells leave the target class out. '[a, b]': 95 % Wilson interval "
+          f"over the cell's test images; '± s': standard deviation over the patch seeds.")
     ifnr = Path("analysis") / params.model.name / "feature_norms" / "ifnr.csv"
     if ifnr.is_file():
         df = pd.read_csv(ifnr)
@@ -423,7 +420,7 @@ def _madry(rep: Report, params: Params, ev: dict, run) -> None:
                 if ours is None:
                     continue
                 paper = None if d == "none" else published
-                rows.append({"metric": label, "model": d, "paper": _pct(paper), "ours": _pct(ours),
+                rows.append({"metric": label, "model": d, "paper": _pct(paper), "ours": _with_spread(ev[d][attack], key),
                              "difference": _diff(ours, paper), "MLflow run": run("evaluate")})
         rep.table(pd.DataFrame(rows))
         pgd = params.attack_params("pgd")
@@ -432,7 +429,8 @@ def _madry(rep: Report, params: Params, ev: dict, run) -> None:
                         f"{'scratch' if c.init == 'scratch' else 'the baseline'}" for d in adv)
         rep.p(f"Paper: {p['source']}; {p['setting']}. Ours: {params.model.name}, PGD with {pgd['steps']} steps and "
               f"{pgd['restarts']} restart(s) on {pgd['n_images']} test images; {how}. FGSM with a random start "
-              f"(Wong et al. 2020) is the budget method; PGD-7 (params/madry-cifar10.yaml) reproduces the paper's.")
+              f"(Wong et al. 2020) is the budget method; PGD-7 (params/madry-cifar10.yaml) reproduces the paper's. "
+              f"'[a, b]': 95 % Wilson interval over the cell's test images.")
     else:
         rep.p("No adversarially trained model in this profile (a `defended` recipe with `train.adversarial`; see "
               "params/smoke-defenses.yaml). Paper: clean 87.3 %, PGD-20 45.8 % (" + p["source"] + ").")
@@ -453,7 +451,7 @@ def _mask_fgsm(rep: Report, params: Params, ev: dict, run) -> None:
                      "SSIM paper (global, Eq. 8)": f"{p['ssim'][attack]:.3f}",
                      "SSIM ours (global, Eq. 8)": "" if ssim_g is None else f"{ssim_g:.3f}",
                      "SSIM ours (windowed)": "" if ssim is None else f"{ssim:.3f}",
-                     "accuracy under attack (ours)": _pct(_cell(ev, "none", attack, "robust_accuracy"))})
+                     "accuracy under attack (ours)": _with_spread(ev["none"][attack], "robust_accuracy")})
     if rows:
         rep.table(pd.DataFrame(rows))
         rep.p(f"Paper: {p['source']}. Ours: the undefended {params.model.name} on {params.data.dataset}; L0 is the "
@@ -483,8 +481,8 @@ def _prm(rep: Report, params: Params, ev: dict, run) -> None:
         iou = pd.read_csv(iou_csv).set_index("defense") if iou_csv.is_file() else None
         rows = []
         for d in prm:
-            row = {"model": d, "clean": _ours(_cell(ev, d, "none", "clean_accuracy")),
-                   "PGD": _ours(_cell(ev, d, "pgd", "robust_accuracy"))}
+            row = {"model": d, "clean": _with_spread(ev.get(d, {}).get("none", {}), "clean_accuracy"),
+                   "PGD": _with_spread(ev.get(d, {}).get("pgd", {}), "robust_accuracy")}
             if iou is not None and d in iou.index:
                 row |= {"IoU (top gradient pixels, designated set)": f"{iou.at[d, 'prm_iou']:.3f}",
                         "IoU of a random set": f"{iou.at[d, 'random_set_iou']:.3f}"}

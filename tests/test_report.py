@@ -50,7 +50,8 @@ def test_report_puts_ours_beside_the_papers(tmp_path, monkeypatch):
     cell = {"clean_accuracy": 0.8, "robust_accuracy": 0.5, "attack_success_rate": 0.3, "n_images": 900}
     _write("metrics/evaluate.json", {"resnet20": {
         "none": {"none": {"clean_accuracy": 0.8, "n_images": 1000}, "advp": cell},
-        "fnc": {"none": {"clean_accuracy": 0.75, "n_images": 1000}, "advp": {**cell, "robust_accuracy": 0.6},
+        "fnc": {"none": {"clean_accuracy": 0.75, "n_images": 1000},
+                "advp": {**cell, "robust_accuracy": 0.6, "robust_accuracy_ci_low": 0.55, "robust_accuracy_ci_high": 0.65},
                 "advp_adaptive": {**cell, "robust_accuracy": 0.4}, "advp_bpda": {**cell, "robust_accuracy": 0.4},
                 "per_image_worst": {"robust_accuracy": 0.05, "robust_accuracy_ci_low": 0.02,
                                     "robust_accuracy_ci_high": 0.1, "n_images": 200, "worst_attack": "autoattack",
@@ -77,14 +78,14 @@ def test_report_puts_ours_beside_the_papers(tmp_path, monkeypatch):
     md = Path("reports/report.md").read_text()
     rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in md.splitlines() if line.startswith("|")]
     row = next(r for r in rows if r[:2] == ["accuracy under AdvP (transferred)", "fnc"])
-    assert row[2:5] == ["69.98 %", "60.00 %", "-9.98 pt"]  # paper, ours, ours minus paper
+    assert row[2:5] == ["69.98 %", "60.00 % [55.0, 65.0]", "-9.98 pt"]  # paper, ours with its interval, difference
     row = next(r for r in rows if r[:2] == ["accuracy under AdvP (adaptive)", "fnc"])
     assert row[2:4] == ["not published", "40.00 %"]
     # the defense-suite matrix: every patch cell with its success rate, the worst one named
     suite = _table_with(md, "worst case under a patch (attack)")
     header = list(suite["fnc"])
     assert suite["none"]["advp transferred: robust / success"] == "50.00 % / 30.00 %"
-    assert suite["fnc"]["advp transferred: robust / success"] == "60.00 % / 30.00 %"
+    assert suite["fnc"]["advp transferred: robust / success"] == "60.00 % [55.0, 65.0] / 30.00 %"
     assert suite["fnc"]["worst case under a patch (attack)"] == "40.00 % (advp_adaptive)"  # a tie: the first kind
     assert "lavan adaptive: robust / success" not in header  # listed in the profile, not in the metrics
     pgd_images = load_params("params.yaml").attack_params("pgd")["n_images"]
