@@ -469,11 +469,18 @@ def _prm(rep: Report, params: Params, ev: dict, run) -> None:
     csv = Path("analysis") / params.model.name / "pixel_robustness" / "accuracy_vs_k.csv"
     if csv.is_file():
         df = pd.read_csv(csv)
-        wide = df.pivot_table(index="k", columns=["defense", "which"], values="accuracy")
+        if "ci_low" in df:  # '[a, b]': 95 % Wilson interval over the images
+            df["cell"] = [f"{100 * a:.2f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+                          for a, lo, hi in zip(df["accuracy"], df["ci_low"], df["ci_high"], strict=True)]
+        else:
+            df["cell"] = [f"{100 * a:.2f}" for a in df["accuracy"]]
+        wide = df.pivot_table(index="k", columns=["defense", "which"], values="cell", aggfunc="first")
         wide.columns = [f"{d}, {w} k" for d, w in wide.columns]
-        rep.table((100 * wide).round(2).reset_index())
-        rep.p(f"Accuracy (%) after masked PGD on the top / bottom k of the pixel robustness map; the seed document "
-              f"gives the curves' shape only: {NOT_PUBLISHED} as numbers. MLflow run {run('analyze@pixel_robustness')}.")
+        rep.table(wide.reset_index())
+        n = f" on {int(df['n_images'].iloc[0])} test images, '[a, b]' its 95 % Wilson interval" if "n_images" in df else ""
+        rep.p(f"Accuracy (%) after masked PGD on the top / bottom k of the pixel robustness map{n}; the seed "
+              f"document gives the curves' shape only: {NOT_PUBLISHED} as numbers. "
+              f"MLflow run {run('analyze@pixel_robustness')}.")
         rep.figure(csv.parent / "pixel_robustness.png", "robustness maps and accuracy against the fraction attacked")
     prm = [d for d in params.defended if any(e["name"] == "prm" for e in params.defended_config(d).defenses)]
     if prm:

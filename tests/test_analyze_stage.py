@@ -65,6 +65,10 @@ def test_pixel_robustness_landscape_and_gradcam(project):
     curve = pd.read_csv("analysis/resnet20/pixel_robustness/accuracy_vs_k.csv")
     assert len(curve) == 2 * 2 * 2  # defenses x (top, bottom) x ks
     assert curve["accuracy"].between(0, 1).all()
+    n = curve["n_images"].iloc[0]  # each accuracy carries its Wilson interval over the images
+    assert (curve["n_images"] == n).all() and n > 0
+    assert ((curve["ci_low"] <= curve["accuracy"]) & (curve["accuracy"] <= curve["ci_high"])
+            & (curve["ci_high"] - curve["ci_low"] > 1 / n)).all()
     assert set(curve["series"]) == {f"{d}, {w} k" for d in ("none", "fnc") for w in ("top", "bottom")}  # dvc plots' lines
     hist = pd.read_csv("analysis/resnet20/loss_landscape/loss_history.csv")
     assert hist.groupby("defense")["restart"].nunique().eq(3).all()

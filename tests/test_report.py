@@ -170,7 +170,8 @@ def test_prm_table_reads_the_iou_of_the_pixel_robustness_analysis(tmp_path, monk
     _write("metrics/rp2.json", {"enabled": False})
     out = Path("analysis/resnet20/pixel_robustness")
     out.mkdir(parents=True)
-    (out / "accuracy_vs_k.csv").write_text("defense,which,k,accuracy\nnone,top,0.25,0.1\nprm,top,0.25,0.3\n")
+    (out / "accuracy_vs_k.csv").write_text("defense,which,k,accuracy,n_images,ci_low,ci_high\n"
+                                           "none,top,0.25,0.1,100,0.055,0.174\nprm,top,0.25,0.3,100,0.219,0.396\n")
     (out / "prm_iou.csv").write_text("defense,prm_iou,random_set_iou\nprm,0.6123,0.142857\n")
     import stages.report as stage
 
@@ -180,5 +181,8 @@ def test_prm_table_reads_the_iou_of_the_pixel_robustness_analysis(tmp_path, monk
     header = next(r for r in rows if "IoU of a random set" in r)
     row = dict(zip(header, next(r for r in rows if r[0] == "prm" and len(r) == len(header)), strict=True))
     assert row["clean"] == "80.00 %" and row["PGD"] == "12.50 %"
+    k_row = next(r for r in rows if r[0] == "0.25")  # masked PGD's accuracy per k, with its interval
+    assert k_row[1:] == ["10.00 [5.5, 17.4]", "30.00 [21.9, 39.6]"]
+    assert "on 100 test images, '[a, b]' its 95 % Wilson interval" in md
     assert row["IoU (top gradient pixels, designated set)"] == "0.612" and row["IoU of a random set"] == "0.143"
     assert row["paper"] == "not published"
