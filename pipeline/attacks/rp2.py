@@ -67,6 +67,7 @@ __all__ = [
     "apply_rp2",
     "evaluate_rp2",
     "l2_dissimilarity",
+    "lambda_for_dissimilarity",
     "non_printability_score",
     "rp2_loss_terms",
     "sample_transforms",
@@ -517,6 +518,39 @@ def l2_dissimilarity(x: torch.Tensor, x_adv: torch.Tensor) -> float:
     if bool((denom == 0).any()):
         raise ValueError("l2_dissimilarity: an adversarial image is all zero (its norm divides)")
     return float(((xf - af).norm(dim=1) / denom).mean())
+
+
+def lambda_for_dissimilarity(lambdas: list[float], dissimilarities: list[float], target: float) -> float:
+    """The ``lambda`` at which RP2's mean L2 dissimilarity meets ``target``, from a measured sweep.
+
+    The penalty ``lambda * ||M . delta||_p`` of Eykholt et al. (2018, Eq. 3) sets the
+    sticker's size only indirectly; BlurNet's slides compare defenses at one distortion
+    (mean L2 dissimilarity 0.207 on the undefended model). Given stickers trained at a grid
+    of lambdas (on validation images, never the evaluation's victims) and their mean
+    :func:`l2_dissimilarity`, this returns the lambda that meets ``target``: linear
+    interpolation in ``log lambda`` between the two neighbouring grid points whose
+    dissimilarities bracket it (the first such pair in increasing lambda), or the grid
+    point nearest to ``target`` when no pair brackets it.
+
+    Args:
+        lambdas: the grid, each > 0, any order.
+        dissimilarities: the mean L2 dissimilarity measured at each lambda (unit-free, >= 0).
+        target: the wanted mean L2 dissimilarity.
+
+    Returns:
+        The lambda, a float > 0.
+
+    Raises:
+        ValueError: empty or unequal lists, or a lambda <= 0.
+    """
+    if not lambdas or len(lambdas) != len(dissimilarities) or min(lambdas) <= 0:
+        raise ValueError(f"need equal non-empty lists and every lambda > 0, got {lambdas} and {dissimilarities}")
+    pairs = sorted(zip(lambdas, dissimilarities, strict=True))
+    for (lam0, d0), (lam1, d1) in zip(pairs, pairs[1:], strict=False):
+        if d0 != d1 and min(d0, d1) <= target <= max(d0, d1):
+            t = (target - d0) / (d1 - d0)
+            return math.exp(math.log(lam0) + t * (math.log(lam1) - math.log(lam0)))
+    return min(pairs, key=lambda p: abs(p[1] - target))[0]
 
 
 @torch.no_grad()
