@@ -15,6 +15,7 @@ Units used throughout the params files:
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,8 +38,8 @@ from pipeline.models.registry import TORCHVISION_PREFIX, torchvision_weights
 DATASETS = ("cifar10", "gtsrb", "imagenet")
 """Datasets the prepare stage knows (class names, normalisation constants)."""
 
-RESERVED_SECTIONS = ("profile", "seed", "data", "model", "train", "resources", "fnc", "patch", "evaluate", "rp2",
-                     "analysis", "attacks", "mlflow", "report", "defended", "none", "baseline")
+RESERVED_SECTIONS = ("profile", "seed", "data", "model", "train", "resources", "fnc", "fnc_tradeoff", "patch",
+                     "evaluate", "rp2", "analysis", "attacks", "mlflow", "report", "defended", "none", "baseline")
 """Top-level keys that cannot name a defended model (``fnc`` is the built-in one)."""
 
 PATCH_ATTACKS = ("advp", "lavan")
@@ -196,6 +197,44 @@ class FNCConfig(_Strict):
     batch_size: int = Field(128, ge=1)
 
 
+FNC_ADJUSTMENTS = ("none", "bn_recalibration", "finetune_classifier")
+"""What ``fnc.adjustment`` (and ``fnc_tradeoff.adjustments``) accept (:mod:`pipeline.defenses.adjust`)."""
+
+
+class FNCTradeoffConfig(_Strict):
+    """``fnc_tradeoff``: FNC's clipping trade-off curve (stage ``fnc_tradeoff``): clean accuracy
+    and accuracy under the transferred universal patches for every ``alphas`` x ``adjustments``
+    cell (Yu et al., ICCV 2021, Eq. 4; no retraining, so every cell is the baseline with FNC
+    inserted and adjusted). The other FNC settings (eps, adjust_batches, finetune_epochs,
+    finetune_lr, batch_size) come from the ``fnc`` section. Optional: without the section, or
+    with ``alphas: []``, the stage only writes a note that it is off."""
+
+    alphas: list[float] = Field(
+        default_factory=list, description="clipping factors, each > 0 and finite, no repeats; empty: the stage is off")
+    adjustments: list[Literal["none", "bn_recalibration", "finetune_classifier"]] = Field(
+        default_factory=lambda: list(FNC_ADJUSTMENTS), min_length=1,
+        description="adjustments after insertion, each a curve of the figure; no repeats")
+    test_images: int | None = Field(
+        None, gt=0, description="a prefix of evaluate's seeded test order (evaluate.subset_seed); null: all")
+
+    @field_validator("alphas")
+    @classmethod
+    def _positive_alphas(cls, v: list[float]) -> list[float]:
+        bad = [a for a in v if not (math.isfinite(a) and a > 0)]
+        if bad:
+            raise ValueError(f"every alpha must be a finite number > 0, got {bad[0]!r}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"alphas lists a value twice: {v}")
+        return v
+
+    @field_validator("adjustments")
+    @classmethod
+    def _distinct_adjustments(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"adjustments lists a name twice: {v}")
+        return v
+
+
 class DefendedConfig(_Strict):
     """A defended model made by ``train_defended@<name>`` (its params: the top-level section ``<name>``).
 
@@ -332,7 +371,8 @@ class RP2Config(_Strict):
     (``data.dataset: gtsrb``, see ``params/gtsrb.yaml``), so it is off in the CIFAR-10 profiles.
 
     One sticker per (defense, target, seed) is optimised on the model with that
-    defense (white box) and also applied to every other defense's model (black box,
+    defense (white box, every defense of ``white_box``, default all of ``defenses``); the
+    stickers made on ``none`` are also applied to every other defense's model (black box,
     transferred). ``attack`` holds :class:`pipeline.attacks.rp2.RP2Params` without
     ``target`` (the targets are listed here).
     """
@@ -344,6 +384,9 @@ class RP2Config(_Strict):
     targets: list[int] = Field(default_factory=lambda: [5], min_length=1, description="target classes attacked")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     defenses: list[str] = Field(default_factory=lambda: ["none", "fnc"], min_length=1)
+    white_box: list[str] | None = Field(
+        None, description="models stickers are optimised on (white box); null: every one of rp2.defenses. The "
+                          "black-box rows (stickers made on none) cover every model of rp2.defenses either way")
     eval_transforms: int = Field(100, ge=0, le=10_000, description="random transforms per victim at evaluation")
     attack: dict[str, Any] = Field(default_factory=dict, description="RP2Params except target")
 
@@ -369,7 +412,17 @@ class RP2Config(_Strict):
             raise ValueError("rp2.targets and rp2.defenses must not repeat a value")
         if "none" not in self.defenses:
             raise ValueError("rp2.defenses must include 'none': its stickers are the black-box (transfer) attack")
+        if self.white_box is not None:
+            outside = [d for d in self.white_box if d not in self.defenses]
+            if outside or "none" not in self.white_box or len(set(self.white_box)) != len(self.white_box):
+                raise ValueError(f"rp2.white_box {self.white_box}: list 'none' and names of rp2.defenses, once each "
+                                 f"(null: all of them)")
         return self
+
+    @property
+    def white_box_defenses(self) -> list[str]:
+        """The models stickers are optimised on: ``white_box``, or every one of ``defenses``."""
+        return list(self.defenses) if self.white_box is None else list(self.white_box)
 
 
 ANALYSES = ("feature_norms", "pixel_robustness", "loss_landscape", "gradcam_distance", "spectrum", "masking")
@@ -434,6 +487,8 @@ class Params(_Strict):
     train: TrainConfig = TrainConfig()
     resources: ResourcesConfig = ResourcesConfig()
     fnc: FNCConfig = FNCConfig()
+    fnc_tradeoff: FNCTradeoffConfig = Field(
+        default_factory=FNCTradeoffConfig, description="FNC's trade-off curve over alphas x adjustments; off by default")
     patch: PatchConfig = PatchConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     rp2: RP2Config = RP2Config()

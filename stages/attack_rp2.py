@@ -4,8 +4,9 @@ RP2 (Eykholt et al., CVPR 2018, Eq. 3-4; :mod:`pipeline.attacks.rp2`) optimises 
 sticker perturbation, confined to the sticker mask, over the whole victim set. For
 every defense in ``rp2.defenses`` (``none`` is the undefended model), every target in
 ``rp2.targets`` and every seed in ``rp2.seeds``, one Ray task trains a sticker on that
-model (white box). Every sticker made on ``none`` is also applied to each defended
-model (black box, transferred), BlurNet's Table 1 setting; Table 2 is the white-box one.
+model (white box; ``rp2.white_box`` can limit which models, as stickers cost the most).
+Every sticker made on ``none`` is also applied to each defended model of ``rp2.defenses``
+(black box, transferred), BlurNet's Table 1 setting; Table 2 is the white-box one.
 
 Metrics per (defense, setting, target, seed): the victims' clean accuracy, the fooling
 rate (BlurNet's "attack success rate": victims whose prediction the sticker changes),
@@ -163,7 +164,7 @@ def main(params: Params) -> None:
     inputs_key = {"victims": sha256_bytes(victims), "mask": sha256_bytes(mask), "attack": r.attack,
                   "true_class": r.true_class}
     weights = {d: sha256_file(f) for d, f in files.items()}
-    jobs = [(d, t, s) for d in r.defenses for t in r.targets for s in r.seeds]
+    jobs = [(d, t, s) for d in r.white_box_defenses for t in r.targets for s in r.seeds]
 
     def cache_file(defense: str, target: int, seed: int) -> Path:
         key = {**inputs_key, "weights": weights[defense], "target": target, "seed": seed}

@@ -193,6 +193,17 @@ def test_black_box_row_is_the_none_sticker_on_the_defended_model(project):
         assert black_fnc[key] == pytest.approx(white_none[key])
 
 
+def test_white_box_limits_the_optimised_stickers_and_keeps_every_black_box_row(project):
+    """``rp2.white_box: [none]``: stickers are made on the undefended model only (2 targets),
+    and every defended model of ``rp2.defenses`` still gets its black-box rows."""
+    stage, tmp = project["stage"], project["dir"]
+    stage.main(load_params(_params(tmp, white_box=["none"])))
+    assert project["calls"] == [2]  # one task per (none, target, seed), none on fnc
+    rows = json.loads((tmp / "metrics/rp2.json").read_text())["stickers"]
+    assert {(r["defense"], r["setting"]) for r in rows} == {("none", "white_box"), ("fnc", "black_box")}
+    assert {r["source"] for r in rows} == {"none"}
+
+
 def test_second_run_reuses_the_cached_stickers(project):
     stage, tmp = project["stage"], project["dir"]
     path = _params(tmp, targets=[5])
@@ -218,6 +229,8 @@ def test_disabled_stage_writes_a_note_only(project):
         ({"attack": {"target": 3}}, "rp2.targets instead"),
         ({"attack": {"p": 3}}, "rp2.attack.p"),
         ({"defenses": ["fnc"]}, "must include 'none'"),
+        ({"white_box": ["fnc"]}, "rp2.white_box"),
+        ({"white_box": ["none", "blurnet3"]}, "rp2.white_box"),
         ({"defenses": ["none", "blur"]}, "unknown defense 'blur'"),
         ({"targets": [50]}, "classes of gtsrb"),
     ],
