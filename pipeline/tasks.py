@@ -16,10 +16,10 @@ import torch
 
 from pipeline.attacks.patch import train_universal_patch
 from pipeline.checkpoint import apply_defenses, build_from_spec
-from pipeline.defenses.adjust import finetune_classifier, recalibrate_batchnorm
+from pipeline.defenses.adjust import adjust_after_insertion
 from pipeline.distributed import node_id
 from pipeline.evaluation import attack_shard, fit_attack, predict_shard, score_patches
-from pipeline.train import accuracy, default_device, iterate_batches
+from pipeline.train import accuracy, default_device
 
 
 def _get(value: Any) -> Any:
@@ -118,16 +118,9 @@ def defend_task(item: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     out["clean_accuracy_unadjusted"] = accuracy(model, x_test, y_test, bs, device)
     adjustment = item["adjustment"]
-    gen = torch.Generator().manual_seed(item["seed"])
-    if adjustment == "bn_recalibration":
-        idx = torch.randperm(len(x_train), generator=gen)[: item["adjust_batches"] * bs]
-        out["adjust_images"] = recalibrate_batchnorm(model, iterate_batches(x_train[idx], None, bs, device), device)
-    elif adjustment == "finetune_classifier":
-        for _ in range(item["finetune_epochs"]):
-            idx = torch.randperm(len(x_train), generator=gen)
-            out["finetune_loss"] = finetune_classifier(
-                model, iterate_batches(x_train[idx], y_train[idx], bs, device), lr=item["finetune_lr"], device=device
-            )
+    out.update(adjust_after_insertion(model, adjustment, x_train, y_train, batch_size=bs, seed=item["seed"],
+                                      adjust_batches=item["adjust_batches"], finetune_epochs=item["finetune_epochs"],
+                                      finetune_lr=item["finetune_lr"], device=device))
     if adjustment in ("bn_recalibration", "finetune_classifier"):
         out["clean_accuracy"] = accuracy(model, x_test, y_test, bs, device)
     else:  # nothing adjusted: the same model on the same images (a randomised one: the same draw)
@@ -149,3 +142,45 @@ def analysis_task(item: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     out = analyse_model(item["name"], build_from_spec(_get(item["spec"])), _get(item["inputs"]), item["cfg"])
     return {**out, "seconds": time.perf_counter() - start, "node_id": node_id()}
+
+
+def fnc_tradeoff_task(item: dict[str, Any]) -> dict[str, Any]:
+    """One cell of FNC's trade-off curve (:mod:`pipeline.analysis.fnc_tradeoff`): the baseline
+    with feature norm clipping inserted at ``alpha`` (Yu et al., ICCV 2021, Eq. 4), adjusted
+    (:func:`pipeline.defenses.adjust.adjust_after_insertion`, the code path of
+    :func:`defend_task`), then its predictions clean and under every patch at fixed placements
+    (:func:`predict_shard`, the code path of :func:`evaluate_task`).
+
+    ``item``: spec (the baseline's checkpoint dict, or a ref), alpha (> 0; None: the baseline
+    itself, no insertion and no adjustment), eps, adjustment, adjust_batches, finetune_epochs,
+    finetune_lr, adjust_batch_size, seed (draws the adjustment's training images), train (ref
+    to the uint8 (N, 3, H, W) training images and int64 (N,) labels; unread for ``none``), x
+    (ref to the uint8 (n, 3, H, W) test images), placements (``P * n``), patches (ref to
+    attack -> float (S, 3, s, s) in [0, 1]), batch_size (images per forward pass), num_threads.
+
+    Returns:
+        ``{"preds": {"none": int64 (n,), <attack>: int64 (S, P, n)}, "seconds", "node_id"}``
+        and what the adjustment reported (``adjust_images`` / ``finetune_loss``).
+
+    Raises:
+        ValueError: alpha <= 0, an unknown adjustment, or a model FNC does not fit.
+    """
+    torch.set_num_threads(max(1, int(item["num_threads"])))
+    start = time.perf_counter()
+    spec = _get(item["spec"])
+    out: dict[str, Any] = {"node_id": node_id()}
+    if item["alpha"] is not None:
+        device = default_device()
+        fnc = {"name": "fnc", "alpha": float(item["alpha"]), "eps": float(item["eps"])}
+        model = apply_defenses(build_from_spec(spec), [fnc]).to(device).eval()
+        x_train, y_train = _get(item["train"]) if item["adjustment"] != "none" else (None, None)
+        out.update(adjust_after_insertion(
+            model, item["adjustment"], x_train, y_train, batch_size=item["adjust_batch_size"], seed=item["seed"],
+            adjust_batches=item["adjust_batches"], finetune_epochs=item["finetune_epochs"],
+            finetune_lr=item["finetune_lr"], device=device))
+        spec = {**spec, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "defenses": [*spec.get("defenses", []), fnc]}
+    out["preds"] = predict_shard(spec, _get(item["x"]), item["placements"], _get(item["patches"]),
+                                 item["batch_size"], int(item["num_threads"]))
+    out["seconds"] = time.perf_counter() - start
+    return out

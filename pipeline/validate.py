@@ -6,7 +6,9 @@ value that only the command rejects would cost the finished outputs of that stag
 ``validate``, depends on every key of ``params.yaml`` and every other stage depends
 on its stamp file: a bad value stops ``dvc repro`` at ``validate``, before DVC
 touches any other stage's outputs. The stamp's content never depends on the param
-values, so a valid change reruns only the stages that read the changed keys.
+values, so a valid change reruns only the stages that read the changed keys. The
+sections a profile may leave out (:data:`OPTIONAL_SECTIONS`) are written as validated to
+``validate/<section>.json`` for the stages that read them (DVC cannot list a missing key).
 
 Checked, with the schema every stage uses (:func:`pipeline.config.load_params`):
 unknown keys at every level, types and ranges, every ``defended`` name has its
@@ -34,6 +36,13 @@ STAMP = Path("validate/params.ok")
 STAMP_TEXT = "params.yaml passed python -m pipeline.validate\n"
 """The stamp's content: the same for every valid params file, so that downstream
 stages rerun only for the keys they read."""
+
+OPTIONAL_SECTIONS = ("fnc_tradeoff",)
+"""Top-level sections a profile may leave out (their defaults apply). DVC stops a stage
+whose ``params:`` names a key the params file lacks ("Parameters ... are missing"), so a
+stage that reads one of these depends instead on ``<dir>/<section>.json``, which the
+``validate`` stage writes (``--sections``): the section as validated, defaults filled in.
+Its bytes change only when the section's values do, so the stage reruns exactly then."""
 
 
 def check_paths(params: Params) -> None:
@@ -76,12 +85,29 @@ def validate(path: str | Path = "params.yaml") -> Params:
     return params
 
 
+def write_sections(params: Params, folder: str | Path) -> list[Path]:
+    """Write every section of :data:`OPTIONAL_SECTIONS` as validated (defaults filled in) to
+    ``folder/<section>.json`` (atomically; keys in the schema's order, so equal values give equal bytes).
+
+    Returns:
+        The files written.
+    """
+    from pipeline.io import save_json
+
+    dumped = params.model_dump(mode="json")
+    return [save_json(dumped[name], Path(folder) / f"{name}.json") for name in OPTIONAL_SECTIONS]
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline.validate [PARAMS] [--stamp FILE]``: exit 0 when valid, 2 with one line when not."""
+    """``python -m pipeline.validate [PARAMS] [--stamp FILE] [--sections DIR]``: exit 0 when
+    valid (writing the stamp and :func:`write_sections`' files where asked), 2 with one line when not."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.validate", description=__doc__.splitlines()[0])
     parser.add_argument("params", nargs="?", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--stamp", type=Path, default=None,
                         help=f"write this file when valid (the DVC stage writes {STAMP})")
+    parser.add_argument("--sections", type=Path, default=None,
+                        help=f"write the optional sections ({', '.join(OPTIONAL_SECTIONS)}) as validated to "
+                             "DIR/<section>.json when valid (the DVC stage writes them to validate/)")
     args = parser.parse_args(argv)
     from pipeline.tracking import TrackingStoreError, check_tracking_store
 
@@ -91,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ParamsError, TrackingStoreError) as exc:
         print(f"error: validate: {exc}", file=sys.stderr)
         return 2
+    if args.sections is not None:
+        write_sections(params, args.sections)
     if args.stamp is not None:
         args.stamp.parent.mkdir(parents=True, exist_ok=True)
         args.stamp.write_text(STAMP_TEXT)

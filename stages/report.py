@@ -144,6 +144,7 @@ def main(params: Params) -> None:
     _defense_suite(rep, params, ev, run, verdicts)
     _masking_section(rep, params, verdicts, checks, run)
     _fnc(rep, params, ev, run)
+    _fnc_tradeoff(rep, run)
     _madry(rep, params, ev, run)
     _mask_fgsm(rep, params, ev, run)
     _prm(rep, params, ev, run)
@@ -405,6 +406,29 @@ def _fnc(rep: Report, params: Params, ev: dict, run) -> None:
         rep.figure(ifnr.parent / "ifnr.png", "IFNR against relative depth, with the paper's ResNet-50 row")
         rep.figure(ifnr.parent / "norm_maps_none.png", "channel-norm maps of one image, clean and patched")
     rep.figure(Path("plots/evaluate.png"), "the evaluation matrix: accuracy clean and under each attack")
+
+
+def _fnc_tradeoff(rep: Report, run) -> None:
+    """The FNC trade-off (stage ``fnc_tradeoff``): its figure, the table of every cell with the
+    rates' intervals, and the cell closest to the third-party point; or that it is off."""
+    from pipeline.analysis import fnc_tradeoff as ft
+
+    rep.h(2, "FNC trade-off")
+    summary = _load("metrics/fnc_tradeoff.json")
+    if not summary or not summary.get("enabled"):
+        rep.p((summary or {}).get("note") or "The FNC trade-off is off in this profile (fnc_tradeoff.alphas is empty).")
+        return
+    rep.figure(Path("plots/fnc_tradeoff.png"), "clean accuracy against accuracy under the transferred AdvP patch, "
+                                               "a line per adjustment, each point labelled with its alpha")
+    rep.table(pd.DataFrame(ft.display_rows(summary)))
+    rep.p(f"FNC (Eq. 4) inserted into the baseline at every alpha and adjusted as each row says, on "
+          f"{summary['n_images']} test images (a prefix of evaluate's order) at evaluate's patch placements; the patches "
+          f"are the baseline's ({', '.join(summary['attacks'])}, {summary['n_seeds']} seed(s)), transferred. '[a, b]': "
+          f"95 % Wilson interval over the images counted; '± x': standard deviation over patch seeds. "
+          f"{ft.closest_sentence(summary)} "
+          + (f"The third-party point: {summary['reference']['setting']}; compare the direction, not the digits. "
+             if summary.get("reference") else "")
+          + f"MLflow run {run('fnc_tradeoff')}.")
 
 
 def _madry(rep: Report, params: Params, ev: dict, run) -> None:

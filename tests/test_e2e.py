@@ -16,7 +16,8 @@ from tests.conftest import git
 pytestmark = pytest.mark.e2e
 
 STAGES = ["prepare", "train_baseline", "train_defended@fnc", "generate_patches", "evaluate", "analyze@feature_norms",
-          "analyze@pixel_robustness", "analyze@loss_landscape", "analyze@gradcam_distance", "analyze@masking", "report"]
+          "analyze@pixel_robustness", "analyze@loss_landscape", "analyze@gradcam_distance", "analyze@masking",
+          "fnc_tradeoff", "report"]
 
 
 def dvc(project, *args: str, tracking: str | None = None) -> subprocess.CompletedProcess:
@@ -264,7 +265,7 @@ def test_second_repro_is_a_noop_and_alpha_reruns_only_fnc(smoke_project):
         assert status.returncode == 0, status.stderr
         changed = set(json.loads(status.stdout))
         assert "train_defended@fnc" in changed
-        assert changed.isdisjoint({"prepare", "train_baseline", "generate_patches"})
+        assert changed.isdisjoint({"prepare", "train_baseline", "generate_patches", "fnc_tradeoff"})
     finally:
         params_path.write_text(original)
 
@@ -349,11 +350,34 @@ def test_analyses_on_the_smoke_models(smoke_project):
     assert "rp2.enabled is false" in (out / "spectrum" / "README.md").read_text()
 
 
+def test_fnc_tradeoff_of_the_smoke_run(smoke_project):
+    """Every (alpha, adjustment) cell of the smoke profile's fnc_tradeoff on its test images, each
+    rate inside its interval, and the CSV a row per cell."""
+    import pandas as pd
+
+    section, params = smoke_project["params"]["fnc_tradeoff"], smoke_project["params"]
+    out = json.loads((smoke_project["dir"] / "metrics" / "fnc_tradeoff.json").read_text())
+    assert out["enabled"] and out["n_images"] == section["test_images"]
+    assert {adj: sorted(float(a) for a in cells) for adj, cells in out["cells"].items()} == {
+        adj: sorted(section["alphas"]) for adj in section["adjustments"]}
+    for cells in (*out["cells"].values(), {"baseline": out["baseline"]}):
+        for c in cells.values():
+            assert c["clean_accuracy_ci_low"] <= c["clean_accuracy"] <= c["clean_accuracy_ci_high"]
+            for attack in params["patch"]["attacks"]:
+                m = c[attack]
+                assert m["n_seeds"] == len(params["patch"]["seeds"])
+                assert m["robust_accuracy_ci_low"] <= m["robust_accuracy"] <= m["robust_accuracy_ci_high"]
+    rows = pd.read_csv(smoke_project["dir"] / "plots" / "fnc_tradeoff.csv")
+    assert len(rows) == len(section["alphas"]) * len(section["adjustments"])
+    assert out["closest"]["adjustment"] in section["adjustments"]
+
+
 def test_report_of_the_smoke_run(smoke_project):
     md = (smoke_project["dir"] / "reports" / "report.md").read_text()
     assert "## FNC against universal patches" in md and "69.98 %" in md  # the paper's number beside ours
     metrics = json.loads((smoke_project["dir"] / "metrics/evaluate.json").read_text())["resnet20"]
     assert f"{100 * metrics['fnc']['advp']['robust_accuracy']:.2f} %" in md
+    assert "## FNC trade-off" in md and "Closest to the third-party re-run" in md
     page = (smoke_project["dir"] / "reports" / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 3
 

@@ -108,3 +108,66 @@ def finetune_classifier(
     for p in model.parameters():
         p.requires_grad_(True)
     return float(total) / max(n, 1)
+
+
+ADJUSTMENTS = ("none", "bn_recalibration", "finetune_classifier")
+"""The adjustments :func:`adjust_after_insertion` applies (``fnc.adjustment``)."""
+
+
+def adjust_after_insertion(
+    model: nn.Module,
+    adjustment: str,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    *,
+    batch_size: int,
+    seed: int,
+    adjust_batches: int = 100,
+    finetune_epochs: int = 1,
+    finetune_lr: float = 1e-3,
+    device: torch.device | str = "cpu",
+) -> dict[str, float | int]:
+    """Adjust a model after a defense (FNC) was inserted, in place, as ``adjustment`` says:
+    the one code path of ``train_defended`` (:func:`pipeline.tasks.defend_task`) and of every
+    cell of the FNC trade-off, so equal settings give equal weights.
+
+    * ``none``: nothing;
+    * ``bn_recalibration``: :func:`recalibrate_batchnorm` on ``adjust_batches * batch_size``
+      training images drawn without replacement (one seeded permutation);
+    * ``finetune_classifier``: ``finetune_epochs`` passes of :func:`finetune_classifier` at
+      ``finetune_lr``, each over a fresh seeded permutation of the training images.
+
+    Args:
+        model: the defended network, on ``device``; left in eval mode.
+        adjustment: one of :data:`ADJUSTMENTS`.
+        x_train: uint8 (N, 3, H, W) training images (clean, unaugmented), on the CPU.
+        y_train: int64 (N,) their labels.
+        batch_size: images per batch (>= 1).
+        seed: seeds the draws of training images (``torch.Generator``).
+        adjust_batches, finetune_epochs, finetune_lr: as ``fnc.adjust_batches`` etc.
+        device: where to compute.
+
+    Returns:
+        ``{}`` for ``none``; ``{"adjust_images": n}`` (images seen) for ``bn_recalibration``;
+        ``{"finetune_loss": mean cross-entropy of the last pass}`` for ``finetune_classifier``.
+
+    Raises:
+        ValueError: an unknown adjustment, or one :func:`recalibrate_batchnorm` /
+            :func:`final_linear` refuses (no BatchNorm, no linear classifier).
+    """
+    from pipeline.train import iterate_batches
+
+    if adjustment not in ADJUSTMENTS:
+        raise ValueError(f"unknown adjustment {adjustment!r}; choose from {', '.join(ADJUSTMENTS)}")
+    out: dict[str, float | int] = {}
+    gen = torch.Generator().manual_seed(seed)
+    if adjustment == "bn_recalibration":
+        idx = torch.randperm(len(x_train), generator=gen)[: adjust_batches * batch_size]
+        out["adjust_images"] = recalibrate_batchnorm(model, iterate_batches(x_train[idx], None, batch_size, device),
+                                                     device)
+    elif adjustment == "finetune_classifier":
+        for _ in range(finetune_epochs):
+            idx = torch.randperm(len(x_train), generator=gen)
+            out["finetune_loss"] = finetune_classifier(
+                model, iterate_batches(x_train[idx], y_train[idx], batch_size, device), lr=finetune_lr, device=device)
+    return out
