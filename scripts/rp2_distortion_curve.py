@@ -22,7 +22,9 @@ undefended model, twice:
   with the paper (fooling rate and target success against L2 dissimilarity), reported and
   never used to choose anything.
 
-Writes the per-sticker table (``--out``, CSV) and the figure (``--figure``, PNG: mean
+Writes the per-sticker table (``--out``, CSV; a rerun keeps the rows it already holds with
+the same steps, learning rate, transforms and NPS weight, so an extended or killed sweep
+trains only the missing stickers) and the figure (``--figure``, PNG: mean
 fooling rate with its 95 % Wilson interval over the (sticker, image) pairs against mean L2
 dissimilarity, one line per image set), and prints the chosen lambda. Stickers run as Ray
 tasks (one per lambda, target, seed and image set), as in ``attack_rp2``.
@@ -50,6 +52,17 @@ from pipeline.io import atomic_write, save_figure  # noqa: E402
 from pipeline.metrics import wilson_interval  # noqa: E402
 from pipeline.tasks import rp2_task  # noqa: E402
 from stages.attack_rp2 import mask_path  # noqa: E402
+
+
+def _finished_rows(path: Path, settings: dict) -> pd.DataFrame:
+    """The rows of an earlier sweep in ``path`` made with the same ``settings`` (empty if none)."""
+    if not path.is_file():
+        return pd.DataFrame()
+    old = pd.read_csv(path)
+    same = pd.Series(True, index=old.index)
+    for k, v in settings.items():
+        same &= old[k].eq(v) if k in old else False
+    return old[same].reset_index(drop=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -86,15 +99,21 @@ def main(argv: list[str] | None = None) -> None:
         attack["steps"] = args.steps
     cfgs = {(lam, t): RP2Params.model_validate({**attack, "lambda": lam, "target": t})
             for lam in lambdas for t in targets}
+    full = RP2Params.model_validate(attack).model_dump(by_alias=True)
+    settings = {k: full[k] for k in ("steps", "lr", "eot_samples", "nps_weight")}
     jobs = [(s, lam, t, seed) for s in sets for lam in lambdas for t in targets for seed in seeds]
-    print(f"{len(jobs)} stickers: lambdas {lambdas}, targets {targets}, seeds {seeds}, "
-          f"{len(sets['validation'])} validation stop signs"
+    kept = _finished_rows(Path(args.out), settings)  # a resumed or extended sweep recomputes nothing it has
+    done = set(zip(kept["images"], kept["lam"], kept["target"], kept["seed"], strict=True)) if len(kept) else set()
+    jobs = [j for j in jobs if j not in done]
+    print(f"{len(jobs)} stickers to train ({len(kept)} kept from {args.out}): lambdas {lambdas}, targets {targets}, "
+          f"seeds {seeds}, {len(sets['validation'])} validation stop signs"
           + ("" if args.no_victims else f", {len(sets['victims'])} victims"))
-    init_ray()
+    if jobs:
+        init_ray()
     items = [{"spec": spec, "victims": sets[s], "labels": torch.full((len(sets[s]),), r.true_class),
               "mask": mask, "cfg": cfgs[(lam, t)], "seed": seed, "num_threads": params.resources.num_cpus}
              for s, lam, t, seed in jobs]
-    results = ray_map(rp2_task, items, num_cpus=params.resources.num_cpus, desc="RP2 stickers")
+    results = ray_map(rp2_task, items, num_cpus=params.resources.num_cpus, desc="RP2 stickers") if jobs else []
     model = build_from_spec(spec).eval()
     rows = []
     for (s, lam, t, seed), res in zip(jobs, results, strict=True):
@@ -102,8 +121,10 @@ def main(argv: list[str] | None = None) -> None:
         m = evaluate_rp2(model, x, torch.full((len(x),), r.true_class), res["delta"], mask, cfgs[(lam, t)])
         rows.append({"images": s, "lam": lam, "target": t, "seed": seed, "n_images": len(x),
                      **{k: m[k] for k in ("clean_accuracy", "fooling_rate", "target_success", "l2_dissimilarity")},
-                     "seconds": res["seconds"]})
-    table = pd.DataFrame(rows)
+                     **settings, "seconds": res["seconds"]})
+    table = pd.concat([kept, pd.DataFrame(rows)], ignore_index=True)
+    table = table[table["lam"].isin(lambdas) & table["target"].isin(targets) & table["seed"].isin(seeds)
+                  & table["images"].isin(list(sets))]
     atomic_write(Path(args.out), lambda f: f.write(table.to_csv(index=False).encode()))
     curve = table.groupby(["images", "lam"], as_index=False).agg(
         l2_dissimilarity=("l2_dissimilarity", "mean"), fooling_rate=("fooling_rate", "mean"),

@@ -77,3 +77,14 @@ def test_the_sweep_reads_validation_images_and_a_larger_lambda_gives_a_smaller_s
         by_lam = g.set_index("lam")["l2_dissimilarity"]
         assert by_lam[30.0] < by_lam[0.001]
     assert Path("calibration/rp2_distortion.png").stat().st_size > 1000
+    # an extended sweep trains only the new lambda's stickers and keeps the earlier rows as they were
+    trained: list[int] = []
+    real_map = script.ray_map
+    monkeypatch.setattr(script, "ray_map", lambda fn, items, **kw: trained.append(len(items)) or real_map(fn, items, **kw))
+    script.main(["--lambdas", "0.001,3,30", "--target-l2", "0.05"])
+    assert trained == [2]  # lambda 3 on both image sets
+    extended = pd.read_csv("calibration/rp2_distortion.csv")
+    assert len(extended) == 6
+    key = ["images", "lam", "target", "seed"]
+    pd.testing.assert_frame_equal(extended[extended["lam"] != 3].sort_values(key).reset_index(drop=True),
+                                  table.sort_values(key).reset_index(drop=True))
