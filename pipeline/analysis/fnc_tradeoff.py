@@ -61,10 +61,6 @@ class Cell:
         """True for the undefended baseline."""
         return self.alpha is None
 
-    def label(self) -> str:
-        """``"bn_recalibration, alpha 1.1"`` or ``"baseline (no FNC)"``."""
-        return "baseline (no FNC)" if self.is_baseline else f"{self.adjustment}, alpha {self.alpha:g}"
-
 
 def alpha_key(alpha: float) -> str:
     """The JSON key of an alpha: ``str(float(alpha))`` (``1.0``, ``1.05``), one key per distinct value."""
