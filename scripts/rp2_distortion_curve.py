@@ -50,6 +50,7 @@ from pipeline.data.rp2 import load_mask, load_victims  # noqa: E402
 from pipeline.distributed import init_ray, ray_map  # noqa: E402
 from pipeline.io import atomic_write, save_figure  # noqa: E402
 from pipeline.metrics import wilson_interval  # noqa: E402
+from pipeline.papers import BLURNET  # noqa: E402
 from pipeline.tasks import rp2_task  # noqa: E402
 from stages.attack_rp2 import mask_path  # noqa: E402
 
@@ -139,12 +140,17 @@ def main(argv: list[str] | None = None) -> None:
         g = g.sort_values("l2_dissimilarity")
         bands = [wilson_interval(round(f * n), n) for f, n in zip(g["fooling_rate"], g["n_images"], strict=True)]
         lo, hi = zip(*bands, strict=True)
-        ax.plot(g["l2_dissimilarity"], g["fooling_rate"], marker="o", label=f"{s} (fooling rate)")
-        ax.fill_between(g["l2_dissimilarity"], lo, hi, alpha=0.2)
-        ax.plot(g["l2_dissimilarity"], g["target_success"], ls="--", marker=".", label=f"{s} (target success)")
-    ax.axvline(args.target_l2, color="grey", ls=":", label=f"slides' L2 {args.target_l2}")
+        (line,) = ax.plot(g["l2_dissimilarity"], g["fooling_rate"], marker="o", label=f"{s} (fooling rate)")
+        ax.fill_between(g["l2_dissimilarity"], lo, hi, alpha=0.2, color=line.get_color())
+        ax.plot(g["l2_dissimilarity"], g["target_success"], ls="--", marker=".", color=line.get_color(),
+                label=f"{s} (target success)")
+    _, _, avg, worst, l2 = BLURNET["table2"]["none"]
+    ax.plot([l2], [avg], marker="*", ms=12, color="black", ls="none",
+            label=f"slides' baseline (LISA): {100 * avg:.2f} % mean, {100 * worst:.0f} % worst target")
+    ax.axvline(args.target_l2, color="grey", ls=":", label=f"target L2 {args.target_l2}")
     ax.set_xlabel("mean L2 dissimilarity ||x - x_adv|| / ||x_adv||")
     ax.set_ylabel("rate (95 % Wilson band)")
+    ax.set_ylim(-0.02, 1)
     ax.set_title(f"RP2 on the undefended {params.model.name}: success vs distortion", fontsize=9)
     ax.legend(fontsize=7)
     save_figure(fig, Path(args.figure))
