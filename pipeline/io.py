@@ -124,8 +124,8 @@ def save_png(image_chw: Any, path: str | Path, upscale: int = 1) -> Path:
     return atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
-def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
-    """Render a matplotlib figure to PNG, close it, and write the file atomically."""
+def figure_png(fig: Any, dpi: int = 120) -> bytes:
+    """Render a matplotlib figure to PNG bytes and close it."""
     import io
 
     import matplotlib.pyplot as plt
@@ -133,7 +133,13 @@ def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
-    return atomic_write(path, lambda f: f.write(buf.getvalue()))
+    return buf.getvalue()
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
+    """Render a matplotlib figure to PNG, close it, and write the file atomically."""
+    png = figure_png(fig, dpi)
+    return atomic_write(path, lambda f: f.write(png))
 
 
 def sha256_file(path: str | Path) -> str:

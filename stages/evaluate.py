@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import inspect
-import io
 import logging
 import os
 import tempfile
@@ -66,7 +65,15 @@ from pipeline.evaluation import (  # noqa: E402
     test_order,
     worst_case_metrics,
 )
-from pipeline.io import atomic_write, load_torch, save_json, save_png, save_torch, sha256_file  # noqa: E402
+from pipeline.io import (  # noqa: E402
+    atomic_write,
+    figure_png,
+    load_torch,
+    save_json,
+    save_png,
+    save_torch,
+    sha256_file,
+)
 from pipeline.tasks import attack_task, evaluate_task, fit_task, patch_task, score_patches_task  # noqa: E402
 from pipeline.tracking import log_artifact, log_artifacts, log_child_runs, log_metrics, stage_run  # noqa: E402
 
@@ -575,10 +582,7 @@ def _figure(df: pd.DataFrame, model: str, params: Params) -> bytes:
                  + (f", target {target})" if target is not None else ")") + "; n: test images per cell", fontsize=10)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def distinct_colours(n: int) -> list:

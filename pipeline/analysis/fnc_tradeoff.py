@@ -23,7 +23,6 @@ the metrics, the closest cell to a published point, and the table, figure and no
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 
 from pipeline.attacks.patch import Placements, corner_placements
 from pipeline.evaluation import cell_metrics, fixed_placements
+from pipeline.io import figure_png
 from pipeline.metrics import attack_success_rate, wilson_interval
 
 REFERENCE_ATTACK = "advp"
@@ -380,10 +380,7 @@ def figure(summary: dict[str, Any]) -> bytes:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def off_figure(profile: str) -> bytes:
@@ -397,7 +394,4 @@ def off_figure(profile: str) -> bytes:
     ax.axis("off")
     ax.text(0.5, 0.5, f"FNC trade-off: off in the {profile!r} profile\n(fnc_tradeoff.alphas is empty)",
             ha="center", va="center", fontsize=9)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig, dpi=100)
