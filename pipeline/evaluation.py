@@ -35,7 +35,14 @@ import torch
 
 from pipeline.attacks.patch import Placements, apply_patch, sample_placements
 from pipeline.checkpoint import build_from_spec
-from pipeline.metrics import attack_success_rate, clean_accuracy, fooling_rate, robust_accuracy, wilson_interval
+from pipeline.metrics import (
+    attack_success_rate,
+    clean_accuracy,
+    fooling_rate,
+    rate_interval,
+    robust_accuracy,
+    wilson_interval,
+)
 from pipeline.train import default_device
 
 
@@ -372,8 +379,7 @@ def attack_cell_metrics(
     out: dict[str, float | int] = {"clean_accuracy": clean_accuracy(pred_clean, labels).value}
     ra = robust_accuracy(pred_adv, labels, target)
     out["robust_accuracy"] = ra.value
-    out["robust_accuracy_ci_low"], out["robust_accuracy_ci_high"] = wilson_interval(
-        round(ra.value * ra.n_images) if ra.n_images else 0, ra.n_images)
+    out["robust_accuracy_ci_low"], out["robust_accuracy_ci_high"] = rate_interval(ra.value, ra.n_images)
     out["attack_success_rate"] = attack_success_rate(pred_clean, pred_adv, labels, target).value
     out["fooling_rate"] = fooling_rate(pred_clean, pred_adv).value
     out["n_images"] = ra.n_images

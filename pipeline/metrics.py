@@ -56,6 +56,20 @@ def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, fl
     return float(ci.low), float(ci.high)
 
 
+def rate_interval(rate: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """:func:`wilson_interval` of a rate measured over ``n`` items (images, victims), read as
+    ``round(rate * n)`` of ``n`` (clamped to [0, n]): for rates already reduced to a fraction,
+    or averaged over seeds or targets that share the same items. ``(nan, nan)`` over no items
+    or for a NaN rate.
+
+    Raises:
+        ValueError: ``confidence`` outside (0, 1).
+    """
+    if n == 0 or math.isnan(rate):
+        return math.nan, math.nan
+    return wilson_interval(min(n, max(0, round(rate * n))), n, confidence)
+
+
 def versus_baseline(low: float, high: float, base_low: float, base_high: float) -> str:
     """Whether a rate differs from a baseline's beyond sampling noise, from their 95 %
     intervals (e.g. :func:`wilson_interval`): ``"higher"`` or ``"lower"`` when the two

@@ -49,7 +49,7 @@ from pipeline.data import load_meta, load_validation  # noqa: E402
 from pipeline.data.rp2 import load_mask, load_victims  # noqa: E402
 from pipeline.distributed import init_ray, ray_map  # noqa: E402
 from pipeline.io import atomic_write, save_figure  # noqa: E402
-from pipeline.metrics import wilson_interval  # noqa: E402
+from pipeline.metrics import rate_interval  # noqa: E402
 from pipeline.papers import BLURNET  # noqa: E402
 from pipeline.tasks import rp2_task  # noqa: E402
 from stages.attack_rp2 import mask_path  # noqa: E402
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for s, g in curve.groupby("images"):
         g = g.sort_values("l2_dissimilarity")
-        bands = [wilson_interval(round(f * n), n) for f, n in zip(g["fooling_rate"], g["n_images"], strict=True)]
+        bands = [rate_interval(f, n) for f, n in zip(g["fooling_rate"], g["n_images"], strict=True)]
         lo, hi = zip(*bands, strict=True)
         (line,) = ax.plot(g["l2_dissimilarity"], g["fooling_rate"], marker="o", label=f"{s} (fooling rate)")
         ax.fill_between(g["l2_dissimilarity"], lo, hi, alpha=0.2, color=line.get_color())

@@ -39,7 +39,7 @@ from pipeline.data import load_meta, load_tensors  # noqa: E402
 from pipeline.distributed import init_ray, ray_map  # noqa: E402
 from pipeline.evaluation import fixed_placements, test_order  # noqa: E402
 from pipeline.io import atomic_write, load_torch, save_figure  # noqa: E402
-from pipeline.metrics import wilson_interval  # noqa: E402
+from pipeline.metrics import rate_interval  # noqa: E402
 from pipeline.tasks import analysis_task  # noqa: E402
 from pipeline.tracking import log_artifacts, log_metrics, stage_run  # noqa: E402
 
@@ -157,10 +157,12 @@ def _feature_norms(results, out_dir: Path, params: Params, specs, inputs) -> dic
 
 def _pixel_robustness(results, out_dir: Path, params: Params, specs, inputs) -> dict:
     n_images = len(inputs["x"])
-    rows = [{"defense": d, **row, "n_images": n_images,
-             **dict(zip(("ci_low", "ci_high"), wilson_interval(round(row["accuracy"] * n_images), n_images),
-                        strict=True)),
-             "series": f"{d}, {row['which']} k"} for d, r in results.items() for row in r["curve"]]
+    rows = []
+    for d, r in results.items():
+        for row in r["curve"]:
+            low, high = rate_interval(row["accuracy"], n_images)
+            rows.append({"defense": d, **row, "n_images": n_images, "ci_low": low, "ci_high": high,
+                         "series": f"{d}, {row['which']} k"})
     df = pd.DataFrame(rows)
     atomic_write(out_dir / "accuracy_vs_k.csv", lambda f: f.write(df.to_csv(index=False).encode()))
     n = len(results)

@@ -43,7 +43,7 @@ from pipeline.data import load_meta  # noqa: E402
 from pipeline.data.rp2 import load_mask, load_victims  # noqa: E402
 from pipeline.distributed import init_ray, ray_map  # noqa: E402
 from pipeline.io import atomic_write, load_torch, save_figure, save_json, save_png, save_torch, sha256_file  # noqa: E402
-from pipeline.metrics import versus_baseline, wilson_interval  # noqa: E402
+from pipeline.metrics import rate_interval, versus_baseline  # noqa: E402
 from pipeline.tasks import rp2_task  # noqa: E402
 from pipeline.tracking import log_artifact, log_artifacts, log_metrics, stage_run  # noqa: E402
 
@@ -76,7 +76,7 @@ def _disabled(params: Params) -> None:
 
 def summarise(rows: pd.DataFrame, n_victims: int) -> dict:
     """Per (defense, setting): means over targets and seeds, the worst target, and 95 %
-    Wilson intervals (Wilson 1927, :func:`pipeline.metrics.wilson_interval`) of both rates.
+    Wilson intervals (Wilson 1927, :func:`pipeline.metrics.rate_interval`) of both rates.
 
     The intervals are over the ``n_victims`` victims: every sticker is evaluated on the
     same victims, so the victims, not the stickers, are the independent draws; a rate
@@ -104,14 +104,11 @@ def summarise(rows: pd.DataFrame, n_victims: int) -> dict:
     if n_victims < 1:
         raise ValueError(f"summarise: n_victims must be >= 1, got {n_victims}")
 
-    def interval(rate: float) -> tuple[float, float]:
-        return wilson_interval(min(n_victims, max(0, round(rate * n_victims))), n_victims)
-
     out: dict = {}
     for (defense, setting), g in rows.groupby(["defense", "setting"], sort=False):
         per_target = g.groupby("target")["fooling_rate"].mean()
         mean, worst = float(g["fooling_rate"].mean()), float(per_target.max())
-        (mean_low, mean_high), (worst_low, worst_high) = interval(mean), interval(worst)
+        (mean_low, mean_high), (worst_low, worst_high) = rate_interval(mean, n_victims), rate_interval(worst, n_victims)
         out.setdefault(defense, {})[setting] = {
             "clean_accuracy": float(g["clean_accuracy"].iloc[0]),
             "fooling_rate_mean": mean,

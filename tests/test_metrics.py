@@ -210,3 +210,14 @@ def test_ssim_global_is_eq8_of_seed_002_over_the_whole_image():
     assert torch.allclose(ssim_global(x, x), torch.ones(3))
     sizes = perturbation_sizes(x, x_adv)
     assert torch.equal(sizes["ssim_global"], got) and not torch.allclose(sizes["ssim"], got, atol=1e-3)
+
+
+def test_rate_interval_reads_a_rate_as_its_nearest_count():
+    from pipeline.metrics import rate_interval, wilson_interval
+
+    assert rate_interval(0.3, 40) == wilson_interval(12, 40)
+    assert rate_interval(1 / 3, 9) == wilson_interval(3, 9)  # a float rate rounds to its count
+    assert rate_interval(1.02, 40) == wilson_interval(40, 40)  # a count past n is clamped to n
+    assert rate_interval(0.25, 40, 0.5) == wilson_interval(10, 40, 0.5)
+    for rate, n in [(math.nan, 40), (0.5, 0)]:
+        assert all(math.isnan(v) for v in rate_interval(rate, n))

@@ -33,7 +33,7 @@ import torch
 from pipeline.attacks.patch import Placements, corner_placements
 from pipeline.evaluation import cell_metrics, fixed_placements
 from pipeline.io import figure_png
-from pipeline.metrics import attack_success_rate, wilson_interval
+from pipeline.metrics import attack_success_rate, rate_interval
 
 REFERENCE_ATTACK = "advp"
 """The patch attack of the figure's y axis and of the distance to a published point (AdvP)."""
@@ -152,13 +152,6 @@ def subset_placements(n: int, n_reference: int, placements: int, image_size: tup
     return drawn[torch.cat([torch.arange(n) + p * n_reference for p in range(placements)])]
 
 
-def _wilson(rate: float, n: int) -> tuple[float, float]:
-    """The 95 % Wilson interval of a rate over ``n`` images (NaN over none)."""
-    if n == 0 or math.isnan(rate):
-        return math.nan, math.nan
-    return wilson_interval(min(n, max(0, round(rate * n))), n)
-
-
 def summarize(preds: dict[str, torch.Tensor], labels: torch.Tensor, target: int | None,
               attacks: list[str]) -> dict[str, Any]:
     """The metrics of one cell from its predictions.
@@ -187,7 +180,7 @@ def summarize(preds: dict[str, torch.Tensor], labels: torch.Tensor, target: int 
         counted = {"robust_accuracy": m["n_images"],
                    "attack_success_rate": attack_success_rate(preds["none"], preds["none"], labels, target).n_images}
         for rate in RATES:
-            m[f"{rate}_ci_low"], m[f"{rate}_ci_high"] = _wilson(m[rate], counted[rate])
+            m[f"{rate}_ci_low"], m[f"{rate}_ci_high"] = rate_interval(m[rate], counted[rate])
         m.pop("clean_accuracy")  # the cell's own, above
         out[attack] = m
     return out
