@@ -31,6 +31,7 @@ from pydantic import (
 
 from pipeline.analysis.masking import MaskingParams
 from pipeline.attacks.base import Budget
+from pipeline.defenses.adjust import ADJUSTMENTS
 from pipeline.defenses.adversarial import AdversarialTrainingParams
 from pipeline.models import list_models
 from pipeline.models.registry import TORCHVISION_PREFIX, torchvision_weights
@@ -183,22 +184,23 @@ class ResourcesConfig(_Strict):
     train_num_gpus: float = Field(0.0, ge=0, description="GPUs of the training task, or of each data-parallel worker")
 
 
+Adjustment = Literal[ADJUSTMENTS]
+"""What ``fnc.adjustment``, a defended section's ``adjustment`` and ``fnc_tradeoff.adjustments``
+accept: :data:`pipeline.defenses.adjust.ADJUSTMENTS`."""
+
+
 class FNCConfig(_Strict):
     """``fnc``: feature norm clipping (Yu et al., ICCV 2021, Eq. 4) and its adjustment."""
 
     alpha: float = Field(1.0, gt=0, description="clip norms to alpha x the per-sample mean norm")
     eps: float = Field(1e-6, gt=0, description="guard against zero norms")
-    adjustment: Literal["none", "bn_recalibration", "finetune_classifier"] = "bn_recalibration"
+    adjustment: Adjustment = "bn_recalibration"
     adjust_batches: int = Field(
         100, ge=1, description="bn_recalibration: training batches used to re-estimate BN statistics"
     )
     finetune_epochs: int = Field(1, ge=1)
     finetune_lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(128, ge=1)
-
-
-FNC_ADJUSTMENTS = ("none", "bn_recalibration", "finetune_classifier")
-"""What ``fnc.adjustment`` (and ``fnc_tradeoff.adjustments``) accept (:mod:`pipeline.defenses.adjust`)."""
 
 
 class FNCTradeoffConfig(_Strict):
@@ -211,8 +213,8 @@ class FNCTradeoffConfig(_Strict):
 
     alphas: list[float] = Field(
         default_factory=list, description="clipping factors, each > 0 and finite, no repeats; empty: the stage is off")
-    adjustments: list[Literal["none", "bn_recalibration", "finetune_classifier"]] = Field(
-        default_factory=lambda: list(FNC_ADJUSTMENTS), min_length=1,
+    adjustments: list[Adjustment] = Field(
+        default_factory=lambda: list(ADJUSTMENTS), min_length=1,
         description="adjustments after insertion, each a curve of the figure; no repeats")
     test_images: int | None = Field(
         None, gt=0, description="a prefix of evaluate's seeded test order (evaluate.subset_seed); null: all")
@@ -253,7 +255,7 @@ class DefendedConfig(_Strict):
     defenses: list[dict[str, Any]] = Field(default_factory=list, description="inserted before training")
     train: dict[str, Any] | None = Field(None, description="overrides of the train section; null: no training")
     insert_after: list[dict[str, Any]] = Field(default_factory=list, description="inserted after training")
-    adjustment: Literal["none", "bn_recalibration", "finetune_classifier"] = "none"
+    adjustment: Adjustment = "none"
     adjust_batches: int = Field(100, ge=1)
     finetune_epochs: int = Field(1, ge=1)
     finetune_lr: float = Field(1e-3, gt=0)
