@@ -70,6 +70,28 @@ def rate_interval(rate: float, n: int, confidence: float = 0.95) -> tuple[float,
     return wilson_interval(min(n, max(0, round(rate * n))), n, confidence)
 
 
+def rate_text(entry: dict, key: str) -> str:
+    """A rate of a metrics entry as the tables print it: ``61.20 % [59.1, 63.3] ± 1.05``, the
+    rate in percent, its 95 % interval where the entry has ``<key>_ci_low``/``<key>_ci_high``
+    (fractions) and, where it was averaged over several seeds (``n_seeds`` > 1), the standard
+    deviation over seeds ``<key>_std`` in points. ``"n/a"`` for a NaN rate, ``""`` for a
+    missing one.
+    """
+    v = entry.get(key)
+    if v is None:
+        return ""
+    if isinstance(v, float) and math.isnan(v):
+        return "n/a"
+    text = f"{100 * v:.2f} %"
+    low = entry.get(f"{key}_ci_low")
+    if low is not None and not math.isnan(low):
+        text += f" [{100 * low:.1f}, {100 * entry[f'{key}_ci_high']:.1f}]"
+    std = entry.get(f"{key}_std")
+    if std is not None and not math.isnan(std) and entry.get("n_seeds", 1) > 1:
+        text += f" ± {100 * std:.2f}"
+    return text
+
+
 def versus_baseline(low: float, high: float, base_low: float, base_high: float) -> str:
     """Whether a rate differs from a baseline's beyond sampling noise, from their 95 %
     intervals (e.g. :func:`wilson_interval`): ``"higher"`` or ``"lower"`` when the two

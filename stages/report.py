@@ -26,6 +26,7 @@ from pipeline.analysis.pixel_robustness import PRM_IOU_CSV
 from pipeline.cli import run_stage
 from pipeline.config import PATCH_ATTACKS, Params
 from pipeline.io import atomic_write
+from pipeline.metrics import rate_text
 from pipeline.tracking import git_commit, log_artifacts, stage_run, tracking_uri
 
 log = logging.getLogger("report")
@@ -170,18 +171,6 @@ PATCH_KINDS = (("", "transferred"), ("_adaptive", "adaptive"), ("_bpda", "BPDA t
 (white box), and on each defended model with FNC passed by BPDA (Athalye et al. 2018)."""
 
 
-def _with_spread(cell: dict, key: str) -> str:
-    """``57.16 % ± 1.20`` (standard deviation over patch seeds) or ``34.90 % [31.9, 38.0]`` (95 %
-    Wilson interval over images), whichever the cell has; empty for a missing cell."""
-    v = cell.get(key)
-    if v is None:
-        return ""
-    if cell.get(f"{key}_ci_low") is not None and not math.isnan(cell[f"{key}_ci_low"]):
-        return f"{_pct(v)} [{100 * cell[f'{key}_ci_low']:.1f}, {100 * cell[f'{key}_ci_high']:.1f}]"
-    std = cell.get(f"{key}_std")
-    return _pct(v) + (f" ± {100 * std:.2f}" if std and cell.get("n_seeds", 1) > 1 else "")
-
-
 def _worst_patch(ev: dict, d: str, attacks: list[str]) -> tuple[float, str] | None:
     """The lowest robust accuracy over every patch cell of defense ``d``, with the cell's name:
     the ``<attack>_worst`` cells where the matrix has them, else every transferred/adaptive cell."""
@@ -284,18 +273,18 @@ def _defense_suite(rep: Report, params: Params, ev: dict, run, masking: dict[str
     rows, notes = [], []
     for d in defenses:
         clean = _cell(ev, d, "none", "clean_accuracy")
-        row = {"model": d, f"clean (n={ev[d]['none']['n_images']})": _with_spread(ev[d]["none"], "clean_accuracy")}
+        row = {"model": d, f"clean (n={ev[d]['none']['n_images']})": rate_text(ev[d]["none"], "clean_accuracy")}
         drop = None if base_clean is None or clean is None or d == "none" else base_clean - clean
         marked = drop is not None and drop > max_drop + 1e-9  # 0.80 - 0.75 is not above 0.05
         row["clean drop"] = "" if drop is None else f"{100 * drop:.2f} pt" + (" (marked)" if marked else "")
         for a in per_image:
             ap = params.attack_params(a)
             label = f"PGD-{ap['steps']}" if a == "pgd" else "AutoAttack"
-            row[f"{label} (n={ap['n_images']})"] = _with_spread(ev[d].get(a, {}), "robust_accuracy")
+            row[f"{label} (n={ap['n_images']})"] = rate_text(ev[d].get(a, {}), "robust_accuracy")
         both = ev[d].get("per_image_worst")
         if both is not None:
             row[f"per-image worst case (n={both['n_images']})"] = (
-                f"{_with_spread(both, 'robust_accuracy')} ({both['worst_attack']})")
+                f"{rate_text(both, 'robust_accuracy')} ({both['worst_attack']})")
         for attack in PATCH_ATTACKS:
             if attack not in attacks and not any(f"{attack}{s}" in attacks for s, _ in PATCH_KINDS):
                 continue
@@ -303,7 +292,7 @@ def _defense_suite(rep: Report, params: Params, ev: dict, run, masking: dict[str
                 cell = ev[d].get(f"{attack}{suffix}")
                 if f"{attack}{suffix}" not in attacks or cell is None or (suffix and d == "none"):
                     continue  # the baseline's adaptive patches are its transferred ones
-                text = f"{_with_spread(cell, 'robust_accuracy')} / {_pct(cell['attack_success_rate'])}"
+                text = f"{rate_text(cell, 'robust_accuracy')} / {_pct(cell['attack_success_rate'])}"
                 if cell.get("selected_start"):
                     text += f" (start: {cell['selected_start']})"
                 row[f"{attack} {kind}: robust / success"] = text
@@ -370,7 +359,7 @@ def _fnc(rep: Report, params: Params, ev: dict, run) -> None:
             if ours is None:
                 continue
             rows.append({"metric": label, "model": d, "paper": _pct(paper if d == "fnc" else None),
-                         "ours": _with_spread(ev[d][attack], key),
+                         "ours": rate_text(ev[d][attack], key),
                          "difference": _diff(ours, paper if d == "fnc" else None),
                          "MLflow run": run("evaluate")})
     rep.table(pd.DataFrame(rows))
@@ -444,7 +433,7 @@ def _madry(rep: Report, params: Params, ev: dict, run) -> None:
                 if ours is None:
                     continue
                 paper = None if d == "none" else published
-                rows.append({"metric": label, "model": d, "paper": _pct(paper), "ours": _with_spread(ev[d][attack], key),
+                rows.append({"metric": label, "model": d, "paper": _pct(paper), "ours": rate_text(ev[d][attack], key),
                              "difference": _diff(ours, paper), "MLflow run": run("evaluate")})
         rep.table(pd.DataFrame(rows))
         pgd = params.attack_params("pgd")
@@ -475,7 +464,7 @@ def _mask_fgsm(rep: Report, params: Params, ev: dict, run) -> None:
                      "SSIM paper (global, Eq. 8)": f"{p['ssim'][attack]:.3f}",
                      "SSIM ours (global, Eq. 8)": "" if ssim_g is None else f"{ssim_g:.3f}",
                      "SSIM ours (windowed)": "" if ssim is None else f"{ssim:.3f}",
-                     "accuracy under attack (ours)": _with_spread(ev["none"][attack], "robust_accuracy")})
+                     "accuracy under attack (ours)": rate_text(ev["none"][attack], "robust_accuracy")})
     if rows:
         rep.table(pd.DataFrame(rows))
         rep.p(f"Paper: {p['source']}. Ours: the undefended {params.model.name} on {params.data.dataset}; L0 is the "
@@ -512,8 +501,8 @@ def _prm(rep: Report, params: Params, ev: dict, run) -> None:
         iou = pd.read_csv(iou_csv).set_index("defense") if iou_csv.is_file() else None
         rows = []
         for d in prm:
-            row = {"model": d, "clean": _with_spread(ev.get(d, {}).get("none", {}), "clean_accuracy"),
-                   "PGD": _with_spread(ev.get(d, {}).get("pgd", {}), "robust_accuracy")}
+            row = {"model": d, "clean": rate_text(ev.get(d, {}).get("none", {}), "clean_accuracy"),
+                   "PGD": rate_text(ev.get(d, {}).get("pgd", {}), "robust_accuracy")}
             if iou is not None and d in iou.index:
                 row |= {"IoU (top gradient pixels, designated set)": f"{iou.at[d, 'prm_iou']:.3f}",
                         "IoU of a random set": f"{iou.at[d, 'random_set_iou']:.3f}"}
@@ -547,11 +536,11 @@ def _blurnet(rep: Report, params: Params, rp2: dict, run) -> None:
                          "victims classified stop (ours)": _pct(v["clean_accuracy"]),
                          "test accuracy (ours)": _pct((test or {}).get("clean_accuracy")),
                          "fooling rate (mean) paper": _pct(paper_avg),
-                         "fooling rate (mean) ours [95 % CI]": _with_spread(v, "fooling_rate_mean"),
+                         "fooling rate (mean) ours [95 % CI]": rate_text(v, "fooling_rate_mean"),
                          "difference": _diff(v["fooling_rate_mean"], paper_avg),
                          "vs baseline (ours)": v.get("fooling_rate_mean_vs_none", ""),
                          "fooling rate (worst target) paper": _pct(paper_worst),
-                         "fooling rate (worst target) ours [95 % CI]": _with_spread(v, "fooling_rate_worst"),
+                         "fooling rate (worst target) ours [95 % CI]": rate_text(v, "fooling_rate_worst"),
                          "L2 dissimilarity paper": f"{ref[4]:.3f}" if ref and key == "table2" else "",
                          "L2 dissimilarity ours": f"{v['l2_dissimilarity_mean']:.3f}"})
         rep.h(3, label)

@@ -221,3 +221,15 @@ def test_rate_interval_reads_a_rate_as_its_nearest_count():
     assert rate_interval(0.25, 40, 0.5) == wilson_interval(10, 40, 0.5)
     for rate, n in [(math.nan, 40), (0.5, 0)]:
         assert all(math.isnan(v) for v in rate_interval(rate, n))
+
+
+def test_rate_text_shows_the_interval_and_the_seed_spread_only_where_the_entry_has_them():
+    from pipeline.metrics import rate_text
+
+    entry = {"robust_accuracy": 0.612, "robust_accuracy_ci_low": 0.591, "robust_accuracy_ci_high": 0.633,
+             "robust_accuracy_std": 0.0105, "n_seeds": 3, "clean_accuracy": 0.9}
+    assert rate_text(entry, "robust_accuracy") == "61.20 % [59.1, 63.3] ± 1.05"
+    assert rate_text({**entry, "n_seeds": 1}, "robust_accuracy") == "61.20 % [59.1, 63.3]"  # one seed: no spread
+    assert rate_text(entry, "clean_accuracy") == "90.00 %"
+    assert rate_text({"x": math.nan}, "x") == "n/a"
+    assert rate_text({}, "x") == ""

@@ -33,7 +33,7 @@ import torch
 from pipeline.attacks.patch import Placements, corner_placements
 from pipeline.evaluation import cell_metrics, fixed_placements
 from pipeline.io import figure_png
-from pipeline.metrics import attack_success_rate, rate_interval
+from pipeline.metrics import attack_success_rate, rate_interval, rate_text
 
 REFERENCE_ATTACK = "advp"
 """The patch attack of the figure's y axis and of the distance to a published point (AdvP)."""
@@ -275,27 +275,10 @@ def table(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _pct(v: float) -> str:
-    return "n/a" if v is None or math.isnan(v) else f"{100 * v:.2f} %"
-
-
-def rate_text(m: dict[str, Any], key: str) -> str:
-    """``61.20 % [59.1, 63.3] ± 1.05``: a rate in percent, its 95 % Wilson interval and, where the
-    entry has one over several seeds, its standard deviation over seeds (points)."""
-    text = _pct(m[key])
-    low = m.get(f"{key}_ci_low")
-    if low is not None and not math.isnan(low):
-        text += f" [{100 * low:.1f}, {100 * m[f'{key}_ci_high']:.1f}]"
-    std = m.get(f"{key}_std")
-    if std is not None and not math.isnan(std) and m.get("n_seeds", 1) > 1:
-        text += f" ± {100 * std:.2f}"
-    return text
-
-
 def display_rows(summary: dict[str, Any]) -> list[dict[str, str]]:
     """The table of the markdown note and of the report, formatted: per row (the baseline
     first, then every cell) the adjustment, alpha, clean accuracy and robust accuracy under
-    each attack with their intervals (:func:`rate_text`), and the images counted."""
+    each attack with their intervals (:func:`pipeline.metrics.rate_text`), and the images counted."""
     attacks = summary["attacks"]
     entries = [summary["baseline"], *(c for by_alpha in summary["cells"].values() for c in by_alpha.values())]
     rows = []
