@@ -35,6 +35,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+from pipeline import papers  # noqa: E402
 from pipeline.attacks.rp2 import RP2Params, apply_rp2, evaluate_rp2  # noqa: E402
 from pipeline.checkpoint import build_from_spec, load_checkpoint  # noqa: E402
 from pipeline.cli import resume_dir, run_stage  # noqa: E402
@@ -247,6 +248,17 @@ def _rate(v: dict, key: str) -> str:
     return f"{v[key]:.4f} [{v[key + '_ci_low']:.4f}, {v[key + '_ci_high']:.4f}]"
 
 
+def slides_row(defense: str, setting: str) -> str:
+    """The row of BlurNet's slides (seed 001, :data:`pipeline.papers.BLURNET`) that a summary row
+    reproduces: Table 1 for black-box stickers, Table 2 for white-box ones; the undefended model's
+    white-box row is both tables' baseline. ``""`` for a model the slides do not print."""
+    t1, t2 = papers.BLURNET["table1"].get(defense), papers.BLURNET["table2"].get(defense)
+    if defense == "none":
+        return f"Table 1: {t1[0]}; Table 2: {t2[0]}"
+    row = t1 if setting == "black_box" else t2
+    return f"Table {1 if setting == 'black_box' else 2}: {row[0]}" if row else ""
+
+
 def _markdown(table: pd.DataFrame, summary: dict, classes: list[str], r, n: int) -> str:
     """The summary table (BlurNet's Tables 1 and 2 layout, every rate with its 95 % Wilson
     interval over the victims and its difference from the undefended model's white-box
@@ -259,9 +271,11 @@ def _markdown(table: pd.DataFrame, summary: dict, classes: list[str], r, n: int)
              "`vs none`: the mean fooling rate against the undefended model's white-box one, 'higher' or 'lower' "
              "only where the two intervals do not overlap.", ""]
     flat = []
+    named = any(d != "none" and slides_row(d, setting) for d, by in summary.items() for setting in by)
     for d, by in summary.items():
         for setting, v in by.items():
-            flat.append({"setting": setting, "defense": d, "clean_accuracy": v["clean_accuracy"],
+            flat.append({"setting": setting, "defense": d, **({"slides' row": slides_row(d, setting)} if named else {}),
+                         "clean_accuracy": v["clean_accuracy"],
                          "fooling_rate_mean [95% CI]": _rate(v, "fooling_rate_mean"),
                          "vs none": v["fooling_rate_mean_vs_none"],
                          "fooling_rate_worst [95% CI]": _rate(v, "fooling_rate_worst"),

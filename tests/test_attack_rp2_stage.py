@@ -168,6 +168,34 @@ def test_summary_rates_carry_wilson_intervals_over_the_victims():
     assert both["same"]["white_box"]["fooling_rate_mean_vs_none"] == "within noise"  # 11 of 40
 
 
+def test_summary_table_names_each_row_as_the_slides_table_that_it_reproduces():
+    """BlurNet's models get their slide row by name (Table 1 for black-box stickers, Table 2 for
+    white-box ones, both for the baseline); a profile without BlurNet's models has no such column."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from stages.attack_rp2 import _markdown, slides_row, summarise
+
+    def rows(defenses):
+        return pd.DataFrame([{"defense": d, "setting": st, "source": "none", "target": 5, "seed": 0,
+                              "clean_accuracy": 1.0, "fooling_rate": 0.3, "target_success": 0.0,
+                              "target_success_transformed": 0.0, "l2_dissimilarity": 0.2, "seconds": 1.0}
+                             for d, st in defenses])
+
+    r, classes = SimpleNamespace(true_class=14), [f"class {i}" for i in range(43)]
+    blur = rows([("none", "white_box"), ("blurnet5", "black_box"), ("blurnet_learned7", "white_box"),
+                 ("blurnet_learned7", "black_box"), ("fnc", "white_box")])
+    md = _markdown(blur, summarise(blur, 40), classes, r, 40)
+    assert "slides' row" in md
+    assert "Table 1: 5x5 filter on L1 feature maps" in md and "Table 2: 7x7 conv, alpha 0.1" in md
+    assert "Table 1: Baseline; Table 2: Baseline (alpha 0)" in md
+    assert slides_row("blurnet_learned7", "black_box") == ""  # the slides print its white-box row only
+    assert slides_row("fnc", "white_box") == ""
+    other = rows([("none", "white_box"), ("fnc", "white_box")])
+    assert "slides' row" not in _markdown(other, summarise(other, 40), classes, r, 40)
+
+
 def test_versus_baseline_reads_a_direction_only_outside_the_noise():
     from pipeline.metrics import versus_baseline
 
