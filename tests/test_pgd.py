@@ -7,7 +7,17 @@ import torch
 from torch import nn
 
 from pipeline.attacks.base import build_attack, list_attacks
-from pipeline.attacks.pgd import FGSMAttack, PGDAttack, ThreatModel, attack_loss, fgsm, pgd
+from pipeline.attacks.pgd import (
+    FGSMAttack,
+    L2Step,
+    PGDAttack,
+    ThreatModel,
+    attack_loss,
+    check_mask,
+    check_pixel_budget,
+    fgsm,
+    pgd,
+)
 from pipeline.models import Normalized, build_model
 
 
@@ -315,3 +325,143 @@ def test_fgsm_step_is_the_given_eps_and_the_registered_attacks_pass_their_target
     threat = build_attack("pgd", params).params.threat_model()
     assert torch.equal(out, pgd(model, x, y, threat, 2, torch.Generator().manual_seed(4)).x_adv)  # its generator
     assert not torch.equal(out, pgd(model, x, y, threat, None, torch.Generator().manual_seed(4)).x_adv)
+
+
+# --------------------------------------------------------------------------- mutation-testing additions (complete run)
+
+
+@pytest.mark.parametrize("target", [None, 2])
+def test_loss_history_starts_at_the_clean_objective_and_the_result_loss_is_the_objective_at_x_adv(target):
+    """By default pgd records the losses: without a random start the history starts at the
+    objective of the clean images and ends at the mean final loss, and the result's loss is the
+    per-image objective (targeted: minus the cross-entropy of the target, log-softmax computed
+    here) at x_adv."""
+    model = tiny_conv(classes=4)
+    g = torch.Generator().manual_seed(21)
+    x, y = 0.2 + 0.6 * torch.rand(6, 3, 8, 8, generator=g), torch.tensor([0, 1, 2, 3, 0, 1])
+    res = pgd(model, x, y, ThreatModel(eps=0.05, step_size=0.02, steps=3, random_start=False), target)
+    with torch.no_grad():
+        logp_clean, logp_adv = model(x).log_softmax(1), model(res.x_adv).log_softmax(1)
+    idx = torch.arange(6)
+    clean = -logp_clean[idx, y] if target is None else logp_clean[:, target]
+    adv = -logp_adv[idx, y] if target is None else logp_adv[:, target]
+    assert res.loss_history.shape == (1, 4)
+    assert float(res.loss_history[0, 0]) == pytest.approx(float(clean.mean()), rel=1e-5)
+    assert torch.allclose(res.loss, adv, atol=1e-5)
+    assert float(res.loss_history[0, -1]) == pytest.approx(float(adv.mean()), rel=1e-5)
+    assert torch.allclose(attack_loss(model(x), y, target), clean, atol=1e-5)  # per image, shape (N,)
+
+
+class CyclingGain(nn.Module):
+    """A "randomised" model (``randomized = True``) whose k-th forward pass uses the gain
+    ``gains[k % len(gains)]``: logits (0, gain * sum(x)). With label 0 the gradient of the
+    cross-entropy is sigmoid(gain * s) * gain on every value, so its sign is the gain's."""
+
+    randomized = True
+
+    def __init__(self, gains):
+        super().__init__()
+        self.gains, self.calls = gains, 0
+
+    def forward(self, x):
+        gain = self.gains[self.calls % len(self.gains)]
+        self.calls += 1
+        s = gain * x.flatten(1).sum(1)
+        return torch.stack([torch.zeros_like(s), s], dim=1)
+
+
+@pytest.mark.parametrize("record_loss", [True, False])
+def test_eot_steps_along_the_mean_gradient_of_eot_samples_passes(record_loss):
+    """With eot_samples=3 on a randomised model of gains (-1, 3, -1), one L-inf step follows the
+    sign of the mean gradient (+: the gain-3 pass dominates), not that of the first or last pass
+    (-); the recorded first loss is the mean of the three passes' losses."""
+    gains = (-1.0, 3.0, -1.0)
+    x, y = torch.full((2, 3, 2, 2), 0.5), torch.zeros(2, dtype=torch.int64)
+    model = CyclingGain(gains)
+    threat = ThreatModel(eps=0.1, step_size=0.05, steps=1, random_start=False, eot_samples=3)
+    res = pgd(model, x, y, threat, record_loss=record_loss)
+    assert torch.allclose(res.x_adv, torch.full_like(x, 0.55), atol=1e-6)
+    assert model.calls == (4 if record_loss else 3)
+    if record_loss:
+        s = x.flatten(1).sum(1)
+        expected = torch.stack([torch.nn.functional.softplus(gn * s) for gn in gains]).mean()  # CE of label 0
+        assert float(res.loss_history[0, 0]) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_a_deterministic_model_takes_one_gradient_pass_per_step_whatever_eot_samples():
+    """EOT averaging is for randomised models only: a deterministic one takes exactly ``steps``
+    forward passes (record_loss=False) even with eot_samples=4."""
+    model = CyclingGain((1.0,))
+    model.randomized = False
+    x, y = torch.full((2, 3, 2, 2), 0.5), torch.zeros(2, dtype=torch.int64)
+    pgd(model, x, y, ThreatModel(eps=0.1, step_size=0.05, steps=3, random_start=False, eot_samples=4),
+        record_loss=False)
+    assert model.calls == 3
+
+
+def test_l2_projection_keeps_points_inside_the_ball_and_rescales_points_outside_onto_it():
+    """Proj onto the L2 ball: a perturbation of norm < eps is unchanged, one of norm > eps is
+    scaled to norm eps along its direction (images at 0.5, so no clipping)."""
+    x0 = torch.full((2, 3, 4, 4), 0.5)
+    d = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(22))
+    d = d / d.flatten(1).norm(dim=1).view(-1, 1, 1, 1)  # unit directions
+    step = L2Step(x0, eps=1.0, step_size=0.1)
+    inside = x0 + 0.3 * d
+    assert torch.allclose(step.project(inside), inside, atol=1e-6)
+    outside = x0 + 1.5 * d
+    assert torch.allclose(step.project(outside), x0 + d, atol=1e-6)
+
+
+def test_l2_random_start_stays_inside_a_ball_of_radius_below_one():
+    """With eps = 0.5 the L2 start lies inside the ball and reaches near its surface."""
+    eps = 0.5
+    x, start = first_iterate("l2", eps, n=200, side=8)
+    r = (start - x).flatten(1).norm(dim=1)
+    assert (r <= eps + 1e-5).all() and float(r.max()) > 0.9 * eps
+
+
+def test_threat_models_reject_zero_step_size_steps_restarts_and_eot_samples():
+    """step_size 0, and steps, restarts or eot_samples 0, each alone, raise ValueError."""
+    with pytest.raises(ValueError, match="step_size"):
+        ThreatModel(step_size=0)
+    for field in ("steps", "restarts", "eot_samples"):
+        with pytest.raises(ValueError, match=">= 1"):
+            ThreatModel(**{field: 0})
+
+
+def test_pixel_budgets_accept_one_and_hint_at_8_over_255_only_above_one():
+    """An L-inf budget of exactly 1 is valid; above 1 (even 1.5) the error suggests 8/255; at or
+    below 0 it does not."""
+    assert check_pixel_budget(1.0, "eps") == 1.0
+    with pytest.raises(ValueError, match="8/255"):
+        check_pixel_budget(1.5, "eps")
+    for bad in (0.0, -0.5):
+        with pytest.raises(ValueError, match=r"^eps must be in \(0, 1\], got") as info:
+            check_pixel_budget(bad, "eps")
+        assert "8/255" not in str(info.value)
+
+
+def test_a_mask_is_returned_as_a_float_tensor_of_the_images_dtype():
+    """check_mask casts a bool mask to the images' float dtype (float32 or float64)."""
+    m = centre_mask()
+    for dtype in (torch.float32, torch.float64):
+        out = check_mask(m, torch.zeros(1, 3, 8, 8, dtype=dtype))
+        assert out.dtype == dtype and torch.equal(out, m.to(dtype))
+
+
+def test_masked_l2_random_start_has_uniform_radius_even_on_one_masked_value():
+    """With a mask of one value the random direction is +-1 on it and the radius is uniform in
+    [0, eps]: mean eps / 2 and spread eps / sqrt(12), whatever the Gaussian draw's size."""
+    eps, n = 0.4, 400
+    x = torch.full((n, 3, 8, 8), 0.5)
+    mask = torch.zeros(1, 3, 8, 8)
+    mask[0, 1, 3, 4] = 1
+    model = FirstInput(tiny_conv())
+    pgd(model, x, torch.arange(n) % 4, ThreatModel(norm="l2", eps=eps, step_size=0.1, steps=1),
+        generator=torch.Generator().manual_seed(23), mask=mask, record_loss=False)
+    delta = (model.first - x).flatten(1)
+    r = delta.norm(dim=1)
+    assert torch.equal(delta.abs().amax(1), r)  # one value moves
+    assert (r <= eps + 1e-6).all()
+    assert float(r.mean()) == pytest.approx(eps / 2, abs=0.05 * eps)  # standard error 0.014 eps
+    assert float(r.std()) == pytest.approx(eps / 12**0.5, rel=0.1)
