@@ -301,6 +301,53 @@ def test_rand_success_check_counts_draws_and_keeps_the_most_reliable_image():
     assert robust.tolist() == [False, False, True] and np.array_equal(out[:2], adv[:2])
 
 
+class WrongOnFirstCall(nn.Module):
+    """A randomised model (``randomized`` True) whose first forward pass happens to
+    misclassify every image (logits rolled by one class) and every later one is ``model``'s."""
+
+    randomized = True
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        logits = self.model(x)
+        return logits.roll(1, dims=1) if self.calls == 1 else logits
+
+
+def test_on_a_randomised_model_images_one_clean_draw_misclassifies_are_still_attacked(task):
+    """The clean prediction of a randomised model is one draw: an image it gets wrong is
+    still classified correctly by most other draws, so it must be attacked, not returned
+    unperturbed (that counted such images robust and left AutoAttack weaker than PGD)."""
+    model, x, y = task
+    x, y = x[:30], y[:30]
+    lucky = WrongOnFirstCall(model)
+    attack = build_attack("autoattack", {"eps": EPS, "eot_iter": 2, **CHEAP})
+    adv = attack(lucky, x, y, torch.Generator().manual_seed(0))
+    assert lucky.calls > 1 and attack._version == "rand"
+    assert accuracy(model, adv, y) < accuracy(model, x, y)  # images broken despite the first draw
+    assert (adv != x).flatten(1).any(1).float().mean() > 0.5
+
+
+def test_eot_apgd_attacks_every_image_the_ensemble_sends():
+    """APGD skips the images its pre-restart ``predict`` calls misclassified; with
+    ``attack_labels`` set, the EOT classifier answers "not yet adversarial" for every
+    image once (label highest; targeted: target lowest), then falls back to the mean of draws."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * SIDE * SIDE, K))
+    clf = PyTorchClassifier(net, loss=nn.CrossEntropyLoss(), input_shape=(3, SIDE, SIDE), nb_classes=K,
+                            clip_values=(0.0, 1.0), preprocessing=None, device_type="cpu")
+    xs = np.random.default_rng(0).random((6, 3, SIDE, SIDE), dtype=np.float32)
+    labels = np.array([0, 3, 9, 1, 5, 2])
+    for targeted in (False, True):
+        eot = _with_eot(clf, 2, targeted)
+        eot.attack_labels = labels
+        pred = eot.predict(xs).argmax(1)
+        assert (pred == labels).all() if not targeted else (pred != labels).all()
+        np.testing.assert_allclose(eot.predict(xs), clf.predict(xs), rtol=1e-5, atol=1e-6)  # once only
+
+
 def test_auto_version_runs_rand_exactly_on_randomised_models(task, monkeypatch):
     """``version: auto`` (the default) picks the EOT ensemble where the forward pass is random
     (a module with a true ``randomized`` attribute) and the standard one elsewhere."""

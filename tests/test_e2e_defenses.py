@@ -62,12 +62,12 @@ def test_adaptive_attacks_are_at_least_as_strong_as_transfer(defenses_project):
             assert best >= p - 2 * max(row["advp"]["attack_success_rate_std"], (p * (1 - p) / n) ** 0.5), defense
             assert row["advp_adaptive"]["selected_start"], defense
         # AutoAttack attacks the same first n images as PGD: never weaker on a deterministic model. On the
-        # randomised ones (version rand, smoke budgets: 20 APGD iterations, 4 draws) it can be, even with
-        # its success check over eot_iter draws and APGD returning its last iterate (random_resize_pad about
-        # 13 % against PGD-10's 9 %, averaged over 20 draws on 100 images): a known gap, in docs/results.md,
-        # which the per-image worst case closes, since an image counts as robust only if both attacks fail
-        if defense not in ("prm", "random_resize_pad"):
-            assert row["autoattack"]["robust_accuracy"] <= row["pgd"]["robust_accuracy"], defense
+        # randomised ones each cell is one random draw of the model on each attacked image, so two equally
+        # strong attacks differ by sampling noise: there, never weaker beyond two standard deviations of
+        # the difference of two single-draw rates over the n images (about 0.11 at 9 % on 50 images)
+        aa, pgd, n = row["autoattack"]["robust_accuracy"], row["pgd"]["robust_accuracy"], row["pgd"]["n_images"]
+        noise = 2 * (2 * max(pgd, 1 / n) * (1 - pgd) / n) ** 0.5 if defense in ("prm", "random_resize_pad") else 0.0
+        assert aa <= pgd + noise, (defense, aa, pgd)
         worst = row["per_image_worst"]
         assert worst["attacks"] == "pgd,autoattack", defense
         for attack in ("pgd", "autoattack"):

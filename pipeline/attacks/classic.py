@@ -32,7 +32,11 @@ What the wrappers add to ART, and why:
   images the model classifies correctly are sent to ART. (ART's DeepFool moves
   every image off its *predicted* class, which for a misclassified image can be
   the true class; skipping them keeps "robust accuracy <= clean accuracy" and
-  saves time.) Targeted runs attack every image.
+  saves time.) Targeted runs attack every image, and so do runs on a randomised
+  model (random resizing and padding, PRM): there the clean prediction is one
+  random draw, and an image it happens to misclassify is still classified
+  correctly by most other draws, so leaving it unperturbed would count it as
+  robust wherever later draws get it right.
 * **Model outputs.** DeepFool and C&W see the logits (both papers define them
   on logits, ``Z`` in Carlini and Wagner). JSMA and One Pixel see softmax
   probabilities (computed in float64 so that confident predictions do not
@@ -66,7 +70,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from pipeline.attacks.base import Attack, AttackParams, Budget, register_attack
+from pipeline.attacks.base import Attack, AttackParams, Budget, is_randomized, register_attack
 
 __all__ = ["CarliniL2", "CarliniL2Params", "DeepFool", "DeepFoolParams", "JSMA", "JSMAParams", "OnePixel",
            "OnePixelParams", "Square", "SquareParams"]
@@ -170,7 +174,9 @@ class _ARTAttack(Attack):
 
         Returns:
             float32 (N, C, H, W) in [0, 1], on ``x``'s device; untargeted: images
-            the model already misclassifies are returned unchanged.
+            the model already misclassifies are returned unchanged, except on a
+            randomised model (:func:`~pipeline.attacks.base.is_randomized`), where
+            every image is attacked (one clean draw's mistake is not the model's).
 
         Raises:
             ValueError: ``params.target`` is not a class of the model.
@@ -186,7 +192,9 @@ class _ARTAttack(Attack):
             raise ValueError(f"{self.name}: target {target} is not a class of a {nb_classes}-class model")
         clf = self.art_classifier(model, x, nb_classes)
         out = x.detach().to(torch.float32).clone()
-        todo = torch.ones(len(x), dtype=torch.bool, device=x.device) if target is not None else logits.argmax(1) == y
+        # a randomised model's misclassification of the clean image is one draw's luck: attack every image
+        attack_all = target is not None or is_randomized(model)
+        todo = torch.ones(len(x), dtype=torch.bool, device=x.device) if attack_all else logits.argmax(1) == y
         if not bool(todo.any()):
             return out
         idx = todo.nonzero().flatten()
