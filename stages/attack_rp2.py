@@ -44,7 +44,7 @@ from pipeline.data import load_meta  # noqa: E402
 from pipeline.data.rp2 import load_mask, load_victims  # noqa: E402
 from pipeline.distributed import init_ray, ray_map  # noqa: E402
 from pipeline.io import atomic_write, load_torch, save_figure, save_json, save_png, save_torch, sha256_file  # noqa: E402
-from pipeline.metrics import rate_interval, versus_baseline  # noqa: E402
+from pipeline.metrics import direction, paired_difference_interval, rate_interval, versus_baseline  # noqa: E402
 from pipeline.tasks import rp2_task  # noqa: E402
 from pipeline.tracking import log_artifact, log_artifacts, log_metrics, stage_run  # noqa: E402
 
@@ -75,7 +75,7 @@ def _disabled(params: Params) -> None:
     log.info("rp2.enabled is false: nothing to do")
 
 
-def summarise(rows: pd.DataFrame, n_victims: int) -> dict:
+def summarise(rows: pd.DataFrame, n_victims: int, fooled: dict[tuple[str, str], torch.Tensor] | None = None) -> dict:
     """Per (defense, setting): means over targets and seeds, the worst target, and 95 %
     Wilson intervals (Wilson 1927, :func:`pipeline.metrics.rate_interval`) of both rates.
 
@@ -88,6 +88,12 @@ def summarise(rows: pd.DataFrame, n_victims: int) -> dict:
     Args:
         rows: one row per (defense, setting, target, seed) with the :data:`PER_STICKER` columns.
         n_victims: victims every sticker was evaluated on (> 0).
+        fooled: optional, per (defense, setting), float (n_victims,): per victim, the fraction
+            of the row's stickers that fool it. With it, each row's difference from the
+            undefended model's white-box row is read from a paired bootstrap over the victims
+            (:func:`pipeline.metrics.paired_difference_interval`: both rows are measured on
+            the same victims, so a victim easy or hard for both cancels); without it, from
+            whether the two Wilson intervals overlap (:func:`pipeline.metrics.versus_baseline`).
 
     Returns:
         ``{defense: {setting: {"clean_accuracy", "fooling_rate_mean",
@@ -95,9 +101,10 @@ def summarise(rows: pd.DataFrame, n_victims: int) -> dict:
         "fooling_rate_worst_ci_low", "fooling_rate_worst_ci_high", "worst_target",
         "target_success_mean", "target_success_transformed_mean", "l2_dissimilarity_mean",
         "n_stickers", "n_seeds", "n_victims", "fooling_rate_mean_vs_none"}}}``; fractions in
-        [0, 1]; ``fooling_rate_mean_vs_none`` is :func:`pipeline.metrics.versus_baseline` of the
-        mean fooling rate against the undefended model's white-box one ("" for that row itself
-        or without an undefended row).
+        [0, 1]; ``fooling_rate_mean_vs_none`` is "higher", "lower" or "within noise": the mean
+        fooling rate against the undefended model's white-box one ("" for that row itself or
+        without an undefended row); with ``fooled``, also ``fooling_rate_mean_diff`` and its
+        95 % interval ``fooling_rate_mean_diff_ci_low``/``_high``.
 
     Raises:
         ValueError: ``n_victims`` < 1.
@@ -127,11 +134,19 @@ def summarise(rows: pd.DataFrame, n_victims: int) -> dict:
             "n_victims": int(n_victims),
         }
     base = out.get("none", {}).get("white_box")
-    for by in out.values():
-        for v in by.values():  # the undefended model's white-box rate is the baseline itself
-            v["fooling_rate_mean_vs_none"] = "" if base is None or v is base else versus_baseline(
-                v["fooling_rate_mean_ci_low"], v["fooling_rate_mean_ci_high"],
-                base["fooling_rate_mean_ci_low"], base["fooling_rate_mean_ci_high"])
+    paired = fooled is not None and ("none", "white_box") in fooled
+    for d, by in out.items():
+        for setting, v in by.items():  # the undefended model's white-box rate is the baseline itself
+            if base is None or v is base:
+                v["fooling_rate_mean_vs_none"] = ""
+            elif paired:
+                diff, low, high = paired_difference_interval(fooled[(d, setting)], fooled[("none", "white_box")])
+                v.update(fooling_rate_mean_diff=diff, fooling_rate_mean_diff_ci_low=low,
+                         fooling_rate_mean_diff_ci_high=high, fooling_rate_mean_vs_none=direction(low, high))
+            else:
+                v["fooling_rate_mean_vs_none"] = versus_baseline(
+                    v["fooling_rate_mean_ci_low"], v["fooling_rate_mean_ci_high"],
+                    base["fooling_rate_mean_ci_low"], base["fooling_rate_mean_ci_high"])
     return out
 
 
@@ -185,7 +200,7 @@ def main(params: Params) -> None:
                 desc="RP2 stickers (one task per defense, target, seed)", on_result=finished)
 
     models = {d: build_from_spec(spec).eval() for d, spec in specs.items()}
-    rows = []
+    rows, fooled = [], {}
     for (source, target, seed), res in done.items():
         for defense in r.defenses:
             if source == defense:
@@ -198,10 +213,11 @@ def main(params: Params) -> None:
                              transforms=r.eval_transforms, seed=seed)
             if r.eval_transforms == 0:
                 m["target_success_transformed"] = float("nan")
+            fooled.setdefault((defense, setting), []).append(m["fooled"].float())
             rows.append({"defense": defense, "setting": setting, "source": source, "target": target, "seed": seed,
                          **{k: m[k] for k in PER_STICKER}, "seconds": res["seconds"]})
     table = pd.DataFrame(rows).sort_values(["setting", "defense", "target", "seed"], key=_setting_order)
-    summary = summarise(table, len(victims))
+    summary = summarise(table, len(victims), {k: torch.stack(v).mean(0) for k, v in fooled.items()})
 
     out_dir = Path("rp2") / name
     for (source, target, seed), res in done.items():
@@ -243,6 +259,15 @@ def _setting_order(col: pd.Series) -> pd.Series:
     return col.map({"black_box": 0, "white_box": 1}) if col.name == "setting" else col
 
 
+def _versus(v: dict) -> str:
+    """``"+0.050 [-0.025, 0.125] within noise"``: the paired difference from the undefended
+    white-box row with its bootstrap interval where :func:`summarise` computed one."""
+    if "fooling_rate_mean_diff" not in v:
+        return v["fooling_rate_mean_vs_none"]
+    return (f"{v['fooling_rate_mean_diff']:+.3f} [{v['fooling_rate_mean_diff_ci_low']:+.3f}, "
+            f"{v['fooling_rate_mean_diff_ci_high']:+.3f}] {v['fooling_rate_mean_vs_none']}")
+
+
 def _rate(v: dict, key: str) -> str:
     """``"0.3000 [0.1800, 0.4500]"``: a rate of :func:`summarise` with its 95 % interval."""
     return f"{v[key]:.4f} [{v[key + '_ci_low']:.4f}, {v[key + '_ci_high']:.4f}]"
@@ -268,8 +293,9 @@ def _markdown(table: pd.DataFrame, summary: dict, classes: list[str], r, n: int)
              "mean over targets and seeds, worst over targets. Black box: stickers made on the undefended model; "
              f"white box: made on each model itself. Brackets: 95 % Wilson interval over the {n} victims (the "
              f"stickers share them, so they are the independent draws; one victim is {100 / n:.1f} points). "
-             "`vs none`: the mean fooling rate against the undefended model's white-box one, 'higher' or 'lower' "
-             "only where the two intervals do not overlap.", ""]
+             "`vs none`: the mean fooling rate minus the undefended model's white-box one, with its 95 % paired "
+             "bootstrap interval over the victims (both rows see the same victims), 'higher' or 'lower' only "
+             "where that interval excludes 0.", ""]
     flat = []
     named = any(d != "none" and slides_row(d, setting) for d, by in summary.items() for setting in by)
     for d, by in summary.items():
@@ -277,7 +303,7 @@ def _markdown(table: pd.DataFrame, summary: dict, classes: list[str], r, n: int)
             flat.append({"setting": setting, "defense": d, **({"slides' row": slides_row(d, setting)} if named else {}),
                          "clean_accuracy": v["clean_accuracy"],
                          "fooling_rate_mean [95% CI]": _rate(v, "fooling_rate_mean"),
-                         "vs none": v["fooling_rate_mean_vs_none"],
+                         "vs none": _versus(v),
                          "fooling_rate_worst [95% CI]": _rate(v, "fooling_rate_worst"),
                          "worst_target": f"{v['worst_target']} ({classes[v['worst_target']]})",
                          "target_success_mean": v["target_success_mean"],

@@ -196,6 +196,39 @@ def test_summary_table_names_each_row_as_the_slides_table_that_it_reproduces():
     assert "slides' row" not in _markdown(other, summarise(other, 40), classes, r, 40)
 
 
+def test_a_difference_on_the_same_victims_is_read_from_a_paired_bootstrap():
+    """A filter that fools the baseline's 10 victims and 6 more (0.40 against 0.25 of 40):
+    the two Wilson intervals overlap, but every victim's difference is >= 0, so the paired
+    interval over the victims lies above 0: "higher"; the difference is the difference of the
+    means, and a filter fooling other victims at the same rate is "within noise"."""
+    import pandas as pd
+
+    from stages.attack_rp2 import summarise
+
+    def row(d, rate):
+        return {"defense": d, "setting": "white_box" if d == "none" else "black_box", "target": 5, "seed": 0,
+                "clean_accuracy": 1.0, "fooling_rate": rate, "target_success": 0.0,
+                "target_success_transformed": 0.0, "l2_dissimilarity": 0.2}
+
+    base = torch.zeros(40)
+    base[:10] = 1
+    more, other = base.clone(), torch.zeros(40)
+    more[10:16] = 1
+    other[30:40] = 1
+    rows = pd.DataFrame([row("none", 0.25), row("blur", 0.40), row("other", 0.25)])
+    fooled = {("none", "white_box"): base, ("blur", "black_box"): more, ("other", "black_box"): other}
+    unpaired = summarise(rows, 40)
+    assert unpaired["blur"]["black_box"]["fooling_rate_mean_vs_none"] == "within noise"
+    s = summarise(rows, 40, fooled)
+    blur = s["blur"]["black_box"]
+    assert blur["fooling_rate_mean_diff"] == pytest.approx(0.15)
+    assert 0 < blur["fooling_rate_mean_diff_ci_low"] < 0.15 < blur["fooling_rate_mean_diff_ci_high"]
+    assert blur["fooling_rate_mean_vs_none"] == "higher"
+    assert s["other"]["black_box"]["fooling_rate_mean_vs_none"] == "within noise"
+    assert s["other"]["black_box"]["fooling_rate_mean_diff"] == pytest.approx(0.0)
+    assert "fooling_rate_mean_diff" not in s["none"]["white_box"]
+
+
 def test_versus_baseline_reads_a_direction_only_outside_the_noise():
     from pipeline.metrics import versus_baseline
 

@@ -233,3 +233,29 @@ def test_rate_text_shows_the_interval_and_the_seed_spread_only_where_the_entry_h
     assert rate_text(entry, "clean_accuracy") == "90.00 %"
     assert rate_text({"x": math.nan}, "x") == "n/a"
     assert rate_text({}, "x") == ""
+
+
+def test_paired_difference_interval_is_narrower_than_unpaired_and_exact_when_constant():
+    """Per-item pairs that share most of their variation: the paired interval of the difference
+    covers the true shift, excludes 0, and is narrower than the unpaired bootstrap of the same
+    data; identical per-item differences give a zero-width interval; bad shapes fail."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    from pipeline.metrics import direction, paired_difference_interval
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(60, generator=g)
+    b = (a - 0.1 + 0.05 * torch.randn(60, generator=g)).clamp(0, 1)
+    d, low, high = paired_difference_interval(a, b)
+    assert d == pytest.approx(float(a.mean() - b.mean()))
+    assert 0 < low < d < high and direction(low, high) == "higher"
+    unpaired = bootstrap((a.double().numpy(), b.double().numpy()), lambda u, v, axis: u.mean(axis) - v.mean(axis),
+                         vectorized=True, n_resamples=9999, method="percentile", random_state=0).confidence_interval
+    assert high - low < 0.5 * (unpaired.high - unpaired.low)
+    assert paired_difference_interval(a, a) == (0.0, 0.0, 0.0)
+    assert direction(-0.2, -0.1) == "lower" and direction(-0.1, 0.1) == "within noise"
+    assert paired_difference_interval(a, b) == (d, low, high)  # seeded: reproducible
+    with pytest.raises(ValueError, match="same"):
+        paired_difference_interval(a, b[:10])
+    assert np.isfinite(low)

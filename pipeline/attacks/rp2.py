@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -563,7 +563,7 @@ def evaluate_rp2(
     cfg: RP2Params,
     transforms: int = 0,
     seed: int = 0,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """How the sticker does on the victims (digitally, and optionally under transforms).
 
     Args:
@@ -582,7 +582,8 @@ def evaluate_rp2(
         "attack success rate": predictions changed by the sticker), ``target_success``
         (adversarial predictions == target), ``l2_dissimilarity`` (see
         :func:`l2_dissimilarity`), ``n_images``, and with ``transforms > 0``
-        ``target_success_transformed``. Fractions in [0, 1].
+        ``target_success_transformed``. Fractions in [0, 1]. Also ``fooled``: bool (N,),
+        CPU, which victims the sticker fools (for paired comparisons between models).
 
     Raises:
         ValueError: as :func:`apply_rp2`.
@@ -603,6 +604,7 @@ def evaluate_rp2(
             "target_success": float((pred_adv == cfg.target).float().mean()),
             "l2_dissimilarity": l2_dissimilarity(x, adv),
             "n_images": float(len(x)),
+            "fooled": (pred_adv != pred_clean).cpu(),
         }
         if transforms > 0:
             gen = torch.Generator().manual_seed(seed)
