@@ -137,6 +137,17 @@ def direction(low: float, high: float) -> str:
     return "higher" if low > 0 else "lower" if high < 0 else "within noise"
 
 
+def difference_text(entry: dict, key: str) -> str:
+    """A rate's difference from its baseline as the tables print it: ``+0.150 [+0.075,
+    +0.250] higher``, from the entry's ``<key>_diff``, ``<key>_diff_ci_low``/``_high`` and
+    ``<key>_vs_none`` (the direction, :func:`direction`); only the direction where the entry
+    has no difference, ``""`` where it has neither."""
+    if f"{key}_diff" not in entry:
+        return entry.get(f"{key}_vs_none", "")
+    return (f"{entry[f'{key}_diff']:+.3f} [{entry[f'{key}_diff_ci_low']:+.3f}, "
+            f"{entry[f'{key}_diff_ci_high']:+.3f}] {entry[f'{key}_vs_none']}")
+
+
 def versus_baseline(low: float, high: float, base_low: float, base_high: float) -> str:
     """Whether a rate differs from a baseline's beyond sampling noise, from their 95 %
     intervals (e.g. :func:`wilson_interval`): ``"higher"`` or ``"lower"`` when the two

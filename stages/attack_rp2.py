@@ -44,7 +44,13 @@ from pipeline.data import load_meta  # noqa: E402
 from pipeline.data.rp2 import load_mask, load_victims  # noqa: E402
 from pipeline.distributed import init_ray, ray_map  # noqa: E402
 from pipeline.io import atomic_write, load_torch, save_figure, save_json, save_png, save_torch, sha256_file  # noqa: E402
-from pipeline.metrics import direction, paired_difference_interval, rate_interval, versus_baseline  # noqa: E402
+from pipeline.metrics import (  # noqa: E402
+    difference_text,
+    direction,
+    paired_difference_interval,
+    rate_interval,
+    versus_baseline,
+)
 from pipeline.tasks import rp2_task  # noqa: E402
 from pipeline.tracking import log_artifact, log_artifacts, log_metrics, stage_run  # noqa: E402
 
@@ -259,15 +265,6 @@ def _setting_order(col: pd.Series) -> pd.Series:
     return col.map({"black_box": 0, "white_box": 1}) if col.name == "setting" else col
 
 
-def _versus(v: dict) -> str:
-    """``"+0.050 [-0.025, 0.125] within noise"``: the paired difference from the undefended
-    white-box row with its bootstrap interval where :func:`summarise` computed one."""
-    if "fooling_rate_mean_diff" not in v:
-        return v["fooling_rate_mean_vs_none"]
-    return (f"{v['fooling_rate_mean_diff']:+.3f} [{v['fooling_rate_mean_diff_ci_low']:+.3f}, "
-            f"{v['fooling_rate_mean_diff_ci_high']:+.3f}] {v['fooling_rate_mean_vs_none']}")
-
-
 def _rate(v: dict, key: str) -> str:
     """``"0.3000 [0.1800, 0.4500]"``: a rate of :func:`summarise` with its 95 % interval."""
     return f"{v[key]:.4f} [{v[key + '_ci_low']:.4f}, {v[key + '_ci_high']:.4f}]"
@@ -303,7 +300,7 @@ def _markdown(table: pd.DataFrame, summary: dict, classes: list[str], r, n: int)
             flat.append({"setting": setting, "defense": d, **({"slides' row": slides_row(d, setting)} if named else {}),
                          "clean_accuracy": v["clean_accuracy"],
                          "fooling_rate_mean [95% CI]": _rate(v, "fooling_rate_mean"),
-                         "vs none": _versus(v),
+                         "vs none": difference_text(v, "fooling_rate_mean"),
                          "fooling_rate_worst [95% CI]": _rate(v, "fooling_rate_worst"),
                          "worst_target": f"{v['worst_target']} ({classes[v['worst_target']]})",
                          "target_success_mean": v["target_success_mean"],

@@ -259,3 +259,12 @@ def test_paired_difference_interval_is_narrower_than_unpaired_and_exact_when_con
     with pytest.raises(ValueError, match="same"):
         paired_difference_interval(a, b[:10])
     assert np.isfinite(low)
+
+
+def test_difference_text_prints_the_difference_with_its_interval_or_only_the_direction():
+    from pipeline.metrics import difference_text
+
+    entry = {"r_diff": 0.15, "r_diff_ci_low": 0.075, "r_diff_ci_high": 0.25, "r_vs_none": "higher"}
+    assert difference_text(entry, "r") == "+0.150 [+0.075, +0.250] higher"
+    assert difference_text({"r_vs_none": "within noise"}, "r") == "within noise"
+    assert difference_text({}, "r") == ""
