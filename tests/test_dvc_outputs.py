@@ -167,7 +167,8 @@ def _write_outputs(d: Path) -> None:
     for rel, df in rows.items():
         (d / rel).parent.mkdir(parents=True, exist_ok=True)
         df.to_csv(d / rel, index=False)
-    for rel in ("plots/evaluate.png", "feature_norms/ifnr.png", "pixel_robustness/pixel_robustness.png",
+    for rel in ("plots/evaluate.png", "plots/fnc_tradeoff.png", "feature_norms/ifnr.png",
+                "pixel_robustness/pixel_robustness.png",
                 "loss_landscape/loss_landscape.png", "gradcam_distance/confidence_vs_distance.png",
                 "masking/eps_sweep.png"):
         path = d / rel if rel.startswith("plots/") else a / rel
