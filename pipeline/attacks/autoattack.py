@@ -335,7 +335,7 @@ class AutoAttack(_ARTAttack):
 
     def generate(self, classifier: Any, x: np.ndarray, y: np.ndarray, generator: torch.Generator) -> np.ndarray:
         """Run the components on float32 ``x`` (n, C, H, W) in [0, 1], correctly
-        classified, with int64 true labels ``y`` (n,); float32 (n, C, H, W):
+        classified (on a randomised model: every image), with int64 true labels ``y`` (n,); float32 (n, C, H, W):
         the first successful component's image, or ``x`` where none succeeded."""
         p = self.params
         components = p.attack_components(getattr(self, "_version", None))
@@ -343,7 +343,7 @@ class AutoAttack(_ARTAttack):
         if k < 3 and {"apgd-t", "apgd-dlr"} & set(components):
             raise ValueError(f"autoattack: the DLR loss of apgd-t / apgd-dlr needs >= 3 classes, the model has {k}")
         out = x.copy()
-        robust = np.ones(len(x), dtype=bool)  # the images sent are correctly classified
+        robust = np.ones(len(x), dtype=bool)  # the images sent: correctly classified (randomised model: all)
         fool_rate = np.zeros(len(x))  # of the image in ``out``, over the success-check draws
         for component in components:
             if not robust.any():
