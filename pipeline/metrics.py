@@ -160,11 +160,7 @@ def versus_baseline(low: float, high: float, base_low: float, base_high: float) 
     """
     if low > high or base_low > base_high:
         raise ValueError(f"versus_baseline: intervals need low <= high, got [{low}, {high}], [{base_low}, {base_high}]")
-    if low > base_high:
-        return "higher"
-    if high < base_low:
-        return "lower"
-    return "within noise"
+    return direction(low - base_high, high - base_low)  # above 0: no overlap, this one higher
 
 
 def _check(*tensors: torch.Tensor) -> None:
