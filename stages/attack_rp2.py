@@ -284,15 +284,21 @@ def slides_row(defense: str, setting: str) -> str:
 def _markdown(table: pd.DataFrame, summary: dict, classes: list[str], r, n: int) -> str:
     """The summary table (BlurNet's Tables 1 and 2 layout, every rate with its 95 % Wilson
     interval over the victims and its difference from the undefended model's white-box
-    rate told apart from noise) and the per-sticker rows."""
+    rate told apart from noise) and the per-sticker rows. The header says how the
+    difference was read: a paired bootstrap where ``summary`` has ``fooling_rate_mean_diff``
+    (:func:`summarise` with ``fooled``), else the overlap of the two Wilson intervals."""
+    paired = any("fooling_rate_mean_diff" in v for by in summary.values() for v in by.values())
+    versus = ("`vs none`: the mean fooling rate minus the undefended model's white-box one, with its 95 % paired "
+              "bootstrap interval over the victims (both rows see the same victims), 'higher' or 'lower' only "
+              "where that interval excludes 0." if paired else
+              "`vs none`: the mean fooling rate against the undefended model's white-box one, 'higher' or 'lower' "
+              "only where the two Wilson intervals do not overlap (conservative).")
     lines = [f"# RP2 on {n} stop-sign victims (true class {r.true_class}, {classes[r.true_class]})", "",
              "Fooling rate: victims whose prediction the sticker changes (BlurNet's attack success rate); "
              "mean over targets and seeds, worst over targets. Black box: stickers made on the undefended model; "
              f"white box: made on each model itself. Brackets: 95 % Wilson interval over the {n} victims (the "
              f"stickers share them, so they are the independent draws; one victim is {100 / n:.1f} points). "
-             "`vs none`: the mean fooling rate minus the undefended model's white-box one, with its 95 % paired "
-             "bootstrap interval over the victims (both rows see the same victims), 'higher' or 'lower' only "
-             "where that interval excludes 0.", ""]
+             + versus, ""]
     flat = []
     named = any(d != "none" and slides_row(d, setting) for d, by in summary.items() for setting in by)
     for d, by in summary.items():

@@ -227,6 +227,15 @@ def test_a_difference_on_the_same_victims_is_read_from_a_paired_bootstrap():
     assert s["other"]["black_box"]["fooling_rate_mean_vs_none"] == "within noise"
     assert s["other"]["black_box"]["fooling_rate_mean_diff"] == pytest.approx(0.0)
     assert "fooling_rate_mean_diff" not in s["none"]["white_box"]
+    from types import SimpleNamespace
+
+    from stages.attack_rp2 import _markdown
+
+    r, classes = SimpleNamespace(true_class=14), [f"class {i}" for i in range(43)]
+    rows["seconds"] = 1.0
+    assert "paired bootstrap" in _markdown(rows, s, classes, r, 40)  # the header says how it was read
+    header = _markdown(rows, unpaired, classes, r, 40)
+    assert "paired bootstrap" not in header and "Wilson intervals do not overlap" in header
 
 
 def test_versus_baseline_reads_a_direction_only_outside_the_noise():

@@ -434,7 +434,7 @@ class AutoAttack(_ARTAttack):
         finite = np.isfinite(adv).reshape(len(adv), -1).all(axis=1)
         adv[~finite] = x[idx][~finite]  # never keep a NaN or inf image: it is the clean one again
         adv = self._project(x[idx], adv)
-        draws = self.params.eot_iter if getattr(self, "_version", None) == "rand" else 1
+        draws = self.params.eot_iter if self._rand() else 1
         rate = np.zeros(len(adv))
         for _ in range(draws):
             rate += classifier.predict(adv, batch_size=self.params.batch_size).argmax(1) != y[idx]
