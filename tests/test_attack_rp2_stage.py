@@ -238,16 +238,6 @@ def test_a_difference_on_the_same_victims_is_read_from_a_paired_bootstrap():
     assert "paired bootstrap" not in header and "Wilson intervals do not overlap" in header
 
 
-def test_versus_baseline_reads_a_direction_only_outside_the_noise():
-    from pipeline.metrics import versus_baseline
-
-    assert versus_baseline(0.5, 0.7, 0.1, 0.4) == "higher"
-    assert versus_baseline(0.05, 0.2, 0.3, 0.5) == "lower"
-    assert versus_baseline(0.2, 0.35, 0.3, 0.5) == "within noise"  # overlapping: no direction
-    with pytest.raises(ValueError, match="low <= high"):
-        versus_baseline(0.5, 0.4, 0.1, 0.2)
-
-
 def test_black_box_row_is_the_none_sticker_on_the_defended_model(project):
     """Transfer rows evaluate the sticker made on ``none``: with FNC's alpha so large that it
     never clips, the defended model is the baseline, so its black-box row equals none's white box."""
