@@ -309,15 +309,16 @@ def test_missing_model_file_fails_before_any_attack(project):
 
 
 def test_node_id_outside_ray_does_not_start_ray():
-    """Tasks run serially (as here) call node_id(); it must not start a local Ray instance."""
-    import ray
+    """Tasks run serially (as here) call node_id(); it must not start a local Ray instance.
+    In a fresh interpreter, so that a Ray instance an earlier test left connected in this
+    process cannot hide the fault (or skip the test)."""
+    import subprocess
+    import sys
 
-    from pipeline.distributed import node_id
-
-    if ray.is_initialized():
-        pytest.skip("Ray already connected in this process")
-    assert node_id() == "local"
-    assert not ray.is_initialized()
+    code = ("import ray; from pipeline.distributed import node_id; "
+            "assert node_id() == 'local', node_id(); assert not ray.is_initialized(), 'node_id() started Ray'")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_stage_fans_out_one_ray_task_per_sticker(tmp_path, monkeypatch, ray_local):
