@@ -120,7 +120,8 @@ def defend_task(item: dict[str, Any]) -> dict[str, Any]:
     adjustment = item["adjustment"]
     out.update(adjust_after_insertion(model, adjustment, x_train, y_train, batch_size=bs, seed=item["seed"],
                                       adjust_batches=item["adjust_batches"], finetune_epochs=item["finetune_epochs"],
-                                      finetune_lr=item["finetune_lr"], device=device))
+                                      finetune_lr=item["finetune_lr"], horizontal_flip=item["horizontal_flip"],
+                                      device=device))
     if adjustment in ("bn_recalibration", "finetune_classifier"):
         out["clean_accuracy"] = accuracy(model, x_test, y_test, bs, device)
     else:  # nothing adjusted: the same model on the same images (a randomised one: the same draw)
@@ -153,7 +154,8 @@ def fnc_tradeoff_task(item: dict[str, Any]) -> dict[str, Any]:
 
     ``item``: spec (the baseline's checkpoint dict, or a ref), alpha (> 0; None: the baseline
     itself, no insertion and no adjustment), eps, adjustment, adjust_batches, finetune_epochs,
-    finetune_lr, adjust_batch_size, seed (draws the adjustment's training images), train (ref
+    finetune_lr, adjust_batch_size, seed (draws the adjustment's training images and their
+    augmentation), horizontal_flip (the dataset's training flips), train (ref
     to the uint8 (N, 3, H, W) training images and int64 (N,) labels; unread for ``none``), x
     (ref to the uint8 (n, 3, H, W) test images), placements (``P * n``), patches (ref to
     attack -> float (S, 3, s, s) in [0, 1]), batch_size (images per forward pass), num_threads.
@@ -177,7 +179,7 @@ def fnc_tradeoff_task(item: dict[str, Any]) -> dict[str, Any]:
         out.update(adjust_after_insertion(
             model, item["adjustment"], x_train, y_train, batch_size=item["adjust_batch_size"], seed=item["seed"],
             adjust_batches=item["adjust_batches"], finetune_epochs=item["finetune_epochs"],
-            finetune_lr=item["finetune_lr"], device=device))
+            finetune_lr=item["finetune_lr"], horizontal_flip=item["horizontal_flip"], device=device))
         spec = {**spec, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                 "defenses": [*spec.get("defenses", []), fnc]}
     out["preds"] = predict_shard(spec, _get(item["x"]), item["placements"], _get(item["patches"]),

@@ -34,6 +34,7 @@ from pipeline.checkpoint import load_checkpoint
 from pipeline.cli import resume_dir, run_stage
 from pipeline.config import Params
 from pipeline.data import load_meta, load_tensors
+from pipeline.data.datasets import DATASETS
 from pipeline.distributed import init_ray, ray_map
 from pipeline.evaluation import test_order
 from pipeline.io import atomic_write, load_torch, save_json, save_torch, sha256_file
@@ -118,7 +119,7 @@ def main(params: Params) -> None:
         items = [{**shared, "alpha": c.alpha, "adjustment": c.adjustment, "eps": fnc.eps,
                   "adjust_batches": fnc.adjust_batches, "finetune_epochs": fnc.finetune_epochs,
                   "finetune_lr": fnc.finetune_lr, "adjust_batch_size": fnc.batch_size, "seed": params.seed,
-                  "placements": placements, "batch_size": ev.batch_size, "num_threads": res.num_cpus} for c in todo]
+                  "horizontal_flip": DATASETS[meta["dataset"]].horizontal_flip, "placements": placements, "batch_size": ev.batch_size, "num_threads": res.num_cpus} for c in todo]
 
         def done(i: int, r: dict[str, Any]) -> None:  # cached as each cell ends: a killed run resumes here
             save_torch(r, files[todo[i]])

@@ -94,6 +94,7 @@ def main(params: Params, defense: str) -> None:
         "finetune_lr": cfg.finetune_lr,
         "batch_size": cfg.batch_size,
         "seed": params.seed,
+        "horizontal_flip": DATASETS[meta["dataset"]].horizontal_flip,
         "train": ray.put((x_train, y_train)),
         "test": ray.put((x_test, y_test)),
         "num_threads": params.resources.train_num_cpus,

@@ -144,7 +144,7 @@ def task_item(project, alpha, adjustment) -> dict:
     return {"spec": load_checkpoint("models/resnet20/baseline.pt"), "alpha": alpha, "adjustment": adjustment,
             "eps": f.eps, "adjust_batches": f.adjust_batches, "finetune_epochs": f.finetune_epochs,
             "finetune_lr": f.finetune_lr, "adjust_batch_size": f.batch_size, "seed": params.seed,
-            "train": load_tensors("data/prepared/cifar10", "train"), "x": x, "placements": placements,
+            "horizontal_flip": True, "train": load_tensors("data/prepared/cifar10", "train"), "x": x, "placements": placements,
             "patches": patches, "batch_size": 7, "num_threads": 1}
 
 
@@ -201,6 +201,7 @@ def test_a_cell_is_the_model_train_defended_makes_evaluated_as_evaluate_does(pro
     defended = defend_task({"spec": item["spec"], "defenses": fnc, "adjustment": "bn_recalibration",
                             "adjust_batches": item["adjust_batches"], "finetune_epochs": 1, "finetune_lr": 1e-3,
                             "batch_size": item["adjust_batch_size"], "seed": item["seed"], "train": item["train"],
+                            "horizontal_flip": item["horizontal_flip"],
                             "test": load_tensors("data/prepared/cifar10", "test"), "num_threads": 1})
     assert cell["adjust_images"] == defended["adjust_images"] == item["adjust_batches"] * item["adjust_batch_size"]
     spec = {**item["spec"], "state_dict": defended["state_dict"], "defenses": fnc}

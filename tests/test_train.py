@@ -116,3 +116,34 @@ def test_on_device_data_path_trains_and_resumes_exactly(tmp_path):
         return t
 
     check_resume_repeats_an_uninterrupted_run(trainer, tmp_path / "last.pt")
+
+
+def test_bn_recalibration_after_insertion_sees_the_training_augmentation():
+    """adjust_after_insertion recalibrates on the images the network was trained on: random
+    crops of the zero-padded image (and flips where the dataset flips). A first BatchNorm fed
+    the input itself shows it: on all-white images its recalibrated mean is that of padded
+    crops, below 1 (exactly 1 on unaugmented images)."""
+    import pytest
+    import torch.nn as nn
+
+    from pipeline.defenses.adjust import adjust_after_insertion
+    from pipeline.train import CROP_PADDING
+
+    class InputBN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(3)
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(self.bn(x).mean(dim=(2, 3)))
+
+    white = torch.full((256, 3, 32, 32), 255, dtype=torch.uint8)
+    model = InputBN()
+    out = adjust_after_insertion(model, "bn_recalibration", white, torch.zeros(256, dtype=torch.long),
+                                 batch_size=32, seed=0, adjust_batches=8)
+    assert out["adjust_images"] == 256
+    # expected share of a crop inside the image: E[(32 - |offset - 4|) / 32]^2 over offsets 0..8
+    inside = sum((32 - abs(o - CROP_PADDING)) / 32 for o in range(2 * CROP_PADDING + 1)) / (2 * CROP_PADDING + 1)
+    assert model.bn.running_mean == pytest.approx(torch.full((3,), inside ** 2), abs=0.01)
+    assert (model.bn.running_mean < 0.99).all()

@@ -41,7 +41,7 @@ REFERENCE_ATTACK = "advp"
 RATES = ("robust_accuracy", "attack_success_rate")
 """The rates of a patch attack reported with a Wilson interval (and a spread over seeds)."""
 
-CODE = ("evaluation.py", "attacks/patch.py", "defenses/fnc.py", "defenses/adjust.py", "checkpoint.py")
+CODE = ("evaluation.py", "attacks/patch.py", "defenses/fnc.py", "defenses/adjust.py", "checkpoint.py", "train.py")
 """The files of the ``pipeline`` package a cell's predictions are computed by (:func:`code_hashes`)."""
 
 CSV_HEAD = ("alpha", "adjustment", "n_images", "clean_accuracy", "clean_accuracy_ci_low", "clean_accuracy_ci_high")

@@ -125,6 +125,7 @@ def adjust_after_insertion(
     adjust_batches: int = 100,
     finetune_epochs: int = 1,
     finetune_lr: float = 1e-3,
+    horizontal_flip: bool = True,
     device: torch.device | str = "cpu",
 ) -> dict[str, float | int]:
     """Adjust a model after a defense (FNC) was inserted, in place, as ``adjustment`` says:
@@ -133,7 +134,12 @@ def adjust_after_insertion(
 
     * ``none``: nothing;
     * ``bn_recalibration``: :func:`recalibrate_batchnorm` on ``adjust_batches * batch_size``
-      training images drawn without replacement (one seeded permutation);
+      training images drawn without replacement (one seeded permutation), each under the
+      training augmentation (:func:`pipeline.train.batch_crop_flip`: a random crop of the
+      zero-padded image, a flip where ``horizontal_flip``). The network's weights were
+      trained under those statistics: recalibrating on unaugmented images, without FNC at
+      all, cost the default profile's ResNet-20 5 points of clean accuracy (88.2 % to
+      83.2 % on 2,000 test images), with the augmentation none (88.3 %);
     * ``finetune_classifier``: ``finetune_epochs`` passes of :func:`finetune_classifier` at
       ``finetune_lr``, each over a fresh seeded permutation of the training images.
 
@@ -145,6 +151,8 @@ def adjust_after_insertion(
         batch_size: images per batch (>= 1).
         seed: seeds the draws of training images (``torch.Generator``).
         adjust_batches, finetune_epochs, finetune_lr: as ``fnc.adjust_batches`` etc.
+        horizontal_flip: whether the training augmentation flips (the dataset's
+            ``DatasetInfo.horizontal_flip``: False for traffic signs).
         device: where to compute.
 
     Returns:
@@ -155,7 +163,7 @@ def adjust_after_insertion(
         ValueError: an unknown adjustment, or one :func:`recalibrate_batchnorm` /
             :func:`final_linear` refuses (no BatchNorm, no linear classifier).
     """
-    from pipeline.train import iterate_batches
+    from pipeline.train import CROP_PADDING, batch_crop_flip, iterate_batches
 
     if adjustment not in ADJUSTMENTS:
         raise ValueError(f"unknown adjustment {adjustment!r}; choose from {', '.join(ADJUSTMENTS)}")
@@ -163,8 +171,8 @@ def adjust_after_insertion(
     gen = torch.Generator().manual_seed(seed)
     if adjustment == "bn_recalibration":
         idx = torch.randperm(len(x_train), generator=gen)[: adjust_batches * batch_size]
-        out["adjust_images"] = recalibrate_batchnorm(model, iterate_batches(x_train[idx], None, batch_size, device),
-                                                     device)
+        seen = batch_crop_flip(x_train[idx], CROP_PADDING, horizontal_flip, gen)
+        out["adjust_images"] = recalibrate_batchnorm(model, iterate_batches(seen, None, batch_size, device), device)
     elif adjustment == "finetune_classifier":
         for _ in range(finetune_epochs):
             idx = torch.randperm(len(x_train), generator=gen)
