@@ -114,12 +114,13 @@ def main(params: Params) -> None:
         init_ray()
         train = _shared(load_tensors(prepared, "train")) if any(c.adjustment not in (None, "none") for c in todo) \
             else None
-        shared = {"spec": _shared(spec), "x": _shared(x), "patches": _shared(patches), "train": train}
+        shared = {"spec": _shared(spec), "x": _shared(x), "patches": _shared(patches), "train": train,
+                  "horizontal_flip": DATASETS[meta["dataset"]].horizontal_flip}
         res = params.resources
         items = [{**shared, "alpha": c.alpha, "adjustment": c.adjustment, "eps": fnc.eps,
                   "adjust_batches": fnc.adjust_batches, "finetune_epochs": fnc.finetune_epochs,
                   "finetune_lr": fnc.finetune_lr, "adjust_batch_size": fnc.batch_size, "seed": params.seed,
-                  "horizontal_flip": DATASETS[meta["dataset"]].horizontal_flip, "placements": placements, "batch_size": ev.batch_size, "num_threads": res.num_cpus} for c in todo]
+                  "placements": placements, "batch_size": ev.batch_size, "num_threads": res.num_cpus} for c in todo]
 
         def done(i: int, r: dict[str, Any]) -> None:  # cached as each cell ends: a killed run resumes here
             save_torch(r, files[todo[i]])

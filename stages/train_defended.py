@@ -46,6 +46,7 @@ def main(params: Params, defense: str) -> None:
     cfg = params.defended_config(defense)  # ParamsError when not listed in `defended`
     name = params.model.name
     meta = load_meta(PREPARED / params.data.dataset)
+    horizontal_flip = DATASETS[meta["dataset"]].horizontal_flip  # the training augmentation's flips
     baseline = load_checkpoint(Path("models") / name / "baseline.pt")
     base = baseline if cfg.init == "baseline" else model_spec(name, len(meta["classes"]), meta["mean"], meta["std"],
                                                                None)
@@ -79,7 +80,7 @@ def main(params: Params, defense: str) -> None:
                "base": None if cfg.init == "scratch" else sha256_file(Path("models") / name / "baseline.pt")}
         state_dict, history, run_id = train_resumable(
             f"train_defended@{defense}", spec, (x_train, y_train), (x_test, y_test), train_cfg.model_dump(),
-            params.seed, params.resources, DATASETS[meta["dataset"]].horizontal_flip,
+            params.seed, params.resources, horizontal_flip,
             resume_dir(f"train_defended/{defense}", key), params.mlflow.experiment, section, tags,
             desc=f"train {defense}")
         spec["state_dict"] = state_dict
@@ -94,7 +95,7 @@ def main(params: Params, defense: str) -> None:
         "finetune_lr": cfg.finetune_lr,
         "batch_size": cfg.batch_size,
         "seed": params.seed,
-        "horizontal_flip": DATASETS[meta["dataset"]].horizontal_flip,
+        "horizontal_flip": horizontal_flip,
         "train": ray.put((x_train, y_train)),
         "test": ray.put((x_test, y_test)),
         "num_threads": params.resources.train_num_cpus,

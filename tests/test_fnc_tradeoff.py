@@ -144,8 +144,8 @@ def task_item(project, alpha, adjustment) -> dict:
     return {"spec": load_checkpoint("models/resnet20/baseline.pt"), "alpha": alpha, "adjustment": adjustment,
             "eps": f.eps, "adjust_batches": f.adjust_batches, "finetune_epochs": f.finetune_epochs,
             "finetune_lr": f.finetune_lr, "adjust_batch_size": f.batch_size, "seed": params.seed,
-            "horizontal_flip": True, "train": load_tensors("data/prepared/cifar10", "train"), "x": x, "placements": placements,
-            "patches": patches, "batch_size": 7, "num_threads": 1}
+            "horizontal_flip": True, "train": load_tensors("data/prepared/cifar10", "train"), "x": x,
+            "placements": placements, "patches": patches, "batch_size": 7, "num_threads": 1}
 
 
 def test_an_alpha_nothing_reaches_is_the_baseline_and_a_small_one_changes_patched_predictions(project):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pipeline.checkpoint import build_from_spec, model_spec
@@ -123,7 +124,6 @@ def test_bn_recalibration_after_insertion_sees_the_training_augmentation():
     crops of the zero-padded image (and flips where the dataset flips). A first BatchNorm fed
     the input itself shows it: on all-white images its recalibrated mean is that of padded
     crops, below 1 (exactly 1 on unaugmented images)."""
-    import pytest
     import torch.nn as nn
 
     from pipeline.defenses.adjust import adjust_after_insertion

@@ -136,8 +136,10 @@ def adjust_after_insertion(
     * ``bn_recalibration``: :func:`recalibrate_batchnorm` on ``adjust_batches * batch_size``
       training images drawn without replacement (one seeded permutation), each under the
       training augmentation (:func:`pipeline.train.batch_crop_flip`: a random crop of the
-      zero-padded image, a flip where ``horizontal_flip``). The network's weights were
-      trained under those statistics: recalibrating on unaugmented images, without FNC at
+      zero-padded image, a flip where ``horizontal_flip``), the augmentation the project's
+      ``Trainer`` trains with (for weights trained elsewhere, e.g. torchvision's ImageNet
+      models under random resized crops, a mild stand-in). The weights were trained under
+      those statistics: recalibrating on unaugmented images, without FNC at
       all, cost the default profile's ResNet-20 5 points of clean accuracy (88.2 % to
       83.2 % on 2,000 test images), with the augmentation none (88.3 %);
     * ``finetune_classifier``: ``finetune_epochs`` passes of :func:`finetune_classifier` at
