@@ -320,8 +320,12 @@ def _markdown(table: pd.DataFrame, summary: dict, classes: list[str], r, n: int)
 
 
 def _figure(models, victims, mask, done, cfgs, classes, r, path: Path) -> None:
-    """Per white-box sticker: the perturbation and four victims with it, titled by prediction."""
-    jobs = sorted(done)
+    """Per (white-box model, target): the first seed's perturbation and four victims with it, titled by prediction.
+
+    One seed a row keeps the figure readable with several seeds (every seed's rates are in ``rp2.md``).
+    """
+    first_seed = min(seed for _, _, seed in done)
+    jobs = sorted(job for job in done if job[2] == first_seed)
     shown = victims[:4].float() / 255
     fig, axes = plt.subplots(len(jobs), 5, figsize=(10, 2.2 * len(jobs)), squeeze=False)
     for row, job in zip(axes, jobs, strict=True):

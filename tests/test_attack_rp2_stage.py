@@ -390,3 +390,24 @@ def test_stage_fans_out_one_ray_task_per_sticker(tmp_path, monkeypatch, ray_loca
         assert res["pid"] != os.getpid() and res["node_id"] == node and len(res["history"]["loss"]) == 2
     run = mlflow.search_runs(experiment_names=[params.mlflow.experiment], output_format="list")[0]
     assert run.data.tags["node_ids"] == node and run.data.tags["attack"] == "rp2"
+
+
+def test_sticker_figure_shows_one_seed_per_model_and_target(monkeypatch):
+    """Three seeds of each (model, target) would triple the figure's height: it shows the first seed only."""
+    import types
+
+    import stages.attack_rp2 as stage
+
+    shown = {}
+    monkeypatch.setattr(stage, "save_figure", lambda fig, path, dpi: shown.update(fig=fig))
+    mask = torch.zeros(1, 8, 8)
+    mask[:, 2:4, 2:4] = 1
+    done = {(source, target, seed): {"delta": torch.full((3, 8, 8), 0.1 * (seed + 1))}
+            for source in ("none", "fnc") for target in (5, 1) for seed in (2, 0, 1)}
+    models = {source: (lambda x: torch.zeros(len(x), 3)) for source in ("none", "fnc")}
+    cfgs = {t: types.SimpleNamespace(sticker_fill=None) for t in (5, 1)}
+    victims = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
+    stage._figure(models, victims, mask, done, cfgs, ["a", "b", "c"], types.SimpleNamespace(true_class=0), Path("x.png"))
+    titles = [ax.get_title() for ax in shown["fig"].axes if "|delta|" in ax.get_title()]
+    assert len(titles) == 4  # 2 models x 2 targets, one row each
+    assert all("seed 0" in t for t in titles)
