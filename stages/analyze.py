@@ -40,6 +40,7 @@ from pipeline.distributed import init_ray, ray_map  # noqa: E402
 from pipeline.evaluation import fixed_placements, test_order  # noqa: E402
 from pipeline.io import atomic_write, load_torch, save_figure  # noqa: E402
 from pipeline.metrics import rate_interval  # noqa: E402
+from pipeline.models import fnc_block_types  # noqa: E402
 from pipeline.tasks import analysis_task  # noqa: E402
 from pipeline.tracking import log_artifacts, log_metrics, stage_run  # noqa: E402
 
@@ -66,6 +67,12 @@ def main(params: Params, analysis: str) -> None:
         return
     specs = {d: load_checkpoint(Path("models") / model_name / ("baseline.pt" if d == "none" else f"{d}.pt"))
              for d in a.defenses}
+    if name == "feature_norms" and not any(isinstance(m, fnc_block_types())
+                                           for m in build_from_spec(next(iter(specs.values()))).modules()):
+        note = f"IFNR (Yu et al. 2021, Sec. 3) compares feature norms at the outputs of cascaded blocks (residual, " \
+               f"inverted-residual, inception); {model_name} has none, so this analysis has nothing to measure.\n"
+        atomic_write(out_dir / "README.md", lambda f: f.write(note.encode()))
+        return
     meta = load_meta(PREPARED / params.data.dataset)
     inputs = _inputs(params, name, meta)
     if name == "masking":  # check (a) transfers PGD examples from the undefended baseline

@@ -86,6 +86,21 @@ def test_spectrum_is_a_note_without_rp2(project):
     assert "rp2.enabled is false" in Path("analysis/resnet20/spectrum/README.md").read_text()
 
 
+def test_feature_norms_is_a_note_for_a_model_without_blocks(project):
+    """The traffic-sign CNN (params/blurnet.yaml, params/gtsrb.yaml) has no residual block: a note, not a crash."""
+    meta, raw = project["meta"], project["raw"]
+    raw["model"]["name"] = "traffic_cnn"
+    Path("params.yaml").write_text(yaml.safe_dump(raw))
+    sd = build_model("traffic_cnn", 10, meta["mean"], meta["std"]).state_dict()
+    for d in ("baseline", "fnc"):
+        save_checkpoint(model_spec("traffic_cnn", 10, meta["mean"], meta["std"], sd), f"models/traffic_cnn/{d}.pt")
+    save_torch(torch.rand(3, 10, 10), "patches/traffic_cnn/advp/seed_0.pt")
+    project["stage"].main(load_params("params.yaml"), "feature_norms")
+    out = Path("analysis/traffic_cnn/feature_norms")
+    assert [f.name for f in out.iterdir()] == ["README.md"]
+    assert "traffic_cnn has none" in (out / "README.md").read_text()
+
+
 @pytest.mark.skipif(not (RP2_DIR / "victim-32").is_dir(), reason="RP2 victims not found")
 def test_spectrum_of_the_victims(project):
     raw = project["raw"]
