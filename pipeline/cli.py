@@ -16,12 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ParamsError, load_params
+from pipeline.layout import CACHE_ROOT  # resume state: outside every stage's DVC ``outs``, which dvc repro deletes
 
 log = logging.getLogger("pipeline")
-
-CACHE_ROOT = Path(".cache")
-"""Resume state lives here, outside every stage's DVC ``outs`` (which
-``dvc repro`` deletes before a stage runs)."""
 
 SIGTERM_GRACE_S = 10.0
 """Seconds a stage has, after SIGTERM, to stop by itself (the ``SystemExit`` its handler

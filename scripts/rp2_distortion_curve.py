@@ -49,10 +49,10 @@ from pipeline.data import load_meta, load_validation  # noqa: E402
 from pipeline.data.rp2 import load_mask, load_victims  # noqa: E402
 from pipeline.distributed import init_ray, ray_map  # noqa: E402
 from pipeline.io import atomic_write, save_figure  # noqa: E402
+from pipeline.layout import rp2_mask_path as mask_path  # noqa: E402
 from pipeline.metrics import rate_interval  # noqa: E402
 from pipeline.papers import BLURNET  # noqa: E402
 from pipeline.tasks import rp2_task  # noqa: E402
-from stages.attack_rp2 import mask_path  # noqa: E402
 
 
 def _finished_rows(path: Path, settings: dict) -> pd.DataFrame:

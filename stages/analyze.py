@@ -106,7 +106,7 @@ def _inputs(params: Params, name: str, meta: dict) -> dict:
     if name == "spectrum":  # RP2's victims only, no test images
         from pipeline.attacks.rp2 import RP2Params, apply_rp2
         from pipeline.data.rp2 import load_mask, load_victims
-        from stages.attack_rp2 import mask_path
+        from pipeline.layout import rp2_mask_path as mask_path
 
         r = params.rp2
         victims, _ = load_victims(r.victims, size=h)
@@ -129,9 +129,9 @@ def _inputs(params: Params, name: str, meta: dict) -> dict:
         inputs["placements"] = (corner_placements(n, (h, w), side) if params.patch.location == "fixed"
                                 else fixed_placements(n, 1, (h, w), side, ev.placement_seed))
     elif name == "pixel_robustness":
-        from stages.evaluate import fit_images
+        from pipeline.data import load_training_subset
 
-        inputs["x_fit"], inputs["y_fit"] = fit_images(params, a.fit_images)
+        inputs["x_fit"], inputs["y_fit"] = load_training_subset(PREPARED / params.data.dataset, a.fit_images, params.seed)
     return inputs
 
 

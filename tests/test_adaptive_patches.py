@@ -53,11 +53,13 @@ def project(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     import stages.evaluate as stage
+    from pipeline import cached, matrix
 
-    monkeypatch.setattr(stage, "init_ray", lambda: None)
-    monkeypatch.setattr(stage, "ray_map", serial_map)
-    monkeypatch.setattr(stage.ray, "put", lambda v: v)
-    return {"dir": tmp_path, "stage": stage}
+    for module in (matrix, cached):  # the matrix's own fan-outs and those of cached_map
+        monkeypatch.setattr(module, "init_ray", lambda: None)
+        monkeypatch.setattr(module, "ray_map", serial_map)
+    monkeypatch.setattr(matrix.ray, "put", lambda v: v)
+    return {"dir": tmp_path, "stage": stage, "matrix": matrix}
 
 
 def test_adaptive_search_selects_on_validation_and_the_worst_case_bounds_transfer(project, monkeypatch):
@@ -68,13 +70,13 @@ def test_adaptive_search_selects_on_validation_and_the_worst_case_bounds_transfe
         opened.append(Path(f).name)
         return real(f, *a, **kw)
 
-    stage = project["stage"]
+    matrix = project["matrix"]
     params = load_params("params.yaml")
     transferred = load_torch("patches/resnet20/advp/seed_0.pt")[None]
     monkeypatch.setattr(torch, "load", spy)
-    specs = {d: stage.load_checkpoint(Path("models/resnet20") / f"{f}.pt")
+    specs = {d: matrix.load_checkpoint(Path("models/resnet20") / f"{f}.pt")
              for d, f in (("none", "baseline"), ("fnc", "fnc"))}
-    made, selection = stage._adaptive_patches(params, specs, {"none": "w0", "fnc": "w1"}, ["advp_adaptive",
+    made, selection = matrix.adaptive_patches(params, specs, {"none": "w0", "fnc": "w1"}, ["advp_adaptive",
                                               "advp_bpda"], 10, {"advp": transferred}, {"advp": ["p0"]})
     assert "test.pt" not in opened, "the adaptive search read the test split"
     assert {"train.pt", "val.pt"} <= set(opened)

@@ -14,8 +14,9 @@ import pandas as pd
 import pytest
 import yaml
 
-import stages.evaluate as stage
+from pipeline import matrix
 from pipeline.config import load_params
+from pipeline.render import evaluate as render
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,12 +45,12 @@ def params():
 
 def test_headline_is_clean_worst_patch_autoattack_and_per_image_worst_per_defense(params):
     assert params.patch.attacks[0] == "advp"
-    h = stage.headline(_table(), params)
+    h = matrix.headline(_table(), params)
     assert h == {"none": {"clean_accuracy": 0.9, "advp_worst": 0.4, "autoattack": 0.05, "per_image_worst": 0.04},
                  "fnc": {"clean_accuracy": 0.8, "advp_worst": 0.3, "autoattack": 0.01, "per_image_worst": 0.005}}
     assert list(h["fnc"]) == ["clean_accuracy", "advp_worst", "autoattack", "per_image_worst"]  # dvc exp show's order
     no_worst = {d: {a: c for a, c in row.items() if a != "per_image_worst"} for d, row in _table().items()}
-    assert stage.headline(no_worst, params)["fnc"] == {"clean_accuracy": 0.8, "advp_worst": 0.3, "pgd": 0.02,
+    assert matrix.headline(no_worst, params)["fnc"] == {"clean_accuracy": 0.8, "advp_worst": 0.3, "pgd": 0.02,
                                                        "autoattack": 0.01}  # PGD where nothing bounds it
 
 
@@ -57,7 +58,7 @@ def test_headline_without_a_worst_case_cell_or_per_image_attacks(params):
     """Only the transferred patch evaluated (no adaptive cell, so no worst case) and no PGD or
     AutoAttack: the headline has the patch cell itself and leaves the others out."""
     table = {d: {a: c for a, c in row.items() if a in ("none", "advp", "one_pixel")} for d, row in _table().items()}
-    assert stage.headline(table, params) == {"none": {"clean_accuracy": 0.9, "advp": 0.5},
+    assert matrix.headline(table, params) == {"none": {"clean_accuracy": 0.9, "advp": 0.5},
                                              "fnc": {"clean_accuracy": 0.8, "advp": 0.7}}
 
 
@@ -66,11 +67,11 @@ def test_per_image_worst_combines_the_attacks_of_pgds_threat_model():
     DeepFool (no eps) and a targeted attack do not; without PGD there is no worst-case cell."""
     params = load_params(ROOT / "params" / "smoke.yaml")
     attacks = ["pgd", "fgsm", "mask_fgsm", "autoattack", "deepfool", "masked_pgd"]
-    assert stage.per_image_worst_attacks(attacks, params) == ["pgd", "fgsm", "autoattack", "masked_pgd"]
+    assert matrix.per_image_worst_attacks(attacks, params) == ["pgd", "fgsm", "autoattack", "masked_pgd"]
     params.attacks["fgsm"] = {**params.attack_params("fgsm"), "target": 3}
-    assert "fgsm" not in stage.per_image_worst_attacks(attacks, params)
-    assert stage.per_image_worst_attacks(["fgsm", "autoattack"], params) == []
-    assert stage.per_image_worst_attacks(["pgd", "deepfool"], params) == []
+    assert "fgsm" not in matrix.per_image_worst_attacks(attacks, params)
+    assert matrix.per_image_worst_attacks(["fgsm", "autoattack"], params) == []
+    assert matrix.per_image_worst_attacks(["pgd", "deepfool"], params) == []
 
 
 def _frame(table: dict) -> pd.DataFrame:
@@ -79,13 +80,13 @@ def _frame(table: dict) -> pd.DataFrame:
 
 
 def test_attack_labels_name_the_images_of_each_attack():
-    labels = stage.attack_labels(_frame(_table()))
+    labels = render.attack_labels(_frame(_table()))
     assert labels["none"] == "clean (n=1000)" and labels["pgd"] == "pgd (n=200)"
     assert labels["one_pixel"] == "one_pixel (n=30/40)"  # the defenses' subsets differ
 
 
 def test_accuracy_bars_clean_for_the_clean_cell_robust_otherwise():
-    bars = stage.accuracy_bars(_frame(_table()))
+    bars = render.accuracy_bars(_frame(_table()))
     assert list(bars.columns) == ["defense", "attack", "n_images", "accuracy", "label", "series"]
     row = bars.set_index(["defense", "attack"])
     assert row.loc[("fnc", "none"), "accuracy"] == 0.8 and row.loc[("fnc", "none"), "label"] == "clean (n=1000)"
@@ -95,17 +96,17 @@ def test_accuracy_bars_clean_for_the_clean_cell_robust_otherwise():
 
 @pytest.mark.parametrize("n", [1, 10, 18, 20, 21, 60, 75])
 def test_distinct_colours_never_repeat(n):
-    colours = stage.distinct_colours(n)
+    colours = render.distinct_colours(n)
     assert len(colours) == n and len({tuple(c)[:3] for c in colours}) == n
 
 
 def test_figure_gives_every_attack_its_own_colour_and_its_images(params, monkeypatch):
     figures = []
-    monkeypatch.setattr(stage.plt, "close", figures.append)
+    monkeypatch.setattr(render.plt, "close", figures.append)
     table = _table()
     for row in table.values():  # more attacks than the default colour cycle's 10: 8 cells + 8 extra
         row.update({f"extra{i}": _cell(0.9, 0.1 * i, 50) for i in range(8)})
-    png = stage._figure(_frame(table), "m", params)
+    png = render.figure(_frame(table), "m", params)
     assert png.startswith(b"\x89PNG")
     ax = figures[0].axes[0]
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
@@ -137,7 +138,7 @@ def _write_outputs(d: Path) -> None:
     """The plots and the headline in the columns the stages write them (two defenses)."""
     a = d / "analysis" / "resnet20"
     rows = {
-        "plots/evaluate_accuracy.csv": stage.accuracy_bars(_frame(_table())),
+        "plots/evaluate_accuracy.csv": render.accuracy_bars(_frame(_table())),
         "plots/train_baseline.csv": pd.DataFrame({"epoch": [0, 1], "train_loss": [2.0, 1.5], "train_accuracy": [0.2, 0.4],
                                                   "test_accuracy": [0.3, 0.5], "lr": [0.1, 0.01]}),
         "plots/train_defended/madry.csv": pd.DataFrame({"epoch": [0], "train_loss": [2.0], "train_accuracy": [0.2],

@@ -30,6 +30,15 @@ from tests.test_fault_tolerance import _descends_from
 project = adaptive.project  # a tiny prepared project: data, a baseline, an FNC model, one patch
 
 
+def _use_map(monkeypatch, ray_map) -> None:
+    """Every fan-out of the evaluation (the matrix's own and :func:`pipeline.cached.cached_map`'s) through ``ray_map``."""
+    from pipeline import cached, matrix
+
+    for module in (matrix, cached):
+        monkeypatch.setattr(module, "ray_map", ray_map)
+        monkeypatch.setattr(module, "init_ray", lambda: None)
+
+
 class Stopped(Exception):
     """What stops the stage in the fast test, in place of SIGKILL."""
 
@@ -61,7 +70,7 @@ def test_a_stopped_evaluation_reruns_only_the_unfinished_tasks(project, monkeypa
     params = load_params("params.yaml")
 
     calls: list[tuple[str, int]] = []
-    monkeypatch.setattr(stage, "ray_map", _map(calls))
+    _use_map(monkeypatch, _map(calls))
     stage.main(params)  # uninterrupted: 2 defenses x 2 shards, then 2 defenses x 2 attacks x 2 shards
     assert calls == [("evaluate_task", 4), ("attack_task", 8)]
     want = json.loads(Path("metrics/evaluate.json").read_text())
@@ -69,19 +78,19 @@ def test_a_stopped_evaluation_reruns_only_the_unfinished_tasks(project, monkeypa
     Path("metrics/evaluate.json").unlink()
 
     calls.clear()
-    monkeypatch.setattr(stage, "ray_map", _map(calls, stop=("evaluate_task", 1)))
+    _use_map(monkeypatch, _map(calls, stop=("evaluate_task", 1)))
     with pytest.raises(Stopped):
         stage.main(params)
     assert calls == [("evaluate_task", 4)]
 
     calls.clear()
-    monkeypatch.setattr(stage, "ray_map", _map(calls, stop=("attack_task", 3)))
+    _use_map(monkeypatch, _map(calls, stop=("attack_task", 3)))
     with pytest.raises(Stopped):
         stage.main(params)
     assert calls == [("evaluate_task", 3), ("attack_task", 8)]  # the finished patch task is not redone
 
     calls.clear()
-    monkeypatch.setattr(stage, "ray_map", _map(calls))
+    _use_map(monkeypatch, _map(calls))
     stage.main(params)
     assert calls == [("attack_task", 5)]  # every patch cell complete, 3 of 8 attack shards reused
     assert json.loads(Path("metrics/evaluate.json").read_text()) == want
@@ -99,13 +108,13 @@ def test_adaptive_starts_are_cached_as_each_ends(project, monkeypatch):
     Path("params.yaml").write_text(yaml.safe_dump(raw))
     params = load_params("params.yaml")
     calls: list[tuple[str, int]] = []
-    monkeypatch.setattr(stage, "ray_map", _map(calls, stop=("patch_task", 1)))
+    _use_map(monkeypatch, _map(calls, stop=("patch_task", 1)))
     with pytest.raises(Stopped):
         stage.main(params)
     assert calls == [("patch_task", 2)]  # fnc x advp_adaptive x seed 0 x (warm, random_1)
     assert len(list(Path(".cache/evaluate_patches").glob("*/result.pt"))) == 1
     calls.clear()
-    monkeypatch.setattr(stage, "ray_map", _map(calls))
+    _use_map(monkeypatch, _map(calls))
     stage.main(params)
     assert calls[0] == ("patch_task", 1)
 
@@ -117,14 +126,13 @@ def test_patches_are_cached_as_each_ends(project, monkeypatch):
     raw["patch"].update(seeds=[0, 1])
     Path("params.yaml").write_text(yaml.safe_dump(raw))
     params = load_params("params.yaml")
-    monkeypatch.setattr(stage, "init_ray", lambda: None)
     calls: list[tuple[str, int]] = []
-    monkeypatch.setattr(stage, "ray_map", _map(calls, stop=("patch_task", 1)))
+    _use_map(monkeypatch, _map(calls, stop=("patch_task", 1)))
     with pytest.raises(Stopped):
         stage.main(params)
     assert calls == [("patch_task", 2)]  # advp x seeds 0, 1
     calls.clear()
-    monkeypatch.setattr(stage, "ray_map", _map(calls))
+    _use_map(monkeypatch, _map(calls))
     stage.main(params)
     assert calls == [("patch_task", 1)]
     assert sorted(p.name for p in Path("patches/resnet20/advp").glob("seed_*.pt")) == ["seed_0.pt", "seed_1.pt"]
@@ -133,7 +141,7 @@ def test_patches_are_cached_as_each_ends(project, monkeypatch):
 # --- e2e: SIGKILL of the real stage process ------------------------------------------------
 
 PER_IMAGE = ["fgsm", "pgd", "mask_fgsm", "deepfool"]
-TO_RUN = re.compile(r"per-image attacks: (\d+) task\(s\) to run")
+TO_RUN = re.compile(r"per-image attacks \(defense x attack x shard\): (\d+) task\(s\) to run")
 
 
 def _descendants(ancestor: int) -> set[int]:

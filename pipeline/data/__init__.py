@@ -8,6 +8,7 @@ from pipeline.data.datasets import (
     load_meta,
     load_split,
     load_tensors,
+    load_training_subset,
     load_validation,
     to_float,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "load_meta",
     "load_split",
     "load_tensors",
+    "load_training_subset",
     "load_validation",
     "to_float",
 ]

@@ -324,6 +324,21 @@ def load_validation(prepared_dir: str | Path) -> tuple[torch.Tensor, torch.Tenso
     return load_tensors(prepared_dir, "val")
 
 
+def load_training_subset(prepared_dir: str | Path, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` training images picked at random with ``seed`` (the first ``n`` of the permutation
+    ``torch.randperm(N, generator seeded with seed)``, the order every seeded subset of the
+    project is a prefix of): ``(x uint8 (n, C, H, W), y int64 (n,))``, contiguous. Used by
+    attacks and analyses that fit on data (masked PGD's pixel robustness map), never on test
+    images. ``n`` larger than the split gives the whole split, permuted.
+
+    Raises:
+        FileNotFoundError: the folder holds no prepared training split (run prepare).
+    """
+    x, y = load_tensors(prepared_dir, "train")
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
+    return x[idx].contiguous(), y[idx].contiguous()
+
+
 def to_float(x: torch.Tensor) -> torch.Tensor:
     """uint8 images 0-255 to float32 in [0, 1] (same shape, same device)."""
     return x.to(torch.float32).div_(255.0)
