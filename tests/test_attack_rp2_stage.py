@@ -97,8 +97,10 @@ def project(tmp_path, monkeypatch):
         calls.append(len(items))
         return serial_map(fn, items, **kwargs)
 
-    monkeypatch.setattr(stage, "init_ray", lambda: None)
-    monkeypatch.setattr(stage, "ray_map", counting_map)
+    from pipeline import cached
+
+    monkeypatch.setattr(cached, "init_ray", lambda: None)
+    monkeypatch.setattr(cached, "ray_map", counting_map)
     return {"dir": tmp_path, "stage": stage, "calls": calls}
 
 
@@ -142,7 +144,7 @@ def test_summary_rates_carry_wilson_intervals_over_the_victims():
     import pandas as pd
     from scipy.stats import binomtest
 
-    from stages.attack_rp2 import summarise
+    from pipeline.stickers import summarise
 
     rates = {(5, 0): 0.5, (5, 1): 0.3, (1, 0): 0.1, (1, 1): 0.1}  # (target, seed) -> fooling rate over 40
     rows = pd.DataFrame([{"defense": "none", "setting": "white_box", "target": t, "seed": sd, "clean_accuracy": 0.95,
@@ -175,7 +177,9 @@ def test_summary_table_names_each_row_as_the_slides_table_that_it_reproduces():
 
     import pandas as pd
 
-    from stages.attack_rp2 import _markdown, slides_row, summarise
+    from pipeline.render.rp2 import markdown as _markdown
+    from pipeline.render.rp2 import slides_row
+    from pipeline.stickers import summarise
 
     def rows(defenses):
         return pd.DataFrame([{"defense": d, "setting": st, "source": "none", "target": 5, "seed": 0,
@@ -203,7 +207,7 @@ def test_a_difference_on_the_same_victims_is_read_from_a_paired_bootstrap():
     means, and a filter fooling other victims at the same rate is "within noise"."""
     import pandas as pd
 
-    from stages.attack_rp2 import summarise
+    from pipeline.stickers import summarise
 
     def row(d, rate):
         return {"defense": d, "setting": "white_box" if d == "none" else "black_box", "target": 5, "seed": 0,
@@ -229,7 +233,7 @@ def test_a_difference_on_the_same_victims_is_read_from_a_paired_bootstrap():
     assert "fooling_rate_mean_diff" not in s["none"]["white_box"]
     from types import SimpleNamespace
 
-    from stages.attack_rp2 import _markdown
+    from pipeline.render.rp2 import markdown as _markdown
 
     r, classes = SimpleNamespace(true_class=14), [f"class {i}" for i in range(43)]
     rows["seconds"] = 1.0
@@ -350,8 +354,10 @@ def test_stage_fans_out_one_ray_task_per_sticker(tmp_path, monkeypatch, ray_loca
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     params = load_params(tmp_path / "params.yaml")
 
+    from pipeline import cached
+
     fanned = []
-    real_map = stage.ray_map
+    real_map = cached.ray_map
 
     def recording_map(fn, items, **kw):
         """The stage's ray_map, its task also reporting the process it ran in (a closure:
@@ -365,7 +371,7 @@ def test_stage_fans_out_one_ray_task_per_sticker(tmp_path, monkeypatch, ray_loca
 
         return real_map(with_pid, items, **kw)
 
-    monkeypatch.setattr(stage, "ray_map", recording_map)
+    monkeypatch.setattr(cached, "ray_map", recording_map)
     stage.main(params)
 
     assert fanned == [("rp2_task", 2)]  # one Ray task per (defense, target, seed): 2 x 1 x 1
@@ -396,10 +402,10 @@ def test_sticker_figure_shows_one_seed_per_model_and_target(monkeypatch):
     """Three seeds of each (model, target) would triple the figure's height: it shows the first seed only."""
     import types
 
-    import stages.attack_rp2 as stage
+    from pipeline.render import rp2 as render
 
     shown = {}
-    monkeypatch.setattr(stage, "save_figure", lambda fig, path, dpi: shown.update(fig=fig))
+    monkeypatch.setattr(render, "save_figure", lambda fig, path, dpi: shown.update(fig=fig))
     mask = torch.zeros(1, 8, 8)
     mask[:, 2:4, 2:4] = 1
     done = {(source, target, seed): {"delta": torch.full((3, 8, 8), 0.1 * (seed + 1))}
@@ -407,7 +413,8 @@ def test_sticker_figure_shows_one_seed_per_model_and_target(monkeypatch):
     models = {source: (lambda x: torch.zeros(len(x), 3)) for source in ("none", "fnc")}
     cfgs = {t: types.SimpleNamespace(sticker_fill=None) for t in (5, 1)}
     victims = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
-    stage._figure(models, victims, mask, done, cfgs, ["a", "b", "c"], types.SimpleNamespace(true_class=0), Path("x.png"))
+    render.stickers_figure(models, victims, mask, done, cfgs, ["a", "b", "c"], types.SimpleNamespace(true_class=0),
+                           Path("x.png"))
     titles = [ax.get_title() for ax in shown["fig"].axes if "|delta|" in ax.get_title()]
     assert len(titles) == 4  # 2 models x 2 targets, one row each
     assert all("seed 0" in t for t in titles)
