@@ -318,14 +318,14 @@ def test_writer_tables_from_a_result(tmp_path, task, monkeypatch):
     """The stage's writer on two results: checks.csv (one row a defense and check), eps_sweep.csv / .png."""
     import pandas as pd
 
-    import stages.analyze as stage
+    from pipeline.analysis import outputs
     from pipeline.config import AnalysisConfig
 
     params = task["params"]
     results = {"none": masking_analysis(task["model"], task["x"], task["y"], params),
                "sat": masking_analysis(Saturated(task["model"]), task["x"], task["y"], params, task["baseline"])}
     fake = type("P", (), {"analysis": AnalysisConfig(masking=params)})()
-    metrics = stage._masking(results, tmp_path, fake, {}, {})
+    metrics = outputs.write_masking(results, tmp_path, fake, {}, {})
     checks = pd.read_csv(tmp_path / "checks.csv", keep_default_na=False)
     assert list(checks.columns) == ["defense", "check", "description", "value_label", "value", "reference_label",
                                     "reference", "n_images", "p_value", "passed", "detail"]
