@@ -365,7 +365,7 @@ def test_report_section_names_the_closest_cell_or_says_it_is_off(project, monkey
     no_mlflow(monkeypatch, project["stage"])
     set_tradeoff(project, alphas=[SMALL, HUGE])
     out = run(project)
-    import stages.report as report
+    from pipeline.render import report
 
     rep = report.Report()
     report._fnc_tradeoff(rep, lambda stage: "run-id")
