@@ -19,12 +19,20 @@ from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import ray
+
 from pipeline.distributed import init_ray, ray_map
 from pipeline.io import load_torch, save_torch
 
 K = TypeVar("K", bound=Hashable)
 
 log = logging.getLogger("pipeline.cached")
+
+
+def shared(obj: Any) -> Any:
+    """``ray.put(obj)`` when Ray is up (:func:`cached_map` starts it before it builds any task
+    input), else ``obj`` itself (an in-process map): for inputs many tasks read, sent once."""
+    return ray.put(obj) if ray.is_initialized() else obj
 
 
 def cached_map(

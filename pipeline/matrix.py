@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import ray
 import torch
 
 from pipeline.attacks.base import attack_params_class, build_attack, parse_fraction
@@ -41,7 +40,7 @@ from pipeline.attacks.patch import (
     patch_training_config,
     patch_training_images,
 )
-from pipeline.cached import cached_map
+from pipeline.cached import cached_map, shared
 from pipeline.checkpoint import load_checkpoint
 from pipeline.cli import resume_dir
 from pipeline.config import ADAPTIVE_PATCH_ATTACKS, PATCH_ATTACKS, Params
@@ -290,7 +289,7 @@ def evaluate_matrix(params: Params) -> Matrix:
         out = []
         for (d, k), ks in by_task.items():
             if d not in refs:
-                refs[d] = (ray.put(specs[d]), ray.put({a: p for a, p in patches_of[d].items() if a in todo[d]}))
+                refs[d] = (shared(specs[d]), shared({a: p for a, p in patches_of[d].items() if a in todo[d]}))
             idx = shards[k]
             pl_idx = torch.cat([idx + j * len(x) for j in range(ev.placements)])
             out.append(({"spec": refs[d][0], "x": x[idx].clone(), "placements": placements[pl_idx],
@@ -315,17 +314,17 @@ def evaluate_matrix(params: Params) -> Matrix:
     keys = [(d, a, k, len(ks)) for (d, a), ks in splits.items() for k in range(len(ks))]
 
     def attack_tasks(missing: list[tuple[str, str, int, int]]) -> list[tuple[dict, list]]:
-        spec_refs = {d: ray.put(specs[d]) for d in dict.fromkeys(key[0] for key in missing)}
+        spec_refs = {d: shared(specs[d]) for d in dict.fromkeys(key[0] for key in missing)}
         pending = list(dict.fromkeys((d, a) for d, a, _, _ in missing))
         to_fit = [(d, a) for d, a in pending if build_attack(a, params.attack_params(a)).needs_fit]
         fitted: dict[tuple[str, str], Any] = {}
         if to_fit:  # data-dependent set-up (masked PGD's robustness map): once per (defense, attack), not per shard
-            fit_ref = ray.put(fit_images(params, ev.fit_images))
+            fit_ref = shared(fit_images(params, ev.fit_images))
             fit_items = [{"spec": spec_refs[d], "attack": a, "params": params.attack_params(a), "fit_data": fit_ref,
                           "num_threads": res.num_cpus} for d, a in to_fit]
             fits = ray_map(fit_task, fit_items, desc=f"fit attacks on {ev.fit_images} training images "
                            "(defense x attack)", **fan)
-            fitted = {cell: ray.put(r["state"]) for cell, r in zip(to_fit, fits, strict=True)}
+            fitted = {cell: shared(r["state"]) for cell, r in zip(to_fit, fits, strict=True)}
         out = []
         for d, a, k, n_shards in missing:
             idx = splits[(d, a)][k]
@@ -428,7 +427,7 @@ def adaptive_patches(
     prepared = prepared_dir(params.data.dataset)
     x_val, y_val = patch_training_images(*load_validation(prepared), p.target, None, params.seed)
     x, y = patch_training_images(*load_tensors(prepared, p.train_on), p.target, p.train_images, params.seed)
-    shared = patch_cache_params(p)
+    patch_key = patch_cache_params(p)
     starts = ["warm", *(f"random_{r}" for r in range(1, p.adaptive_restarts + 1))]
     files: dict[tuple[str, str, int, str], Path] = {}
     for d, cell in defended:
@@ -436,7 +435,7 @@ def adaptive_patches(
         bpda = cell.endswith("_bpda") and _has_fnc(specs[d])
         for i, s in enumerate(p.seeds):
             for start in starts:
-                key = {"patch": shared, "model": name, "weights": weights[d], "seed": params.seed,
+                key = {"patch": patch_key, "model": name, "weights": weights[d], "seed": params.seed,
                        "n_train": len(x), "attack": attack, "patch_seed": s, "start": start}
                 if start == "warm":
                     key["init"] = baseline_ids[attack][i]
@@ -452,7 +451,7 @@ def adaptive_patches(
                 torch.rand(3, side, side, generator=torch.Generator().manual_seed(
                     10_000 * s + int(start.removeprefix("random_")))))
         if not data:
-            data.append(ray.put((x, y)))
+            data.append(shared((x, y)))
         return {"spec": specs[d], "data": data[0], "seed": s, "init": init,
                 "bpda": cell.endswith("_bpda") and _has_fnc(specs[d]),
                 "cfg": patch_training_config(p, side, attack), "num_threads": params.resources.num_cpus}
@@ -479,7 +478,7 @@ def adaptive_patches(
                     for i in range(len(p.seeds))]
         candidates[(d, attack, group)] = torch.stack([c for cs in per_seed for c in cs])
     init_ray()
-    val_ref = ray.put((x_val, y_val))
+    val_ref = shared((x_val, y_val))
     items = [{"spec": specs[d], "data": val_ref, "patches": candidates[(d, attack, group)], "attack": attack,
               "placements": val_placements, "target": p.target, "batch_size": ev.batch_size,
               "num_threads": params.resources.num_cpus} for d, attack, group in groups]

@@ -24,25 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import ray
-import torch
 
-from pipeline import papers
 from pipeline.analysis import fnc_tradeoff as ft
-from pipeline.attacks.patch import patch_side
-from pipeline.checkpoint import load_checkpoint
-from pipeline.cli import resume_dir, run_stage
+from pipeline.cli import run_stage
 from pipeline.config import Params
-from pipeline.data import load_meta, load_tensors
-from pipeline.data.datasets import DATASETS
-from pipeline.distributed import init_ray, ray_map
-from pipeline.evaluation import test_order
-from pipeline.io import atomic_write, load_torch, save_json, save_torch, sha256_file
-from pipeline.tasks import fnc_tradeoff_task
+from pipeline.io import atomic_write, save_json
 from pipeline.tracking import flatten, log_artifact, log_child_runs, log_metrics, stage_run
+from pipeline.tradeoff import tradeoff_curve
 
 log = logging.getLogger("fnc_tradeoff")
-PREPARED = Path("data/prepared")
 JSON, MD = Path("metrics/fnc_tradeoff.json"), Path("metrics/fnc_tradeoff.md")
 CSV, PNG = Path("plots/fnc_tradeoff.csv"), Path("plots/fnc_tradeoff.png")
 
@@ -64,85 +54,14 @@ def write_off(params: Params) -> None:
     log.info("%s", note)
 
 
-def _shared(obj: Any) -> Any:
-    """``ray.put(obj)`` once Ray is up (inputs every task reads), else the object itself."""
-    return ray.put(obj) if ray.is_initialized() else obj
-
-
 def main(params: Params) -> None:
     """Compute (or read from the cache) every cell of the trade-off and write its outputs."""
     cfg, fnc, ev, p = params.fnc_tradeoff, params.fnc, params.evaluate, params.patch
     if not cfg.alphas:
         write_off(params)
         return
+    summary, fnc_cells, node_ids = tradeoff_curve(params)
     name = params.model.name
-    prepared = PREPARED / params.data.dataset
-    baseline_path = Path("models") / name / "baseline.pt"
-    spec = load_checkpoint(baseline_path)
-    meta = load_meta(prepared)
-    x_all, y_all = load_tensors(prepared, "test")
-    order = test_order(len(x_all), ev.subset_seed)
-    idx = order[: cfg.test_images]
-    x, y = x_all[idx].contiguous(), y_all[idx].contiguous()
-    n_evaluate = len(order[: ev.test_images])  # evaluate's images: placements are drawn for them
-    _, h, w = meta["image_shape"]
-    side = patch_side(p.area_fraction, h, w)
-    patches, patch_ids = {}, {}
-    for attack in p.attacks:
-        files = [Path("patches") / name / attack / f"seed_{s}.pt" for s in p.seeds]
-        patches[attack] = torch.stack([load_torch(f) for f in files])
-        patch_ids[attack] = [sha256_file(f) for f in files]
-        if patches[attack].shape[-1] != side:
-            raise FileNotFoundError(f"patches/{name}/{attack}: patch side {patches[attack].shape[-1]} != {side}; "
-                                    "rerun generate_patches (dvc repro)")
-    n_reference = max(len(x), n_evaluate)
-    placements = ft.subset_placements(len(x), n_reference, ev.placements, (h, w), side, ev.placement_seed, p.location)
-    common = {"baseline": sha256_file(baseline_path), "patches": patch_ids,
-              "subset": {"n": len(x), "subset_seed": ev.subset_seed, "data": meta["source"]["sha256"],
-                         "splits": meta["splits"], "prepared_subset": meta.get("subset")},
-              "where": {"location": p.location, "placements": ev.placements, "placement_seed": ev.placement_seed,
-                        "n_reference": n_reference},
-              "code": ft.code_hashes()}
-
-    cells = [ft.Cell(None, None), *(ft.Cell(a, adj) for adj in cfg.adjustments for a in cfg.alphas)]
-    files = {c: resume_dir("fnc_tradeoff", ft.cell_key(common, c, fnc, params.seed)) / "cell.pt" for c in cells}
-    results = {c: load_torch(files[c]) for c in cells if files[c].is_file()}
-    todo = [c for c in cells if c not in results]
-    log.info("%d of %d cells cached (the baseline and %d alpha x %d adjustment); computing %d", len(results),
-             len(cells), len(cfg.alphas), len(cfg.adjustments), len(todo))
-    if todo:
-        init_ray()
-        train = _shared(load_tensors(prepared, "train")) if any(c.adjustment not in (None, "none") for c in todo) \
-            else None
-        shared = {"spec": _shared(spec), "x": _shared(x), "patches": _shared(patches), "train": train,
-                  "horizontal_flip": DATASETS[meta["dataset"]].horizontal_flip}
-        res = params.resources
-        items = [{**shared, "alpha": c.alpha, "adjustment": c.adjustment, "eps": fnc.eps,
-                  "adjust_batches": fnc.adjust_batches, "finetune_epochs": fnc.finetune_epochs,
-                  "finetune_lr": fnc.finetune_lr, "adjust_batch_size": fnc.batch_size, "seed": params.seed,
-                  "placements": placements, "batch_size": ev.batch_size, "num_threads": res.num_cpus} for c in todo]
-
-        def done(i: int, r: dict[str, Any]) -> None:  # cached as each cell ends: a killed run resumes here
-            save_torch(r, files[todo[i]])
-            results[todo[i]] = r
-
-        ray_map(fnc_tradeoff_task, items, num_cpus=res.num_cpus, num_gpus=res.num_gpus,
-                desc="FNC trade-off (alpha x adjustment, and the baseline)", on_result=done)
-
-    attacks = list(p.attacks)
-    records = {c: ft.cell_record(c, results[c], y, p.target, attacks) for c in cells}
-    fnc_cells = [records[c] for c in cells if not c.is_baseline]
-    reference = papers.FNC_CIFAR10 if params.data.dataset == "cifar10" else None
-    summary = {
-        "enabled": True, "profile": params.profile, "model": name, "dataset": params.data.dataset,
-        "alphas": list(cfg.alphas), "adjustments": list(cfg.adjustments), "attacks": attacks,
-        "n_images": len(x), "n_seeds": len(p.seeds), "placements": ev.placements, "patch_target": p.target,
-        "baseline": records[cells[0]],
-        "cells": {adj: {ft.alpha_key(a): records[ft.Cell(a, adj)] for a in cfg.alphas} for adj in cfg.adjustments},
-        "reference": None if reference is None else {k: reference[k] for k in ("clean_accuracy", "advp", "source",
-                                                                               "setting")},
-        "closest": ft.closest(fnc_cells, reference),
-    }
     save_json(summary, JSON)
     md = ft.markdown(summary)
     atomic_write(MD, lambda f: f.write(md.encode()))
@@ -158,7 +77,7 @@ def main(params: Params) -> None:
                "evaluate": {k: getattr(ev, k) for k in ("subset_seed", "placement_seed", "placements", "test_images")},
                "seed": params.seed}
     tags = {"profile": params.profile, "paper": params.mlflow.paper, "model": name, "dataset": params.data.dataset,
-            "node_ids": ",".join(sorted({r["node_id"] for r in results.values()}))}
+            "node_ids": ",".join(node_ids)}
     if summary["closest"] is not None:
         tags["closest_to_reference"] = f"alpha {summary['closest']['alpha']:g}, {summary['closest']['adjustment']}"
     with stage_run("fnc_tradeoff", params.mlflow.experiment, section, tags):

@@ -16,11 +16,10 @@ from __future__ import annotations
 import logging
 
 import pandas as pd
-import ray
 import torch
 
 from pipeline.attacks.patch import patch_cache_params, patch_side, patch_training_config, patch_training_images
-from pipeline.cached import cached_map
+from pipeline.cached import cached_map, shared
 from pipeline.checkpoint import load_checkpoint
 from pipeline.cli import resume_dir, run_stage
 from pipeline.config import Params
@@ -59,7 +58,7 @@ def main(params: Params) -> None:
 
     def job(key: tuple[str, int]) -> dict:
         if not data:
-            data.append(ray.put((x, y)))
+            data.append(shared((x, y)))
         return {"spec": spec, "data": data[0], "cfg": patch_training_config(p, side, key[0]), "seed": key[1],
                 "num_threads": params.resources.num_cpus}
 

@@ -58,7 +58,6 @@ def project(tmp_path, monkeypatch):
     for module in (matrix, cached):  # the matrix's own fan-outs and those of cached_map
         monkeypatch.setattr(module, "init_ray", lambda: None)
         monkeypatch.setattr(module, "ray_map", serial_map)
-    monkeypatch.setattr(matrix.ray, "put", lambda v: v)
     return {"dir": tmp_path, "stage": stage, "matrix": matrix}
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline import papers
+from pipeline import cached, papers
 from pipeline import validate as validate_mod
 from pipeline.analysis import fnc_tradeoff as ft
 from pipeline.checkpoint import load_checkpoint, model_spec, save_checkpoint
@@ -104,8 +104,8 @@ def project(tmp_path, monkeypatch):
         calls.extend(items)
         return serial_map(fn, items, **kwargs)
 
-    monkeypatch.setattr(stage, "init_ray", lambda: None)
-    monkeypatch.setattr(stage, "ray_map", counting_map)
+    monkeypatch.setattr(cached, "init_ray", lambda: None)
+    monkeypatch.setattr(cached, "ray_map", counting_map)
     return {"dir": tmp_path, "stage": stage, "raw": raw, "calls": calls, "meta": meta}
 
 
@@ -247,12 +247,12 @@ def test_a_killed_run_resumes_with_the_unfinished_cells(project, monkeypatch):
         on_result(0, fn(items[0]))
         raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(stage, "ray_map", dies_after_one)
+    monkeypatch.setattr(cached, "ray_map", dies_after_one)
     with pytest.raises(KeyboardInterrupt):
         stage.main(load_params("params.yaml"))
     assert len(cached_cells()) == 1 and not Path("metrics/fnc_tradeoff.json").exists()
     calls = []
-    monkeypatch.setattr(stage, "ray_map", lambda fn, items, **kw: calls.extend(items) or serial_map(fn, items, **kw))
+    monkeypatch.setattr(cached, "ray_map", lambda fn, items, **kw: calls.extend(items) or serial_map(fn, items, **kw))
     stage.main(load_params("params.yaml"))
     assert [(c["alpha"], c["adjustment"]) for c in calls] == [(HUGE, "none"), (SMALL, "none")]
     assert len(cached_cells()) == 3
@@ -394,8 +394,8 @@ def test_through_ray_with_mlflow(project, monkeypatch, ray_local):
     from pipeline.distributed import init_ray, ray_map
 
     stage = project["stage"]
-    monkeypatch.setattr(stage, "init_ray", init_ray)
-    monkeypatch.setattr(stage, "ray_map", ray_map)
+    monkeypatch.setattr(cached, "init_ray", init_ray)
+    monkeypatch.setattr(cached, "ray_map", ray_map)
     set_tradeoff(project, alphas=[SMALL], adjustments=["none", "bn_recalibration"])
     stage.main(load_params("params.yaml"))
     out = json.loads(Path("metrics/fnc_tradeoff.json").read_text())
