@@ -22,32 +22,28 @@ import logging
 from pathlib import Path
 
 import pandas as pd
-import ray
-import torch
 
-from pipeline.checkpoint import apply_defenses, build_from_spec, load_checkpoint, model_spec, save_checkpoint
-from pipeline.cli import resume_dir, run_stage
+from pipeline.checkpoint import build_from_spec, load_checkpoint, model_spec, save_checkpoint
+from pipeline.cli import run_stage
 from pipeline.config import Params, ParamsError, TrainConfig
 from pipeline.data import load_meta, load_tensors
 from pipeline.data.datasets import DATASETS
+from pipeline.defended import build_defended
 from pipeline.defenses.base import check_defenses
-from pipeline.distributed import init_ray, ray_map
-from pipeline.io import atomic_write, save_json, sha256_file
-from pipeline.tasks import defend_task
+from pipeline.io import atomic_write, save_json
+from pipeline.layout import model_path, prepared_dir
 from pipeline.tracking import log_artifact, log_metrics, log_model, stage_run
-from pipeline.training_run import train_resumable
 
 log = logging.getLogger("train_defended")
-PREPARED = Path("data/prepared")
 
 
 def main(params: Params, defense: str) -> None:
     """Build, train where needed, insert and adjust defended model ``defense``; write its checkpoint."""
     cfg = params.defended_config(defense)  # ParamsError when not listed in `defended`
     name = params.model.name
-    meta = load_meta(PREPARED / params.data.dataset)
+    meta = load_meta(prepared_dir(params.data.dataset))
     horizontal_flip = DATASETS[meta["dataset"]].horizontal_flip  # the training augmentation's flips
-    baseline = load_checkpoint(Path("models") / name / "baseline.pt")
+    baseline = load_checkpoint(model_path(name))
     base = baseline if cfg.init == "baseline" else model_spec(name, len(meta["classes"]), meta["mean"], meta["std"],
                                                                None)
     train_cfg = None
@@ -64,47 +60,13 @@ def main(params: Params, defense: str) -> None:
         section["train"] = train_cfg.model_dump(exclude_none=True)
     tags = {"profile": params.profile, "paper": params.mlflow.paper,
             "model": name, "defense": defense, "dataset": meta["dataset"]}
-    x_train, y_train = load_tensors(PREPARED / params.data.dataset, "train")
-    x_test, y_test = load_tensors(PREPARED / params.data.dataset, "test")
+    x_train, y_train = load_tensors(prepared_dir(params.data.dataset), "train")
+    x_test, y_test = load_tensors(prepared_dir(params.data.dataset), "test")
 
-    spec = {**base, "defenses": list(cfg.defenses)}
-    history, run_id = [], None
-    if cfg.defenses:  # defenses trained with the network: fresh defense weights, the base weights kept
-        torch.manual_seed(params.seed)
-        model = apply_defenses(build_from_spec({**base, "defenses": []}), cfg.defenses)
-        spec["state_dict"] = None if base["state_dict"] is None else {
-            k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if train_cfg is not None:
-        key = {**section, "init": cfg.init, "defenses": cfg.defenses, "data": meta["source"]["sha256"],
-               "subset": meta["subset"], "splits": meta["splits"],
-               "base": None if cfg.init == "scratch" else sha256_file(Path("models") / name / "baseline.pt")}
-        state_dict, history, run_id = train_resumable(
-            f"train_defended@{defense}", spec, (x_train, y_train), (x_test, y_test), train_cfg.model_dump(),
-            params.seed, params.resources, horizontal_flip,
-            resume_dir(f"train_defended/{defense}", key), params.mlflow.experiment, section, tags,
-            desc=f"train {defense}")
-        spec["state_dict"] = state_dict
-
-    init_ray()
-    item = {
-        "spec": spec,
-        "defenses": list(cfg.insert_after),
-        "adjustment": cfg.adjustment,
-        "adjust_batches": cfg.adjust_batches,
-        "finetune_epochs": cfg.finetune_epochs,
-        "finetune_lr": cfg.finetune_lr,
-        "batch_size": cfg.batch_size,
-        "seed": params.seed,
-        "horizontal_flip": horizontal_flip,
-        "train": ray.put((x_train, y_train)),
-        "test": ray.put((x_test, y_test)),
-        "num_threads": params.resources.train_num_cpus,
-    }
-    (result,) = ray_map(defend_task, [item], num_cpus=params.resources.train_num_cpus,
-                        num_gpus=params.resources.train_num_gpus, desc=f"{defense}: insert + adjust",
-                        resource_params=("resources.train_num_cpus", "resources.train_num_gpus"))
-    out = {**spec, "state_dict": result.pop("state_dict"), "defenses": list(cfg.defenses) + list(cfg.insert_after)}
-    out_path = Path("models") / name / f"{defense}.pt"
+    (out, result, history, run_id) = build_defended(params, defense, cfg, base, meta, train_cfg,
+                                                    ((x_train, y_train), (x_test, y_test)), horizontal_flip,
+                                                    section, tags)
+    out_path = model_path(name, defense)
     save_checkpoint(out, out_path)
     metrics = {
         "clean_accuracy": result["clean_accuracy"],

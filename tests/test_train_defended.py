@@ -53,9 +53,10 @@ def _params(tmp: Path, src: Path, **sections) -> Path:
 
 def test_insert_only_defense_keeps_the_baseline_weights(project, monkeypatch):
     import stages.train_defended as stage
+    from pipeline import defended
 
-    monkeypatch.setattr(stage, "init_ray", lambda: None)
-    monkeypatch.setattr(stage, "ray_map", lambda fn, items, **_: [fn(i) for i in items])
+    monkeypatch.setattr(defended, "init_ray", lambda: None)
+    monkeypatch.setattr(defended, "ray_map", lambda fn, items, **_: [fn(i) for i in items])
     params = load_params(_params(project["dir"], project["src"],
                                  blur_input={"insert_after": [{"name": "input_blur", "size": 3}]}))
     stage.main(params, "blur_input")
