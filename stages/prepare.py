@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 from pipeline.cli import key_hash, run_stage
 from pipeline.config import Params
 from pipeline.data.prepare import prepare_dataset, resolve_source
 from pipeline.distributed import init_ray, ray_map
 from pipeline.io import save_json
+from pipeline.layout import prepared_dir
 from pipeline.tracking import log_dataset, log_dict, log_metrics, stage_run
 
 log = logging.getLogger("prepare")
@@ -25,7 +25,7 @@ def main(params: Params) -> None:
     """Check ``data.root``, then decode the dataset with Ray tasks into ``data/prepared/<dataset>``."""
     cfg = params.data
     resolve_source(cfg)  # fail on a bad data.root before starting Ray
-    out_dir = Path("data/prepared") / cfg.dataset
+    out_dir = prepared_dir(cfg.dataset)
     start = time.perf_counter()
     init_ray()
     meta = prepare_dataset(

@@ -10,7 +10,6 @@ a killed run continues from its last epoch and resumes the same MLflow run.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import pandas as pd
 
@@ -20,6 +19,7 @@ from pipeline.config import Params, ParamsError
 from pipeline.data import load_meta, load_tensors
 from pipeline.data.datasets import DATASETS
 from pipeline.io import atomic_write, save_json
+from pipeline.layout import model_path, prepared_dir
 from pipeline.models import build_model
 from pipeline.models.registry import TORCHVISION_PREFIX, torchvision_weights_file
 from pipeline.tracking import log_artifact, log_metrics, log_model, stage_run
@@ -27,17 +27,16 @@ from pipeline.train import accuracy
 from pipeline.training_run import train_resumable
 
 log = logging.getLogger("train_baseline")
-PREPARED = Path("data/prepared")
 
 
 def main(params: Params) -> None:
     """Train (resuming if a checkpoint exists) or adopt ``model.checkpoint``; write baseline.pt."""
-    meta = load_meta(PREPARED / params.data.dataset)
-    x_train, y_train = load_tensors(PREPARED / params.data.dataset, "train")
-    x_test, y_test = load_tensors(PREPARED / params.data.dataset, "test")
+    meta = load_meta(prepared_dir(params.data.dataset))
+    x_train, y_train = load_tensors(prepared_dir(params.data.dataset), "train")
+    x_test, y_test = load_tensors(prepared_dir(params.data.dataset), "test")
     name = params.model.name
     spec = model_spec(name, len(meta["classes"]), meta["mean"], meta["std"], None)
-    out_path = Path("models") / name / "baseline.pt"
+    out_path = model_path(name)
     # exclude_none: options added later (train.adversarial) leave the resume key of runs without them unchanged
     section = {"model": params.model.model_dump(), "train": params.train.model_dump(exclude_none=True),
                "seed": params.seed}
