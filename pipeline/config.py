@@ -31,6 +31,7 @@ from pydantic import (
 
 from pipeline.analysis.masking import MaskingParams
 from pipeline.attacks.base import Budget
+from pipeline.attacks.patch_losses import patch_losses
 from pipeline.defenses.adjust import ADJUSTMENTS
 from pipeline.defenses.adversarial import AdversarialTrainingParams
 from pipeline.models import list_models
@@ -43,8 +44,9 @@ RESERVED_SECTIONS = ("profile", "seed", "data", "model", "train", "resources", "
                      "evaluate", "rp2", "analysis", "attacks", "mlflow", "report", "defended", "none", "baseline")
 """Top-level keys that cannot name a defended model (``fnc`` is the built-in one)."""
 
-PATCH_ATTACKS = ("advp", "lavan")
-"""Universal patch attacks made by ``generate_patches`` (:mod:`pipeline.attacks.patch`)."""
+PATCH_ATTACKS = tuple(patch_losses())
+"""Universal patch attacks made by ``generate_patches``: one per registered loss
+(:mod:`pipeline.attacks.patch_losses`; ``advp``, ``lavan`` and any module added there)."""
 
 ADAPTIVE_PATCH_ATTACKS = {f"{a}_{kind}": a for kind in ("adaptive", "bpda") for a in PATCH_ATTACKS}
 """Evaluate cells whose patches are optimised against each defended model itself
@@ -316,10 +318,20 @@ class PatchConfig(_Strict):
     scale_min: float = Field(1.0, gt=0, le=1)
     scale_max: float = Field(1.0, gt=0, le=1)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
-    attacks: list[Literal["advp", "lavan"]] = Field(
+    attacks: list[str] = Field(
         default_factory=lambda: ["advp"], min_length=1,
-        description="universal patch attacks to train: advp (cross-entropy), lavan (logit margin)",
+        description="universal patch attacks to train, one per registered loss (pipeline/attacks/patch_losses): "
+                    "advp (cross-entropy), lavan (logit margin)",
     )
+
+    @field_validator("attacks")
+    @classmethod
+    def _registered_losses(cls, v: list[str]) -> list[str]:
+        unknown = [a for a in v if a not in PATCH_ATTACKS]
+        if unknown:
+            raise ValueError(f"unknown patch attack {unknown[0]!r}; choose from: {', '.join(PATCH_ATTACKS)} "
+                             "(or add a loss module to pipeline/attacks/patch_losses)")
+        return v
     location: Literal["random", "fixed"] = Field(
         "random", description="random placement per image (EOT) or the fixed bottom-right corner"
     )

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.attacks.patch_losses import get_patch_loss, patch_losses
 from pipeline.precision import amp_dtype, autocast
 
 
@@ -163,8 +164,8 @@ def apply_patch(images: torch.Tensor, patch: torch.Tensor, placements: Placement
     return torch.where(mask.bool(), pasted, images)
 
 
-PATCH_ATTACKS = ("advp", "lavan")
-"""Universal patch attacks :func:`patch_loss` knows."""
+PATCH_ATTACKS = tuple(patch_losses())
+"""Universal patch attacks :func:`patch_loss` knows: the losses of :mod:`pipeline.attacks.patch_losses`."""
 
 
 def patch_loss(logits: torch.Tensor, labels: torch.Tensor, target: int | None, attack: str = "advp") -> torch.Tensor:
@@ -174,27 +175,16 @@ def patch_loss(logits: torch.Tensor, labels: torch.Tensor, target: int | None, a
         logits: float (N, K).
         labels: int64 (N,) true classes.
         target: target class, or None (untargeted).
-        attack: ``"advp"``: cross-entropy to ``target`` (targeted) or minus the
-            cross-entropy of the true labels (untargeted), Brown et al. 2017 as in
-            FNC Eq. 2; ``"lavan"``: ``mean(z_true - z_target)`` (targeted) or
-            ``mean(z_true - max_{k != true} z_k)`` (untargeted), the logit
-            margin of the FNC authors' LaVAN code (jschenthu/FNS).
+        attack: a registered loss (:mod:`pipeline.attacks.patch_losses`): ``"advp"``:
+            cross-entropy to ``target`` (targeted) or minus the cross-entropy of the true
+            labels (untargeted), Brown et al. 2017 as in FNC Eq. 2; ``"lavan"``:
+            ``mean(z_true - z_target)`` (targeted) or ``mean(z_true - max_{k != true} z_k)``
+            (untargeted), the logit margin of the FNC authors' LaVAN code (jschenthu/FNS).
 
     Raises:
         ValueError: unknown ``attack``.
     """
-    if attack == "advp":
-        if target is None:
-            return -F.cross_entropy(logits, labels)
-        return F.cross_entropy(logits, torch.full_like(labels, target))
-    if attack == "lavan":
-        true = logits.gather(1, labels[:, None])[:, 0]
-        if target is None:
-            other = logits.scatter(1, labels[:, None], float("-inf")).amax(dim=1)
-        else:
-            other = logits[:, target]
-        return (true - other).mean()
-    raise ValueError(f"unknown patch attack {attack!r}; choose one of: {', '.join(PATCH_ATTACKS)}")
+    return get_patch_loss(attack).fn(logits, labels, target)
 
 
 def corner_placements(n: int, image_size: tuple[int, int], side: int) -> Placements:
