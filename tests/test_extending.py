@@ -32,6 +32,42 @@ def toy_double(logits, labels, target):
 '''
 
 
+TOY_ATTACK = '''
+"""A toy per-image attack for the test: one signed-gradient step (FGSM, written again)."""
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from pipeline.attacks.base import Attack, AttackParams, Budget, register_attack
+
+
+class ToySignParams(AttackParams):
+    eps: Budget = Field(8 / 255, description="L-inf step, pixel units of [0, 1]")
+
+
+@register_attack("toy_sign")
+class ToySign(Attack):
+    Params = ToySignParams
+
+    def perturb(self, model, x, y, generator):
+        x = x.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(F.cross_entropy(model(x), y), x)
+        return (x + self.params.eps * grad.sign()).clamp(0, 1).detach()
+'''
+
+
+def _copy_package(tmp: Path) -> None:
+    shutil.copytree(ROOT / "pipeline", tmp / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+
+
+def _smoke_params(tmp: Path, edit) -> None:
+    raw = yaml.safe_load((ROOT / "params" / "smoke.yaml").read_text())
+    raw["data"]["root"] = str(ROOT.parent / "shared" / "datasets" / "cifar10-jpeg")
+    edit(raw)
+    (tmp / "params.yaml").write_text(yaml.safe_dump(raw))
+
+
 def _run(tmp: Path, script: str) -> dict:
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=tmp, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(tmp)}, timeout=300)
@@ -40,13 +76,14 @@ def _run(tmp: Path, script: str) -> dict:
 
 
 def test_a_new_patch_loss_is_one_file(tmp_path):
-    shutil.copytree(ROOT / "pipeline", tmp_path / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    _copy_package(tmp_path)
     (tmp_path / "pipeline" / "attacks" / "patch_losses" / "toy_double.py").write_text(TOY_LOSS)
-    raw = yaml.safe_load((ROOT / "params" / "smoke.yaml").read_text())
-    raw["data"]["root"] = str(ROOT.parent / "shared" / "datasets" / "cifar10-jpeg")
-    raw["patch"]["attacks"] = ["advp", "toy_double"]
-    raw["evaluate"]["attacks"] = ["none", "advp", "toy_double", "toy_double_adaptive"]
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+
+    def edit(raw):
+        raw["patch"]["attacks"] = ["advp", "toy_double"]
+        raw["evaluate"]["attacks"] = ["none", "advp", "toy_double", "toy_double_adaptive"]
+
+    _smoke_params(tmp_path, edit)
     got = _run(tmp_path, """
         import json, torch
         import pipeline
@@ -75,13 +112,51 @@ def test_a_new_patch_loss_is_one_file(tmp_path):
         assert b == pytest.approx(2 * a, rel=1e-5)
 
 
+def test_a_new_per_image_attack_is_one_file(tmp_path):
+    _copy_package(tmp_path)
+    (tmp_path / "pipeline" / "attacks" / "toy_sign.py").write_text(TOY_ATTACK)
+
+    def edit(raw):
+        raw["attacks"]["toy_sign"] = {"eps": "8/255", "n_images": 20}
+        raw["evaluate"]["attacks"] = ["none", "advp", "toy_sign"]
+
+    _smoke_params(tmp_path, edit)
+    got = _run(tmp_path, """
+        import json, torch
+        import pipeline
+        from pipeline.attacks.base import build_attack
+        from pipeline.checkpoint import model_spec
+        from pipeline.config import load_params
+        from pipeline.evaluation import attack_shard
+        from pipeline.models import build_model
+
+        assert pipeline.__file__.startswith(HERE), pipeline.__file__
+        params = load_params("params.yaml")
+        torch.manual_seed(0)
+        model = build_model("resnet20", 10, [0.5] * 3, [0.25] * 3)
+        spec = model_spec("resnet20", 10, [0.5] * 3, [0.25] * 3, model.state_dict())
+        x = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8)
+        y = torch.randint(0, 10, (20,))
+        # evaluate's code path for a per-image cell, once with the new attack and once with FGSM at its eps
+        toy = attack_shard(spec, "toy_sign", params.attack_params("toy_sign"), x, y, seed=0)
+        ref = attack_shard(spec, "fgsm", {"eps": params.attack_params("toy_sign")["eps"]}, x, y, seed=0)
+        eps = params.attack_params("toy_sign")["eps"]
+        xf = x.float() / 255
+        images = [build_attack(a, p)(model, xf, y) for a, p in (("toy_sign", {"eps": eps}), ("fgsm", {"eps": eps}))]
+        print(json.dumps({"cells": params.evaluate.attacks, "params": params.attack_params("toy_sign"),
+                          "same_as_fgsm": bool(torch.equal(*images)) and bool(torch.equal(toy["pred_adv"],
+                                                                                          ref["pred_adv"])),
+                          "linf": toy["sizes"]["linf"].max().item()}))
+    """.replace("HERE", repr(str(tmp_path))))
+    assert got["cells"] == ["none", "advp", "toy_sign"] and got["params"]["n_images"] == 20
+    # the same images as FGSM's (image for image, so the same predictions), every one moved by eps
+    assert got["same_as_fgsm"] and got["linf"] == pytest.approx(8 / 255, abs=1e-6)
+
+
 def test_without_the_file_the_loss_is_unknown_with_the_fix_named(tmp_path):
     from pipeline.config import ParamsError, load_params
 
-    raw = yaml.safe_load((ROOT / "params" / "smoke.yaml").read_text())
-    raw["data"]["root"] = str(ROOT.parent / "shared" / "datasets" / "cifar10-jpeg")
-    raw["patch"]["attacks"] = ["advp", "toy_double"]
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    _smoke_params(tmp_path, lambda raw: raw["patch"].update(attacks=["advp", "toy_double"]))
     try:
         load_params(tmp_path / "params.yaml")
     except ParamsError as exc:

@@ -202,15 +202,16 @@ def register_attack(name: str) -> Callable[[type[Attack]], type[Attack]]:
 
 
 def _load_all() -> None:
-    """Import the modules that register attacks (idempotent)."""
+    """Import every module of :mod:`pipeline.attacks` (idempotent), so that each attack that a
+    module registers with :func:`register_attack` is known: a new attack is one new module,
+    found without a list to keep; its import errors are raised, not swallowed."""
     import importlib
+    import pkgutil
 
-    for module in ("pgd", "mask_fgsm", "masked_pgd", "classic", "autoattack"):
-        try:
-            importlib.import_module(f"pipeline.attacks.{module}")
-        except ModuleNotFoundError as exc:  # a module not written yet, not a missing dependency
-            if exc.name != f"pipeline.attacks.{module}":
-                raise
+    import pipeline.attacks
+
+    for module in pkgutil.iter_modules(pipeline.attacks.__path__):
+        importlib.import_module(f"pipeline.attacks.{module.name}")
 
 
 def list_attacks() -> list[str]:
