@@ -27,7 +27,7 @@ from torchvision.transforms import v2
 from pipeline.checkpoint import build_from_spec
 from pipeline.data.datasets import TensorImageDataset
 from pipeline.defenses.adversarial import AdversarialTrainingParams, adversarial_examples
-from pipeline.defenses.blurnet import blurnet_layers, blurnet_penalty
+from pipeline.defenses.base import penalty_modules, training_penalty
 from pipeline.precision import amp_dtype, autocast, precision_name
 
 
@@ -217,7 +217,7 @@ class Trainer:
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         penalty_sum = torch.zeros((), device=self.device)
-        penalised = bool(blurnet_layers(self.model))
+        penalised = bool(penalty_modules(self.model))  # defenses with a training-loss term (BlurNet)
         gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch + 7)  # random starts of this epoch
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
         seen = 0
@@ -229,8 +229,8 @@ class Trainer:
             with autocast(self.device, self.amp_dtype):  # bf16 forward where enabled; loss in float32
                 logits = self.forward_model(x).float()
             loss = F.cross_entropy(logits, y, label_smoothing=self.cfg["label_smoothing"])
-            if penalised:  # BlurNet's L-inf / TV penalties (Raju and Lipasti 2019)
-                penalty = blurnet_penalty(self.model).to(loss.device)
+            if penalised:  # the defenses' training-loss hooks (BlurNet's L-inf / TV penalties)
+                penalty = training_penalty(self.model).to(loss.device)
                 penalty_sum += penalty.detach() * len(y)
                 loss = loss + penalty
             self.opt.zero_grad(set_to_none=True)

@@ -57,6 +57,42 @@ class ToySign(Attack):
 '''
 
 
+TOY_DEFENSE = '''
+"""A toy defense for the test: a learnable input gain with a training penalty pulling it to 0.5."""
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from pipeline.defenses.base import DefenseParams, add_input_transform, register_defense
+
+
+class ToyGain(nn.Module):
+    def __init__(self, weight: float) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(()))
+        self.weight = weight
+
+    def forward(self, x):
+        return (x * self.gain).clamp(0, 1)
+
+    def training_penalty(self):
+        return self.weight * (self.gain - 0.5) ** 2
+
+
+class ToyGainParams(DefenseParams):
+    weight: float = Field(1.0, ge=0)
+
+    def trainable(self) -> bool:
+        return True
+
+
+@register_defense("toy_gain", ToyGainParams, "input", source="a test of the one-file recipe")
+def apply_toy_gain(model, params):
+    return add_input_transform(model, ToyGain(params.weight))
+'''
+
+
 def _copy_package(tmp: Path) -> None:
     shutil.copytree(ROOT / "pipeline", tmp / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
 
@@ -151,6 +187,42 @@ def test_a_new_per_image_attack_is_one_file(tmp_path):
     assert got["cells"] == ["none", "advp", "toy_sign"] and got["params"]["n_images"] == 20
     # the same images as FGSM's (image for image, so the same predictions), every one moved by eps
     assert got["same_as_fgsm"] and got["linf"] == pytest.approx(8 / 255, abs=1e-6)
+
+
+def test_a_new_defense_with_a_training_penalty_is_one_file(tmp_path):
+    _copy_package(tmp_path)
+    (tmp_path / "pipeline" / "defenses" / "toy_gain.py").write_text(TOY_DEFENSE)
+
+    def edit(raw):
+        raw["defended"] = ["fnc", "toy"]
+        raw["toy"] = {"init": "scratch", "defenses": [{"name": "toy_gain", "weight": 100.0}], "train": {"epochs": 1}}
+        raw["evaluate"]["defenses"] = ["none", "fnc", "toy"]
+
+    _smoke_params(tmp_path, edit)
+    got = _run(tmp_path, """
+        import json, torch
+        import pipeline
+        from pipeline.checkpoint import model_spec
+        from pipeline.config import TrainConfig, load_params
+        from pipeline.train import Trainer
+
+        assert pipeline.__file__.startswith(HERE), pipeline.__file__
+        params = load_params("params.yaml")
+        cfg = TrainConfig.model_validate({**params.train.model_dump(), "epochs": 1, "batch_size": 8, "lr": 0.05})
+        torch.manual_seed(0)
+        x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+        y = torch.randint(0, 10, (64,))
+        out = {}
+        for weight in (0.0, 2.0):  # the trainer adds the defense's penalty: it pulls the gain to 0.5
+            spec = model_spec("resnet20", 10, [0.5] * 3, [0.25] * 3, None, [{"name": "toy_gain", "weight": weight}])
+            trainer = Trainer(spec, (x, y), (x[:16], y[:16]), cfg.model_dump(), seed=0)
+            row = trainer.run_epoch(0)
+            out[str(weight)] = {"penalty": row["train_penalty"], "gain": float(trainer.model.input_transform.gain)}
+        print(json.dumps({"defenses": params.defended_config("toy").defenses, **out}))
+    """.replace("HERE", repr(str(tmp_path))))
+    assert got["defenses"] == [{"name": "toy_gain", "weight": 100.0}]
+    assert got["0.0"]["penalty"] == 0 and got["2.0"]["penalty"] > 0
+    assert abs(got["2.0"]["gain"] - 0.5) < abs(got["0.0"]["gain"] - 0.5)
 
 
 def test_without_the_file_the_loss_is_unknown_with_the_fix_named(tmp_path):

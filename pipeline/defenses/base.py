@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
@@ -94,7 +95,33 @@ def register_defense(
 
 
 def _load_builtin() -> None:
-    from pipeline.defenses import blurnet, fnc, input_transforms, prm  # noqa: F401  (registers them)
+    """Import every module of :mod:`pipeline.defenses` (idempotent), so that each defense a
+    module registers with :func:`register_defense` is known: a new defense is one new module,
+    found without a list to keep."""
+    import importlib
+    import pkgutil
+
+    import pipeline.defenses
+
+    for module in pkgutil.iter_modules(pipeline.defenses.__path__):
+        importlib.import_module(f"pipeline.defenses.{module.name}")
+
+
+def penalty_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` that add a term to its training loss: those with a
+    ``training_penalty()`` method (a defense's hook, e.g. BlurNet's L-inf and TV penalties)."""
+    return [m for m in model.modules() if callable(getattr(m, "training_penalty", None))]
+
+
+def training_penalty(model: nn.Module) -> torch.Tensor:
+    """The training-loss term of ``model``'s defenses: the sum of ``training_penalty()`` (a
+    scalar tensor each) over :func:`penalty_modules`, in module order; 0 (a CPU scalar)
+    without any. The trainer adds it to the loss after every forward pass, so a defense with
+    a training penalty is one module defining the method, and the trainer imports no defense."""
+    modules = penalty_modules(model)
+    if not modules:
+        return torch.zeros(())
+    return sum((m.training_penalty() for m in modules[1:]), modules[0].training_penalty())
 
 
 def _pre_transform(module: nn.Module, args: tuple) -> tuple:

@@ -172,6 +172,10 @@ class BlurNetLayer(nn.Module):
             total = total.to(self.last_output.device) + tv_penalty(self.last_output, self.tv_weight)
         return total
 
+    def training_penalty(self) -> torch.Tensor:
+        """The trainer's hook (:func:`pipeline.defenses.base.training_penalty`): :meth:`penalty`."""
+        return self.penalty()
+
     def extra_repr(self) -> str:
         return (f"channels={self.channels}, size={self.size}, learnable={self.learnable}, "
                 f"linf_weight={self.linf_weight}, tv_weight={self.tv_weight}")
@@ -268,8 +272,8 @@ def blurnet_layers(model: nn.Module) -> list[BlurNetLayer]:
 
 
 def blurnet_penalty(model: nn.Module) -> torch.Tensor:
-    """Sum of :meth:`BlurNetLayer.penalty` over the model (a scalar; 0 without BlurNet);
-    add it to the training loss after each forward pass."""
+    """Sum of :meth:`BlurNetLayer.penalty` over the model (a scalar; 0 without BlurNet), what
+    BlurNet adds to :func:`pipeline.defenses.base.training_penalty`."""
     layers = blurnet_layers(model)
     if not layers:
         return torch.zeros(())
