@@ -439,10 +439,6 @@ class RP2Config(_Strict):
         return list(self.defenses) if self.white_box is None else list(self.white_box)
 
 
-ANALYSES = ("feature_norms", "pixel_robustness", "loss_landscape", "gradcam_distance", "spectrum", "masking")
-"""The analyses of ``analyze@<name>`` (:mod:`pipeline.analysis`), one DVC stage instance each."""
-
-
 class AnalysisConfig(_Strict):
     """``analysis``: the papers' analyses (``analyze@<name>``), on a seeded test subset
     (a prefix of the evaluate order) of each model in ``defenses``."""

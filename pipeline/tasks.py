@@ -135,13 +135,15 @@ def defend_task(item: dict[str, Any]) -> dict[str, Any]:
 
 
 def analysis_task(item: dict[str, Any]) -> dict[str, Any]:
-    """One analysis on one model (:func:`pipeline.analysis.compute.analyse_model`).
+    """One analysis on one model: the ``compute`` of the registered analysis ``item["name"]``
+    (:mod:`pipeline.analysis.base`; the built-ins: :func:`pipeline.analysis.compute.analyse_model`).
     ``item``: name, spec, inputs (a ref to the dict of tensors), cfg, num_threads."""
-    from pipeline.analysis.compute import analyse_model
+    from pipeline.analysis.base import get_analysis
 
     torch.set_num_threads(max(1, int(item["num_threads"])))
     start = time.perf_counter()
-    out = analyse_model(item["name"], build_from_spec(_get(item["spec"])), _get(item["inputs"]), item["cfg"])
+    model = build_from_spec(_get(item["spec"])).eval()
+    out = get_analysis(item["name"]).compute(model, _get(item["inputs"]), item["cfg"])
     return {**out, "seconds": time.perf_counter() - start, "node_id": node_id()}
 
 

@@ -22,18 +22,18 @@ from __future__ import annotations
 import argparse
 import logging
 
-import ray
 import torch
 
-from pipeline.analysis.outputs import WRITERS, analysis_inputs
-from pipeline.checkpoint import build_from_spec, load_checkpoint
+from pipeline.analysis.base import get_analysis, outputs_dir
+from pipeline.analysis.outputs import default_inputs
+from pipeline.cached import shared
+from pipeline.checkpoint import load_checkpoint
 from pipeline.cli import run_stage
-from pipeline.config import ANALYSES, Params, ParamsError
+from pipeline.config import Params, ParamsError
 from pipeline.data import load_meta
 from pipeline.distributed import init_ray, ray_map
 from pipeline.io import atomic_write
 from pipeline.layout import analysis_dir, model_path, prepared_dir
-from pipeline.models import fnc_block_types
 from pipeline.tasks import analysis_task
 from pipeline.tracking import log_artifacts, log_metrics, stage_run
 
@@ -43,45 +43,35 @@ log = logging.getLogger("analyze")
 def main(params: Params, analysis: str) -> None:
     """Run analysis ``analysis`` on every model of ``analysis.defenses`` and write its tables and figures."""
     name = analysis
-    if name not in ANALYSES:
-        raise ParamsError(f"unknown analysis {name!r}; choose from {', '.join(ANALYSES)}")
+    try:
+        spec = get_analysis(name)
+    except ValueError as exc:
+        raise ParamsError(str(exc)) from None
     a, model_name = params.analysis, params.model.name
-    out_dir = analysis_dir(model_name, name)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for old in out_dir.iterdir():  # a rerun leaves no file of the previous one behind
-        old.unlink()
-    if name == "spectrum" and not params.rp2.enabled:
-        note = "The spectrum analysis compares RP2's natural and sticker-perturbed stop signs: rp2.enabled is false " \
-               f"in the {params.profile!r} profile (run params/gtsrb.yaml or params/blurnet.yaml).\n"
+    out_dir = outputs_dir(analysis_dir(model_name, name))
+    specs = {d: load_checkpoint(model_path(model_name, d)) for d in a.defenses} if a.defenses else {}
+    note = spec.note(params, specs) if spec.note is not None else None
+    if note:  # this profile or model cannot run it: say why, compute nothing
         atomic_write(out_dir / "README.md", lambda f: f.write(note.encode()))
-        return
-    specs = {d: load_checkpoint(model_path(model_name, d)) for d in a.defenses}
-    if name == "feature_norms" and not any(isinstance(m, fnc_block_types())
-                                           for m in build_from_spec(next(iter(specs.values()))).modules()):
-        note = f"IFNR (Yu et al. 2021, Sec. 3) compares feature norms at the outputs of cascaded blocks (residual, " \
-               f"inverted-residual, inception); {model_name} has none, so this analysis has nothing to measure.\n"
-        atomic_write(out_dir / "README.md", lambda f: f.write(note.encode()))
+        log.info("%s: %s", name, note.strip())
         return
     meta = load_meta(prepared_dir(params.data.dataset))
-    inputs = analysis_inputs(params, name, meta)
-    if name == "masking":  # check (a) transfers PGD examples from the undefended baseline
-        inputs["baseline"] = specs.get("none") or load_checkpoint(model_path(model_name))
+    inputs = spec.inputs(params, meta, specs) if spec.inputs is not None else default_inputs(params)
     cfg = a.model_dump(mode="json")
     cfg.update(eps=float(a.eps), step_size=float(a.step_size))
     init_ray()
-    ref = ray.put(inputs)
+    ref = shared(inputs)
     items = [{"name": name, "spec": specs[d], "inputs": ref, "cfg": {**cfg, "defense": d},
               "num_threads": params.resources.num_cpus} for d in a.defenses]
     results = dict(zip(a.defenses, ray_map(analysis_task, items, num_cpus=params.resources.num_cpus,
                                             num_gpus=params.resources.num_gpus, desc=f"analysis {name} (per model)"),
                        strict=True))
-    summary = WRITERS[name](results, out_dir, params, specs, inputs)
+    summary = spec.write(results, out_dir, params, specs, inputs)
     section = {"model": params.model.model_dump(), "analysis": cfg, "seed": params.seed}
     tags = {"profile": params.profile, "paper": params.mlflow.paper, "model": model_name,
             "defenses": ",".join(a.defenses), "analysis": name,
             "node_ids": ",".join(sorted({r["node_id"] for r in results.values()}))}
-    if name == "masking":
-        tags.update({f"masking.{d}": r["verdict"] for d, r in results.items()})
+    tags.update(spec.tags(results) if spec.tags is not None else {})
     with stage_run(f"analyze@{name}", params.mlflow.experiment, section, tags):
         log_metrics(summary)
         log_artifacts(out_dir, artifact_path=f"analysis/{name}")
@@ -90,7 +80,7 @@ def main(params: Params, analysis: str) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--analysis", required=True, help=", ".join(ANALYSES))
+    parser.add_argument("--analysis", required=True, help="a registered analysis (pipeline.analysis)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     run_stage(f"analyze@{args.analysis}", main, analysis=args.analysis)

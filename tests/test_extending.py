@@ -17,7 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests import test_analyze_stage
+
 ROOT = Path(__file__).resolve().parents[1]
+project = test_analyze_stage.project  # the analysis recipe's tiny project
 
 TOY_LOSS = '''
 """A toy patch loss for the test: twice AdvP's."""
@@ -90,6 +93,33 @@ class ToyGainParams(DefenseParams):
 @register_defense("toy_gain", ToyGainParams, "input", source="a test of the one-file recipe")
 def apply_toy_gain(model, params):
     return add_input_transform(model, ToyGain(params.weight))
+'''
+
+
+TOY_ANALYSIS = '''
+"""A toy analysis for the test: the mean top-1 confidence of each model on the test subset."""
+
+import pandas as pd
+import torch
+
+from pipeline.analysis.base import Analysis, register_analysis
+from pipeline.io import atomic_write
+
+
+def compute(model, inputs, cfg):
+    with torch.no_grad():
+        confidence = model(inputs["x"].float() / 255).softmax(1).amax(1)
+    return {"mean_confidence": float(confidence.mean()), "n_images": len(confidence)}
+
+
+def write(results, out_dir, params, specs, inputs):
+    df = pd.DataFrame([{"defense": d, "mean_confidence": r["mean_confidence"], "n_images": r["n_images"]}
+                       for d, r in results.items()])
+    atomic_write(out_dir / "confidence.csv", lambda f: f.write(df.to_csv(index=False).encode()))
+    return {f"{d}.mean_confidence": r["mean_confidence"] for d, r in results.items()}
+
+
+register_analysis(Analysis("toy_confidence", compute=compute, write=write, source="a test of the recipe"))
 '''
 
 
@@ -223,6 +253,42 @@ def test_a_new_defense_with_a_training_penalty_is_one_file(tmp_path):
     assert got["defenses"] == [{"name": "toy_gain", "weight": 100.0}]
     assert got["0.0"]["penalty"] == 0 and got["2.0"]["penalty"] > 0
     assert abs(got["2.0"]["gain"] - 0.5) < abs(got["0.0"]["gain"] - 0.5)
+
+
+def test_a_new_analysis_is_one_file(project, tmp_path):
+    """``project``: prepared data, a baseline, an FNC model and params.yaml in ``tmp_path`` (tests/test_analyze_stage.py)."""
+    from pipeline.analysis.outputs import default_inputs
+    from pipeline.checkpoint import build_from_spec, load_checkpoint
+    from pipeline.config import load_params
+
+    _copy_package(tmp_path)
+    (tmp_path / "pipeline" / "analysis" / "toy_confidence.py").write_text(TOY_ANALYSIS)
+    (tmp_path / "stages").symlink_to(ROOT / "stages")
+    _run(tmp_path, """
+        import json
+        import pipeline
+        import stages.analyze as stage
+        from pipeline.config import load_params
+
+        assert pipeline.__file__.startswith(HERE), pipeline.__file__
+        stage.init_ray = lambda: None
+        stage.ray_map = lambda fn, items, **_: [fn(i) for i in items]
+        stage.main(load_params("params.yaml"), "toy_confidence")
+        print(json.dumps({}))
+    """.replace("HERE", repr(str(tmp_path))))
+    import pandas as pd
+
+    out = pd.read_csv(tmp_path / "analysis" / "resnet20" / "toy_confidence" / "confidence.csv")
+    params = load_params(tmp_path / "params.yaml")
+    inputs = default_inputs(params)  # the test subset the stage gave the analysis, recomputed here
+    assert list(out["defense"]) == params.analysis.defenses and (out["n_images"] == len(inputs["x"])).all()
+    import torch
+
+    model = build_from_spec(load_checkpoint(tmp_path / "models" / "resnet20" / "baseline.pt")).eval()
+    with torch.no_grad():
+        want = float(model(inputs["x"].float() / 255).softmax(1).amax(1).mean())
+    assert out.set_index("defense").loc["none", "mean_confidence"] == pytest.approx(want, rel=1e-5)
+    assert project["dir"] == tmp_path
 
 
 def test_without_the_file_the_loss_is_unknown_with_the_fix_named(tmp_path):

@@ -40,7 +40,7 @@ def analyse_model(name: str, model: torch.nn.Module, inputs: dict[str, Any], cfg
     """Run analysis ``name`` on ``model`` (eval mode, images in [0, 1] -> logits).
 
     Args:
-        name: one of :data:`pipeline.config.ANALYSES`.
+        name: a built-in analysis (:mod:`pipeline.analysis.outputs` registers them).
         model: the (defended) network.
         inputs: what the analysis reads: ``x`` uint8 (N, 3, H, W) and ``y`` int64 (N,) test
             images; ``patch`` float (3, s, s) in [0, 1] and ``placements`` (feature_norms);

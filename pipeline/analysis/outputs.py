@@ -1,4 +1,5 @@
-"""What each analysis of ``analyze@<name>`` reads and writes: its inputs (shared by every
+"""The built-in analyses of ``analyze@<name>``, registered (:mod:`pipeline.analysis.base`):
+what each reads and writes: its inputs (shared by every
 model's task) and its tables, figures and MLflow metrics from the models' results
 (:func:`pipeline.analysis.compute.analyse_model` computes those, one Ray task per model).
 
@@ -11,6 +12,7 @@ and PNG figures, and returns a flat dict of floats for MLflow.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import matplotlib
@@ -19,24 +21,36 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from pipeline.analysis.base import Analysis, register_analysis  # noqa: E402
+from pipeline.analysis.compute import analyse_model  # noqa: E402
 from pipeline.analysis.feature_norms import norm_map_figure  # noqa: E402
 from pipeline.analysis.landscape import landscape_figure  # noqa: E402
 from pipeline.analysis.pixel_robustness import PRM_IOU_CSV, random_set_iou  # noqa: E402
 from pipeline.analysis.spectrum import spectrum_figure  # noqa: E402
 from pipeline.attacks.patch import corner_placements, patch_side  # noqa: E402
 from pipeline.attacks.rp2 import RP2Params, apply_rp2  # noqa: E402
-from pipeline.checkpoint import build_from_spec  # noqa: E402
+from pipeline.checkpoint import build_from_spec, load_checkpoint  # noqa: E402
 from pipeline.config import Params  # noqa: E402
 from pipeline.data import load_tensors, load_training_subset  # noqa: E402
 from pipeline.data.rp2 import load_mask, load_victims  # noqa: E402
 from pipeline.defenses.base import parse_defense  # noqa: E402
 from pipeline.evaluation import fixed_placements, test_order  # noqa: E402
 from pipeline.io import atomic_write, load_torch, save_figure  # noqa: E402
-from pipeline.layout import patch_path, prepared_dir, rp2_mask_path, sticker_dir  # noqa: E402
+from pipeline.layout import model_path, patch_path, prepared_dir, rp2_mask_path, sticker_dir  # noqa: E402
 from pipeline.metrics import rate_interval  # noqa: E402
+from pipeline.models import fnc_block_types  # noqa: E402
 
 IFNR_RESNET50 = [1.05, 1.80, 2.98, 3.39]
 """The FNC paper's IFNR row for ResNet-50 on ImageNet (conv2_3, conv3_4, conv4_6, conv5_3; seed 000)."""
+
+
+def default_inputs(params: Params, n: int | None = None) -> dict:
+    """The inputs of an analysis that reads test images only: ``x`` uint8 (n, C, H, W) and ``y``
+    int64 (n,), the first ``n`` (default ``analysis.images``) of the seeded test order
+    ``evaluate.subset_seed`` (so every analysis and evaluate's subsets share their images)."""
+    x, y = load_tensors(prepared_dir(params.data.dataset), "test")
+    order = test_order(len(x), params.evaluate.subset_seed)[: params.analysis.images if n is None else n]
+    return {"x": x[order].contiguous(), "y": y[order].contiguous()}
 
 
 def analysis_inputs(params: Params, name: str, meta: dict) -> dict:
@@ -62,9 +76,7 @@ def analysis_inputs(params: Params, name: str, meta: dict) -> dict:
         fill = RP2Params.model_validate(r.attack).sticker_fill
         return {"victims": victims, "adversarial": apply_rp2(victims.float() / 255, load_torch(sticker), mask, fill),
                 "target": r.targets[0]}
-    x, y = load_tensors(prepared_dir(params.data.dataset), "test")
-    order = test_order(len(x), ev.subset_seed)[: a.masking.images if name == "masking" else a.images]
-    inputs = {"x": x[order].contiguous(), "y": y[order].contiguous()}
+    inputs = default_inputs(params, a.masking.images if name == "masking" else a.images)
     if name == "feature_norms":
         attack = "advp" if "advp" in params.patch.attacks else params.patch.attacks[0]
         path = patch_path(params.model.name, attack, params.patch.seeds[0])
@@ -245,4 +257,42 @@ def write_masking(results, out_dir: Path, params: Params, specs, inputs) -> dict
 WRITERS = {"feature_norms": write_feature_norms, "pixel_robustness": write_pixel_robustness,
            "loss_landscape": write_loss_landscape, "gradcam_distance": write_gradcam_distance,
            "spectrum": write_spectrum, "masking": write_masking}
-"""The writer of each analysis of :data:`pipeline.config.ANALYSES`."""
+"""The writer of each built-in analysis."""
+
+
+def _masking_inputs(params: Params, meta: dict, specs: dict) -> dict:
+    """The test subset, and the undefended baseline's checkpoint dict: check (a) transfers PGD examples from it."""
+    inputs = analysis_inputs(params, "masking", meta)
+    inputs["baseline"] = specs.get("none") or load_checkpoint(model_path(params.model.name))
+    return inputs
+
+
+def _spectrum_note(params: Params, specs: dict) -> str | None:
+    if params.rp2.enabled:
+        return None
+    return ("The spectrum analysis compares RP2's natural and sticker-perturbed stop signs: rp2.enabled is false "
+            f"in the {params.profile!r} profile (run params/gtsrb.yaml or params/blurnet.yaml).\n")
+
+
+def _feature_norms_note(params: Params, specs: dict) -> str | None:
+    if any(isinstance(m, fnc_block_types()) for m in build_from_spec(next(iter(specs.values()))).modules()):
+        return None
+    return ("IFNR (Yu et al. 2021, Sec. 3) compares feature norms at the outputs of cascaded blocks (residual, "
+            f"inverted-residual, inception); {params.model.name} has none, so this analysis has nothing to measure.\n")
+
+
+def _builtin(name: str, source: str, **extra) -> None:
+    """Register built-in analysis ``name``: :func:`pipeline.analysis.compute.analyse_model`'s
+    branch, its writer here, and :func:`analysis_inputs` unless ``extra`` says otherwise."""
+    inputs = extra.pop("inputs", lambda params, meta, specs: analysis_inputs(params, name, meta))
+    register_analysis(Analysis(name, compute=partial(analyse_model, name), write=WRITERS[name], inputs=inputs,
+                               source=source, **extra))
+
+
+_builtin("feature_norms", "Yu et al., ICCV 2021, Section 3 (IFNR)", note=_feature_norms_note)
+_builtin("pixel_robustness", "Hwang et al. 2019, Section 2 (pixel robustness, masked PGD)")
+_builtin("loss_landscape", "Madry et al., ICLR 2018, Section 3 and Figure 1")
+_builtin("gradcam_distance", "Yu 2022 (seed 002): confidence against the noise block's distance")
+_builtin("spectrum", "Raju and Lipasti 2019 (BlurNet): high-frequency energy", note=_spectrum_note)
+_builtin("masking", "Carlini et al. 2019, Section 5; Athalye et al., ICML 2018, Section 3", inputs=_masking_inputs,
+         tags=lambda results: {f"masking.{d}": r["verdict"] for d, r in results.items()})
