@@ -191,18 +191,33 @@ Adjustment = Literal[ADJUSTMENTS]
 accept: :data:`pipeline.defenses.adjust.ADJUSTMENTS`."""
 
 
-class FNCConfig(_Strict):
-    """``fnc``: feature norm clipping (Yu et al., ICCV 2021, Eq. 4) and its adjustment."""
+class AdjustmentConfig(_Strict):
+    """How a model is adjusted after defenses are inserted without retraining
+    (:func:`pipeline.defenses.adjust.adjust_after_insertion`): the fields every defended
+    model's section and the ``fnc`` section share."""
 
-    alpha: float = Field(1.0, gt=0, description="clip norms to alpha x the per-sample mean norm")
-    eps: float = Field(1e-6, gt=0, description="guard against zero norms")
-    adjustment: Adjustment = "bn_recalibration"
+    adjustment: Adjustment = "none"
     adjust_batches: int = Field(
         100, ge=1, description="bn_recalibration: training batches used to re-estimate BN statistics"
     )
     finetune_epochs: int = Field(1, ge=1)
     finetune_lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(128, ge=1)
+
+
+class FNCConfig(AdjustmentConfig):
+    """``fnc``: feature norm clipping (Yu et al., ICCV 2021, Eq. 4) and its adjustment; the
+    defended model ``fnc`` in the short form the papers' readers know (``fnc.alpha``):
+    :meth:`as_defended` is the same model as an ordinary defended section."""
+
+    alpha: float = Field(1.0, gt=0, description="clip norms to alpha x the per-sample mean norm")
+    eps: float = Field(1e-6, gt=0, description="guard against zero norms")
+    adjustment: Adjustment = "bn_recalibration"
+
+    def as_defended(self) -> DefendedConfig:
+        """The section ``{init: baseline, insert_after: [{name: fnc, alpha, eps}], adjustment ...}``."""
+        return DefendedConfig(insert_after=[{"name": "fnc", "alpha": self.alpha, "eps": self.eps}],
+                              **self.model_dump(include=set(AdjustmentConfig.model_fields)))
 
 
 class FNCTradeoffConfig(_Strict):
@@ -239,7 +254,7 @@ class FNCTradeoffConfig(_Strict):
         return v
 
 
-class DefendedConfig(_Strict):
+class DefendedConfig(AdjustmentConfig):
     """A defended model made by ``train_defended@<name>`` (its params: the top-level section ``<name>``).
 
     It is built in four steps, each optional: start from the baseline's weights or from
@@ -257,11 +272,6 @@ class DefendedConfig(_Strict):
     defenses: list[dict[str, Any]] = Field(default_factory=list, description="inserted before training")
     train: dict[str, Any] | None = Field(None, description="overrides of the train section; null: no training")
     insert_after: list[dict[str, Any]] = Field(default_factory=list, description="inserted after training")
-    adjustment: Adjustment = "none"
-    adjust_batches: int = Field(100, ge=1)
-    finetune_epochs: int = Field(1, ge=1)
-    finetune_lr: float = Field(1e-3, gt=0)
-    batch_size: int = Field(128, ge=1)
 
     @field_validator("defenses", "insert_after", mode="before")
     @classmethod
@@ -552,11 +562,7 @@ class Params(_Strict):
         if name not in self.defended:
             raise ParamsError(f"defended model {name!r} is not listed in `defended` ({self.defended}); add it")
         if name == "fnc":
-            f = self.fnc
-            return DefendedConfig(insert_after=[{"name": "fnc", "alpha": f.alpha, "eps": f.eps}],
-                                  adjustment=f.adjustment, adjust_batches=f.adjust_batches,
-                                  finetune_epochs=f.finetune_epochs, finetune_lr=f.finetune_lr,
-                                  batch_size=f.batch_size)
+            return self.fnc.as_defended()
         return self.defended_models[name]
 
     def defended_section(self, name: str) -> dict[str, Any]:
