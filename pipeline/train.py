@@ -26,8 +26,7 @@ from torchvision.transforms import v2
 
 from pipeline.checkpoint import build_from_spec
 from pipeline.data.datasets import TensorImageDataset
-from pipeline.defenses.adversarial import AdversarialTrainingParams, adversarial_examples
-from pipeline.defenses.base import penalty_modules, training_penalty
+from pipeline.defenses.base import penalty_modules, training_hooks, training_penalty
 from pipeline.precision import amp_dtype, autocast, precision_name
 
 
@@ -191,8 +190,7 @@ class Trainer:
             nesterov=cfg["nesterov"] and cfg["momentum"] > 0,
             weight_decay=cfg["weight_decay"],
         )
-        adv = cfg.get("adversarial")
-        self.adversarial = AdversarialTrainingParams.model_validate(adv) if adv else None
+        self.hooks = training_hooks(cfg)  # a defense's change to training: train.adversarial (Madry et al. 2018)
         self.sched = torch.optim.lr_scheduler.OneCycleLR(
             self.opt,
             max_lr=cfg["lr"],
@@ -224,8 +222,8 @@ class Trainer:
         lr = self.sched.get_last_lr()[0]
         for xb, y in self._epoch_batches(epoch):
             x = xb.float().div_(255).contiguous(memory_format=self.memory_format)
-            if self.adversarial is not None:  # Madry et al. 2018: train on the batch under attack
-                x = adversarial_examples(self.model, x, y, self.adversarial.threat_model(), gen)
+            for hook in self.hooks:  # e.g. adversarial training: the step learns from the batch under attack
+                x = hook.training_batch(self.model, x, y, gen)
             with autocast(self.device, self.amp_dtype):  # bf16 forward where enabled; loss in float32
                 logits = self.forward_model(x).float()
             loss = F.cross_entropy(logits, y, label_smoothing=self.cfg["label_smoothing"])
@@ -262,8 +260,12 @@ class Trainer:
         }
         if penalised:
             out["train_penalty"] = float(penalty_sum) / seen
-        if self.adversarial is not None and self.adversarial.eval_images > 0:
-            out["test_robust_accuracy"] = self.held_out_robust_accuracy(epoch) if self.rank == 0 else float("nan")
+        for hook in self.hooks:  # held-out metrics of the hooks (adversarial training's robust accuracy)
+            if self.rank == 0:
+                out.update(hook.epoch_metrics(self.model, self.test, self.cfg["eval_batch_size"], self.device,
+                                              self.seed, epoch))
+            else:
+                out.update(dict.fromkeys(hook.metric_names(), float("nan")))
         return out
 
     def _epoch_batches(self, epoch: int):
@@ -290,22 +292,6 @@ class Trainer:
     def precision(self) -> str:
         """``"bf16-autocast"`` or ``"fp32"``: how the training forward passes run (``train.amp``)."""
         return precision_name(self.amp_dtype)
-
-    def held_out_robust_accuracy(self, epoch: int) -> float:
-        """Accuracy on the first ``adversarial.eval_images`` test images under
-        PGD-``eval_steps`` at the training eps (the per-epoch held-out check); in [0, 1]."""
-        adv = self.adversarial
-        x, y = self.test[0][: adv.eval_images], self.test[1][: adv.eval_images]
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch + 13)
-        correct = 0
-        for xb, yb in iterate_batches(x, y, self.cfg["eval_batch_size"], self.device):
-            xa = adversarial_examples(self.model, xb, yb, adv.eval_threat_model(), gen)
-            with torch.no_grad():
-                was = self.model.training
-                self.model.eval()
-                correct += int((self.model(xa).argmax(1) == yb).sum())
-                self.model.train(was)
-        return correct / max(1, len(y))
 
     def state(self) -> dict[str, Any]:
         """Model, optimiser and schedule state (CPU tensors) for a resume checkpoint."""

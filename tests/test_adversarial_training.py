@@ -10,7 +10,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-import pipeline.train as train_module
+import pipeline.defenses.adversarial as adversarial_module
 from pipeline.checkpoint import model_spec
 from pipeline.defenses.adversarial import AdversarialTrainingParams, adversarial_examples
 from pipeline.models import build_model
@@ -85,14 +85,14 @@ def test_fgsm_rs_steps_from_a_uniform_start():
 
 def test_training_steps_are_taken_on_the_attacked_batch(monkeypatch):
     made, seen = [], []
-    original = train_module.adversarial_examples
+    original = adversarial_module.adversarial_examples
 
     def recording(model, x, y, threat, gen):
         xa = original(model, x, y, threat, gen)
         made.append((x.clone(), xa.clone()))
         return xa
 
-    monkeypatch.setattr(train_module, "adversarial_examples", recording)
+    monkeypatch.setattr(adversarial_module, "adversarial_examples", recording)  # what the training hook calls
     cfg = {**CFG, "epochs": 1, "adversarial": {"eps": 8 / 255, "steps": 2, "eval_images": 16, "eval_steps": 5}}
     trainer = Trainer(spec(), data(64), data(32, seed=1), cfg, seed=0)
     trainer.model.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()) if m.training else None)

@@ -27,8 +27,9 @@ from torch import nn
 
 from pipeline.attacks.base import Budget, frozen_eval
 from pipeline.attacks.pgd import ThreatModel, pgd
+from pipeline.defenses.base import register_training_hook
 
-__all__ = ["AdversarialTrainingParams", "adversarial_examples"]
+__all__ = ["AdversarialTraining", "AdversarialTrainingParams", "adversarial_examples"]
 
 
 class AdversarialTrainingParams(BaseModel):
@@ -92,3 +93,49 @@ def adversarial_examples(
     """
     with frozen_eval(model):
         return pgd(model, x, y, threat, None, generator, record_loss=False).x_adv.detach()
+
+
+@register_training_hook("adversarial")
+class AdversarialTraining:
+    """``train.adversarial``: every training step learns from its batch under attack (Madry et
+    al. 2018, Eq. 2.1; or FGSM-RS), and after every epoch the robust accuracy of the first
+    ``eval_images`` held-out images under PGD-``eval_steps`` is measured
+    (``test_robust_accuracy``). A :class:`pipeline.defenses.base.TrainingHook`.
+
+    Args:
+        params: the ``train.adversarial`` section (a dict or :class:`AdversarialTrainingParams`).
+
+    Raises:
+        pydantic.ValidationError: invalid params.
+    """
+
+    def __init__(self, params: dict | AdversarialTrainingParams) -> None:
+        self.params = AdversarialTrainingParams.model_validate(params)
+
+    def training_batch(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                       generator: torch.Generator) -> torch.Tensor:
+        """:func:`adversarial_examples` of the batch under the training threat model."""
+        return adversarial_examples(model, x, y, self.params.threat_model(), generator)
+
+    def metric_names(self) -> list[str]:
+        return ["test_robust_accuracy"] if self.params.eval_images > 0 else []
+
+    def epoch_metrics(self, model: nn.Module, test: tuple[torch.Tensor, torch.Tensor], batch_size: int,
+                      device: torch.device | str, seed: int, epoch: int) -> dict[str, float]:
+        """``{"test_robust_accuracy": in [0, 1]}`` on the first ``eval_images`` of ``test`` (uint8
+        (N, C, H, W), int64 (N,)), attacks seeded by ``(seed, epoch)``; ``{}`` with ``eval_images`` 0."""
+        if self.params.eval_images == 0:
+            return {}
+        x, y = test[0][: self.params.eval_images], test[1][: self.params.eval_images]
+        gen = torch.Generator().manual_seed(seed * 100_003 + epoch + 13)
+        correct = 0
+        for s in range(0, len(x), batch_size):
+            xb = x[s : s + batch_size].to(device, non_blocking=True).float().div_(255)
+            yb = y[s : s + batch_size].to(device, non_blocking=True)
+            xa = adversarial_examples(model, xb, yb, self.params.eval_threat_model(), gen)
+            with torch.no_grad():
+                was = model.training
+                model.eval()
+                correct += int((model(xa).argmax(1) == yb).sum())
+                model.train(was)
+        return {"test_robust_accuracy": correct / max(1, len(y))}

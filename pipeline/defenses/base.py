@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -105,6 +105,50 @@ def _load_builtin() -> None:
 
     for module in pkgutil.iter_modules(pipeline.defenses.__path__):
         importlib.import_module(f"pipeline.defenses.{module.name}")
+
+
+class TrainingHook(Protocol):
+    """A change to how a model is trained, made by a defense from its key of the ``train``
+    section (``train.adversarial``: Madry et al.'s adversarial training). The trainer calls it
+    and imports no defense."""
+
+    def training_batch(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                       generator: torch.Generator) -> torch.Tensor:
+        """The batch a training step learns from, float (B, C, H, W) in [0, 1] (the clean ``x`` by default)."""
+
+    def metric_names(self) -> list[str]:
+        """The keys :meth:`epoch_metrics` returns."""
+
+    def epoch_metrics(self, model: nn.Module, test: tuple[torch.Tensor, torch.Tensor], batch_size: int,
+                      device: torch.device | str, seed: int, epoch: int) -> dict[str, float]:
+        """Metrics after an epoch on the held-out ``test`` images (uint8, int64), e.g. robust accuracy."""
+
+
+_TRAINING_HOOKS: dict[str, Callable[[Any], TrainingHook]] = {}
+
+
+def register_training_hook(key: str) -> Callable[[Callable[[Any], TrainingHook]], Callable[[Any], TrainingHook]]:
+    """Register a factory of :class:`TrainingHook` for the ``train`` section's key ``key``: the
+    trainer builds ``factory(train[key])`` whenever that key is set.
+
+    Raises:
+        ValueError: ``key`` is already registered.
+    """
+
+    def wrap(factory: Callable[[Any], TrainingHook]) -> Callable[[Any], TrainingHook]:
+        if key in _TRAINING_HOOKS and _TRAINING_HOOKS[key] is not factory:
+            raise ValueError(f"training hook {key!r} is already registered")
+        _TRAINING_HOOKS[key] = factory
+        return factory
+
+    return wrap
+
+
+def training_hooks(train_cfg: dict[str, Any]) -> list[TrainingHook]:
+    """The hooks the ``train`` section ``train_cfg`` (a dict) asks for: one per registered key
+    it sets (not None, not empty), in registration order."""
+    _load_builtin()
+    return [factory(train_cfg[key]) for key, factory in _TRAINING_HOOKS.items() if train_cfg.get(key)]
 
 
 def penalty_modules(model: nn.Module) -> list[nn.Module]:
