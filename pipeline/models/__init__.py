@@ -8,8 +8,10 @@
 :mod:`pipeline.models.traffic_sign` for the traffic-sign CNN (``traffic_cnn``).
 """
 
+import importlib as _importlib
+import pkgutil as _pkgutil
+
 from .registry import (
-    MODEL_NAMES,
     ModelInfo,
     Normalized,
     build_model,
@@ -19,6 +21,12 @@ from .registry import (
     model_info,
     register_model,
 )
+
+for _module in _pkgutil.iter_modules(__path__):  # every module registers its models (no list to keep)
+    _importlib.import_module(f"{__name__}.{_module.name}")
+
+MODEL_NAMES: tuple[str, ...] = tuple(list_models())
+"""Names of the built-in models, sorted (a snapshot taken at import; see list_models)."""
 
 __all__ = [
     "MODEL_NAMES",

@@ -6,7 +6,7 @@ input resolution and family). :func:`build_model` turns a config string such as
 ``"resnet20"`` into a :class:`Normalized` network that takes images in ``[0, 1]``,
 optionally loading a local state dict (never downloading anything).
 
-Registered models (see :func:`list_models`; ``MODEL_NAMES`` is the same, as a tuple):
+Registered models (see :func:`list_models`; ``pipeline.models.MODEL_NAMES`` is the same, as a tuple):
 
 * ``resnet20``, ``resnet32``, ``resnet44``, ``resnet56``, ``resnet110`` -- the CIFAR-10
   ResNets of He et al., "Deep Residual Learning for Image Recognition", CVPR 2016,
@@ -40,7 +40,6 @@ from torch import nn
 from pipeline.io import RefusedFileError, refusal_message
 
 __all__ = [
-    "MODEL_NAMES",
     "ModelInfo",
     "Normalized",
     "build_model",
@@ -470,13 +469,3 @@ def fnc_block_types() -> tuple[type[nn.Module], ...]:
         inception.InceptionD,
         inception.InceptionE,
     )
-
-
-# Importing the model modules registers their factories (they import register_model
-# from this module, which is defined above, so the circular import is safe).
-from . import cifar_resnet as _cifar_resnet  # noqa: E402,F401
-from . import imagenet as _imagenet  # noqa: E402,F401
-from . import traffic_sign as _traffic_sign  # noqa: E402,F401
-
-MODEL_NAMES: tuple[str, ...] = tuple(list_models())
-"""Names of the built-in models, sorted (a snapshot taken at import; see list_models)."""
