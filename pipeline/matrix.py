@@ -45,6 +45,7 @@ from pipeline.checkpoint import load_checkpoint
 from pipeline.cli import resume_dir
 from pipeline.config import ADAPTIVE_PATCH_ATTACKS, PATCH_ATTACKS, Params
 from pipeline.data import load_meta, load_tensors, load_training_subset, load_validation
+from pipeline.defenses.base import has_bpda
 from pipeline.distributed import init_ray, ray_map
 from pipeline.evaluation import (
     attack_cell_metrics,
@@ -432,7 +433,7 @@ def adaptive_patches(
     files: dict[tuple[str, str, int, str], Path] = {}
     for d, cell in defended:
         attack = ADAPTIVE_PATCH_ATTACKS[cell]
-        bpda = cell.endswith("_bpda") and _has_fnc(specs[d])
+        bpda = cell.endswith("_bpda") and _has_bpda(specs[d])
         for i, s in enumerate(p.seeds):
             for start in starts:
                 key = {"patch": patch_key, "model": name, "weights": weights[d], "seed": params.seed,
@@ -453,7 +454,7 @@ def adaptive_patches(
         if not data:
             data.append(shared((x, y)))
         return {"spec": specs[d], "data": data[0], "seed": s, "init": init,
-                "bpda": cell.endswith("_bpda") and _has_fnc(specs[d]),
+                "bpda": cell.endswith("_bpda") and _has_bpda(specs[d]),
                 "cfg": patch_training_config(p, side, attack), "num_threads": params.resources.num_cpus}
 
     cached_map(patch_task, list(files), files.__getitem__, item=start_item,
@@ -502,6 +503,6 @@ def adaptive_patches(
     return out, selection
 
 
-def _has_fnc(spec: dict[str, Any]) -> bool:
-    """Whether a checkpoint dict's model has feature norm clipping (its defenses list)."""
-    return any((d.get("name") if isinstance(d, dict) else d) == "fnc" for d in spec.get("defenses", []))
+def _has_bpda(spec: dict[str, Any]) -> bool:
+    """Whether a checkpoint dict's model has a defense with a BPDA switch (FNC's clipping)."""
+    return has_bpda(spec.get("defenses", []))

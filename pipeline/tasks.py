@@ -29,16 +29,17 @@ def _get(value: Any) -> Any:
 def patch_task(item: dict[str, Any]) -> dict[str, Any]:
     """Train one universal patch. ``item``: spec, data (ref to (x, y) uint8/int64),
     cfg (:class:`PatchTrainingConfig`), seed, num_threads, and optionally bpda (True:
-    gradients pass FNC's clipping as the identity, :func:`pipeline.defenses.fnc.set_fnc_bpda`)
-    and init (the starting patch, float (3, s, s) in [0, 1]; None: zeros)."""
-    from pipeline.defenses.fnc import set_fnc_bpda
+    gradients pass every BPDA-switchable defense, FNC's clipping, as the identity,
+    :func:`pipeline.defenses.base.set_bpda`) and init (the starting patch, float (3, s, s) in
+    [0, 1]; None: zeros)."""
+    from pipeline.defenses.base import set_bpda
 
     torch.set_num_threads(max(1, int(item["num_threads"])))
     x, y = _get(item["data"])
     start = time.perf_counter()
     model = build_from_spec(item["spec"])
     if item.get("bpda"):
-        set_fnc_bpda(model, True)
+        set_bpda(model, True)
     patch, history = train_universal_patch(model, x, y, item["cfg"], item["seed"], default_device(),
                                            init=item.get("init"))
     return {"patch": patch, "history": history, "seconds": time.perf_counter() - start, "node_id": node_id()}

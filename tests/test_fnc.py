@@ -246,3 +246,25 @@ def test_set_fnc_alpha_changes_every_module_and_rejects_bad_calls():
     assert {m.alpha for m in fnc_modules(model)} == {0.5}
     with pytest.raises(ValueError, match=r"fnc.alpha must be > 0, got 0"):
         set_fnc_alpha(model, 0)
+
+
+def test_bpda_hook_switches_fncs_backward_and_nothing_else():
+    """The generic BPDA switch the ``_bpda`` patch cells use (pipeline.defenses.base.set_bpda):
+    FNC's clipping turns to an identity backward with the same forward; a model without a
+    BPDA-switchable defense is left alone, and the registry says which defenses have one."""
+    from pipeline.defenses.base import has_bpda, set_bpda
+
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10, [0.5] * 3, [0.25] * 3).eval()
+    insert_fnc(model, alpha=0.5)
+    x = torch.rand(2, 3, 32, 32, requires_grad=True)
+    out = model(x)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    assert set_bpda(model, True) == len(fnc_modules(model)) == 9
+    out_bpda = model(x)
+    (grad_bpda,) = torch.autograd.grad(out_bpda.sum(), x)
+    assert torch.allclose(out, out_bpda, atol=1e-6) and not torch.allclose(grad, grad_bpda)  # forward up to rounding
+    assert all(m.bpda for m in fnc_modules(model))
+    assert set_bpda(build_model("resnet20", 10, [0.5] * 3, [0.25] * 3), True) == 0
+    assert has_bpda([{"name": "fnc", "alpha": 1.0}]) and has_bpda(["blurnet", "fnc"])
+    assert not has_bpda([{"name": "blurnet"}, {"name": "lgs"}]) and not has_bpda([])

@@ -62,6 +62,9 @@ class DefenseInfo:
             place and return it, input defenses return a wrapper around it.
         kind: ``"network"`` or ``"input"``.
         source: the paper and section it implements.
+        bpda: its modules have a BPDA switch (``set_bpda(on)``: identity backward through a
+            step that masks gradients, Athalye et al., ICML 2018, Section 4.1), which the
+            ``<attack>_bpda`` patch cells turn on (:func:`set_bpda`).
     """
 
     name: str
@@ -69,15 +72,17 @@ class DefenseInfo:
     apply: Callable[[nn.Module, Any], nn.Module]
     kind: Literal["network", "input"]
     source: str
+    bpda: bool = False
 
 
 _REGISTRY: dict[str, DefenseInfo] = {}
 
 
 def register_defense(
-    name: str, params: type[DefenseParams], kind: Literal["network", "input"], source: str
+    name: str, params: type[DefenseParams], kind: Literal["network", "input"], source: str, bpda: bool = False
 ) -> Callable[[Callable[[nn.Module, Any], nn.Module]], Callable[[nn.Module, Any], nn.Module]]:
-    """Decorator registering ``apply(model, params)`` as defense ``name``.
+    """Decorator registering ``apply(model, params)`` as defense ``name`` (``bpda``: its modules
+    have a ``set_bpda(on)`` switch, :class:`DefenseInfo`).
 
     Raises:
         ValueError: ``name`` already registered or ``kind`` unknown.
@@ -88,7 +93,7 @@ def register_defense(
     def wrap(apply: Callable[[nn.Module, Any], nn.Module]) -> Callable[[nn.Module, Any], nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"defense {name!r} is already registered")
-        _REGISTRY[name] = DefenseInfo(name, params, apply, kind, source)
+        _REGISTRY[name] = DefenseInfo(name, params, apply, kind, source, bpda)
         return apply
 
     return wrap
@@ -149,6 +154,22 @@ def training_hooks(train_cfg: dict[str, Any]) -> list[TrainingHook]:
     it sets (not None, not empty), in registration order."""
     _load_builtin()
     return [factory(train_cfg[key]) for key, factory in _TRAINING_HOOKS.items() if train_cfg.get(key)]
+
+
+def set_bpda(model: nn.Module, on: bool) -> int:
+    """Switch BPDA on or off in every module of ``model`` that has a ``set_bpda`` hook (FNC's
+    clipping: identity backward, forward unchanged); returns how many were switched."""
+    modules = [m for m in model.modules() if callable(getattr(m, "set_bpda", None))]
+    for m in modules:
+        m.set_bpda(on)
+    return len(modules)
+
+
+def has_bpda(defenses: list[dict[str, Any] | str]) -> bool:
+    """Whether a checkpoint's ``defenses`` list has a defense with a BPDA switch (:class:`DefenseInfo`)."""
+    _load_builtin()
+    names = [d.get("name") if isinstance(d, dict) else d for d in defenses]
+    return any(n in _REGISTRY and _REGISTRY[n].bpda for n in names)
 
 
 def penalty_modules(model: nn.Module) -> list[nn.Module]:

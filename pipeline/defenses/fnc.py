@@ -87,6 +87,10 @@ class FeatureNormClipping(nn.Module):
         """(N, C, H, W) -> (N, C, H, W), see :func:`feature_norm_clip`."""
         return feature_norm_clip(f, self.alpha, self.eps, self.bpda)
 
+    def set_bpda(self, on: bool) -> None:
+        """The BPDA hook (:func:`pipeline.defenses.base.set_bpda`): identity backward when ``on``."""
+        self.bpda = bool(on)
+
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, eps={self.eps}"
 
@@ -148,7 +152,7 @@ def set_fnc_bpda(model: nn.Module, on: bool) -> int:
     ``model``; the forward values never change. Returns the number of modules switched."""
     modules = fnc_modules(model)
     for m in modules:
-        m.bpda = bool(on)
+        m.set_bpda(on)
     return len(modules)
 
 
@@ -175,7 +179,7 @@ class FNCParams(DefenseParams):
     eps: float = Field(1e-6, gt=0)
 
 
-@register_defense("fnc", FNCParams, "network", source="Yu et al., ICCV 2021, Section 4, Eq. (4)")
+@register_defense("fnc", FNCParams, "network", source="Yu et al., ICCV 2021, Section 4, Eq. (4)", bpda=True)
 def apply_fnc(model: nn.Module, params: FNCParams) -> nn.Module:
     """Registry entry: :func:`insert_fnc` with ``params``; returns ``model`` (modified in place).
 
