@@ -18,7 +18,6 @@ map stays zero). The computation is captum's ``LayerGradCam`` (with
 from __future__ import annotations
 
 import torch
-from captum.attr import LayerAttribution, LayerGradCam
 from torch import nn
 
 from pipeline.models.registry import Normalized
@@ -102,6 +101,8 @@ def gradcam(
         ValueError: ``x`` is not 4-D, or ``classes`` does not have one entry per image;
             ``layer`` is None and the model has no convolution.
     """
+    from captum.attr import LayerAttribution, LayerGradCam  # imported here: captum (and matplotlib) cost 0.5 s
+
     if x.ndim != 4:
         raise ValueError(f"gradcam expects images (N, C, H, W), got {tuple(x.shape)}")
     if isinstance(classes, int):

@@ -21,15 +21,17 @@ is at most ``max_clean_drop`` below the undefended model's and, optionally, that
 from __future__ import annotations
 
 from itertools import product
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import torch
 
 from pipeline.attacks.patch import Placements, apply_patch
 from pipeline.checkpoint import apply_defenses, build_from_spec
 from pipeline.defenses.input_transforms import dense_gradient_mask
 from pipeline.metrics import clean_accuracy, robust_accuracy
+
+if TYPE_CHECKING:  # pandas is imported where a table is built: the defense registry imports this module
+    import pandas as pd
 
 __all__ = ["calibrate_detector", "detector_grid", "select_setting"]
 
@@ -109,6 +111,8 @@ def calibrate_detector(
                      "patch_recall": float((flagged & region).sum() / region.sum().clamp_min(1)),
                      "other_flagged": float((flagged & ~region).sum() / (~region).sum().clamp_min(1)),
                      "n_images": len(x)})
+    import pandas as pd
+
     return pd.DataFrame(rows)
 
 
