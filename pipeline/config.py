@@ -35,7 +35,7 @@ from pipeline.attacks.patch_losses import patch_losses
 from pipeline.defenses.adjust import ADJUSTMENTS
 from pipeline.defenses.adversarial import AdversarialTrainingParams
 from pipeline.models import list_models
-from pipeline.models.registry import TORCHVISION_PREFIX, torchvision_weights
+from pipeline.models.weights import TORCHVISION_PREFIX, torchvision_weights
 
 DATASETS = ("cifar10", "gtsrb", "imagenet")
 """Datasets the prepare stage knows (class names, normalisation constants)."""

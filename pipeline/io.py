@@ -151,3 +151,13 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def empty_dir(path: str | Path) -> Path:
+    """``path`` created and emptied of its files (the output folder of a stage that rewrites
+    all of them: a rerun leaves no file of the previous one behind); returns it as a Path."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    for old in path.iterdir():
+        old.unlink()
+    return path

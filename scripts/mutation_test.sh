@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Mutation testing of the attack, defense and metric code (mutmut, configured in
 # pyproject.toml [tool.mutmut]): every small change mutmut makes to
-#   pipeline/attacks/{pgd,patch,mask_fgsm,masked_pgd}.py, pipeline/attacks/patch_losses/{advp,lavan}.py,
+#   pipeline/attacks/{pgd,patch,mask_fgsm,masked_pgd,robustness_map}.py, pipeline/attacks/patch_losses/{advp,lavan}.py,
 #   pipeline/defenses/fnc.py, pipeline/metrics.py
 # is run against the fast unit tests of those modules (tests/test_{pgd,patch,mask_fgsm,
 # masked_pgd,fnc,metrics,adversarial_training,art_reference}.py, never the e2e runs), and

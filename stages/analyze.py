@@ -24,7 +24,7 @@ import logging
 
 import torch
 
-from pipeline.analysis.base import get_analysis, outputs_dir
+from pipeline.analysis.base import get_analysis
 from pipeline.analysis.outputs import default_inputs
 from pipeline.cached import shared
 from pipeline.checkpoint import load_checkpoint
@@ -32,7 +32,7 @@ from pipeline.cli import run_stage
 from pipeline.config import Params, ParamsError
 from pipeline.data import load_meta
 from pipeline.distributed import init_ray, ray_map
-from pipeline.io import atomic_write
+from pipeline.io import atomic_write, empty_dir
 from pipeline.layout import analysis_dir, model_path, prepared_dir
 from pipeline.tasks import analysis_task
 from pipeline.tracking import log_artifacts, log_metrics, stage_run
@@ -48,7 +48,7 @@ def main(params: Params, analysis: str) -> None:
     except ValueError as exc:
         raise ParamsError(str(exc)) from None
     a, model_name = params.analysis, params.model.name
-    out_dir = outputs_dir(analysis_dir(model_name, name))
+    out_dir = empty_dir(analysis_dir(model_name, name))
     specs = {d: load_checkpoint(model_path(model_name, d)) for d in a.defenses} if a.defenses else {}
     note = spec.note(params, specs) if spec.note is not None else None
     if note:  # this profile or model cannot run it: say why, compute nothing

@@ -21,7 +21,7 @@ from pipeline.data.datasets import DATASETS
 from pipeline.io import atomic_write, save_json
 from pipeline.layout import model_path, prepared_dir
 from pipeline.models import build_model
-from pipeline.models.registry import TORCHVISION_PREFIX, torchvision_weights_file
+from pipeline.models.weights import TORCHVISION_PREFIX, torchvision_weights_file
 from pipeline.tracking import log_artifact, log_metrics, log_model, stage_run
 from pipeline.train import accuracy
 from pipeline.training_run import train_resumable

@@ -17,7 +17,7 @@ from pipeline.data import DatasetError, LazyImageDataset, load_split
 from pipeline.data.datasets import DATASETS, decode_image
 from pipeline.data.prepare import prepare_dataset
 from pipeline.models import build_model
-from pipeline.models.registry import torchvision_weights_file
+from pipeline.models.weights import torchvision_weights_file
 
 N_CLASSES = 1000
 

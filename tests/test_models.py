@@ -105,7 +105,7 @@ def test_register_custom_model_and_reject_duplicates():
         with pytest.raises(ValueError, match="already registered"):
             register_model(name, input_size=8, family="test")(tiny)
     finally:
-        registry._REGISTRY.pop(name, None)
+        registry.MODELS.remove(name)
     assert name not in list_models()
 
 

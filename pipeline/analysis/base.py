@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from torch import nn
+
+from pipeline.registry import Registry
 
 Inputs = dict[str, Any]
 """What every model's task of an analysis reads (tensors on the CPU, uint8 images as prepared)."""
@@ -51,7 +52,8 @@ class Analysis:
     source: str = ""
 
 
-_REGISTRY: dict[str, Analysis] = {}
+ANALYSES: Registry[Analysis] = Registry("analysis", "pipeline.analysis", ordered=True)
+"""The analyses, found by importing every module of :mod:`pipeline.analysis`, in registration order."""
 
 
 def register_analysis(analysis: Analysis) -> Analysis:
@@ -62,27 +64,12 @@ def register_analysis(analysis: Analysis) -> Analysis:
     """
     if not analysis.name.isidentifier() or analysis.name != analysis.name.lower():
         raise ValueError(f"analysis name {analysis.name!r}: use a lower-case identifier")
-    if analysis.name in _REGISTRY and _REGISTRY[analysis.name] != analysis:
-        raise ValueError(f"analysis {analysis.name!r} is registered twice")
-    _REGISTRY[analysis.name] = analysis
-    return analysis
-
-
-def _load_all() -> None:
-    """Import every module of :mod:`pipeline.analysis` (idempotent), so every registered analysis is known."""
-    import importlib
-    import pkgutil
-
-    import pipeline.analysis
-
-    for module in pkgutil.iter_modules(pipeline.analysis.__path__):
-        importlib.import_module(f"pipeline.analysis.{module.name}")
+    return ANALYSES.add(analysis.name, analysis, same=lambda old, new: old == new)
 
 
 def list_analyses() -> list[str]:
     """The registered analyses' names, in registration order (the built-in six first)."""
-    _load_all()
-    return list(_REGISTRY)
+    return ANALYSES.names()
 
 
 def get_analysis(name: str) -> Analysis:
@@ -91,15 +78,4 @@ def get_analysis(name: str) -> Analysis:
     Raises:
         ValueError: unknown name (the message lists the registered ones).
     """
-    _load_all()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown analysis {name!r}; choose from {', '.join(_REGISTRY)}")
-    return _REGISTRY[name]
-
-
-def outputs_dir(out_dir: Path) -> Path:
-    """``out_dir`` created and emptied: a rerun leaves no file of the previous one behind."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for old in out_dir.iterdir():
-        old.unlink()
-    return out_dir
+    return ANALYSES.get(name)

@@ -35,8 +35,10 @@ import torch
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from torch import nn
 
+from pipeline.registry import Registry
+
 __all__ = [
-    "Attack", "AttackParams", "Budget", "attack_params_class", "build_attack", "frozen_eval", "is_randomized",
+    "ATTACKS", "Attack", "AttackParams", "Budget", "attack_params_class", "build_attack", "frozen_eval", "is_randomized",
     "list_attacks", "register_attack",
 ]
 
@@ -181,43 +183,29 @@ class Attack(ABC):
         return torch.cat(out) if out else x.clone()
 
 
-_REGISTRY: dict[str, type[Attack]] = {}
+ATTACKS: Registry[type[Attack]] = Registry("attack", "pipeline.attacks")
+"""The per-image attacks, found by importing every module of :mod:`pipeline.attacks`: a new
+attack is one new module, found without a list to keep; its import errors are raised."""
 
 
 def register_attack(name: str) -> Callable[[type[Attack]], type[Attack]]:
-    """Class decorator registering an :class:`Attack` subclass under ``name``.
+    """Class decorator registering an :class:`Attack` subclass under ``name`` (sets ``cls.name``).
 
     Raises:
         ValueError: the name is taken.
     """
 
     def decorator(cls: type[Attack]) -> type[Attack]:
-        if name in _REGISTRY:
-            raise ValueError(f"attack {name!r} is already registered")
+        ATTACKS.add(name, cls)
         cls.name = name
-        _REGISTRY[name] = cls
         return cls
 
     return decorator
 
 
-def _load_all() -> None:
-    """Import every module of :mod:`pipeline.attacks` (idempotent), so that each attack that a
-    module registers with :func:`register_attack` is known: a new attack is one new module,
-    found without a list to keep; its import errors are raised, not swallowed."""
-    import importlib
-    import pkgutil
-
-    import pipeline.attacks
-
-    for module in pkgutil.iter_modules(pipeline.attacks.__path__):
-        importlib.import_module(f"pipeline.attacks.{module.name}")
-
-
 def list_attacks() -> list[str]:
     """Names of the registered per-image attacks, sorted."""
-    _load_all()
-    return sorted(_REGISTRY)
+    return ATTACKS.names()
 
 
 def attack_params_class(name: str) -> type[AttackParams]:
@@ -226,10 +214,7 @@ def attack_params_class(name: str) -> type[AttackParams]:
     Raises:
         ValueError: unknown name (the message lists the known ones).
     """
-    _load_all()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown attack {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name].Params
+    return ATTACKS.get(name).Params
 
 
 def build_attack(name: str, params: AttackParams | dict[str, Any] | None = None) -> Attack:
@@ -241,4 +226,4 @@ def build_attack(name: str, params: AttackParams | dict[str, Any] | None = None)
     cls_params = attack_params_class(name)
     if isinstance(params, dict) or params is None:
         params = cls_params.model_validate(params or {})
-    return _REGISTRY[name](params)
+    return ATTACKS.get(name)(params)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.models.registry import Normalized
+from pipeline.models.normalized import Normalized
 
 from .pgd import frozen_eval
 
@@ -32,7 +32,7 @@ def default_gradcam_layer(model: nn.Module) -> nn.Module:
 
     Selvaraju et al. (2017, Section 3) use the last convolutional layer, whose
     feature maps keep spatial information right before global pooling. For the
-    registered models (unwrapping :class:`pipeline.models.registry.Normalized`):
+    registered models (unwrapping :class:`pipeline.models.normalized.Normalized`):
 
     * CIFAR ResNets (:class:`pipeline.models.cifar_resnet.CifarResNet`): ``net.layer3``
       (the last residual stage, 8x8 maps for 32x32 inputs);

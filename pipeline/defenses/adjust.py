@@ -13,11 +13,14 @@ adjustments from the FNC authors:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pipeline.registry import Registry
 
 
 def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -110,7 +113,65 @@ def finetune_classifier(
     return float(total) / max(n, 1)
 
 
-ADJUSTMENTS = ("none", "bn_recalibration", "finetune_classifier")
+@dataclass(frozen=True)
+class AdjustSettings:
+    """What every adjustment may read: ``batch_size`` (images per batch), the seeded
+    ``generator`` of its draws, ``adjust_batches``, ``finetune_epochs``, ``finetune_lr`` (the
+    ``fnc`` keys of the same names), ``horizontal_flip`` (the training augmentation's) and
+    ``device``."""
+
+    batch_size: int
+    generator: torch.Generator
+    adjust_batches: int
+    finetune_epochs: int
+    finetune_lr: float
+    horizontal_flip: bool
+    device: torch.device | str
+
+
+AdjustmentFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, AdjustSettings], dict[str, "float | int"]]
+"""``adjust(model, x_train uint8 (N, 3, H, W), y_train int64 (N,), settings) -> metrics``, in place."""
+
+ADJUSTMENT_REGISTRY: Registry[AdjustmentFn] = Registry("adjustment", None, ordered=True)
+"""The post-insertion adjustments by name (``fnc.adjustment``, ``defended.*.adjustment``), in
+registration order; a new one is a function registered with ``@ADJUSTMENT_REGISTRY.decorator``."""
+
+
+@ADJUSTMENT_REGISTRY.decorator("none")
+def _no_adjustment(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor,
+                   s: AdjustSettings) -> dict[str, float | int]:
+    """Nothing."""
+    return {}
+
+
+@ADJUSTMENT_REGISTRY.decorator("bn_recalibration")
+def _bn_recalibration(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor,
+                      s: AdjustSettings) -> dict[str, float | int]:
+    """:func:`recalibrate_batchnorm` on ``adjust_batches * batch_size`` augmented training images."""
+    from pipeline.train import CROP_PADDING, batch_crop_flip, iterate_batches
+
+    idx = torch.randperm(len(x_train), generator=s.generator)[: s.adjust_batches * s.batch_size]
+    seen = batch_crop_flip(x_train[idx], CROP_PADDING, s.horizontal_flip, s.generator)
+    return {"adjust_images": recalibrate_batchnorm(model, iterate_batches(seen, None, s.batch_size, s.device),
+                                                   s.device)}
+
+
+@ADJUSTMENT_REGISTRY.decorator("finetune_classifier")
+def _finetune_classifier(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor,
+                         s: AdjustSettings) -> dict[str, float | int]:
+    """``finetune_epochs`` passes of :func:`finetune_classifier`, each over a fresh permutation."""
+    from pipeline.train import iterate_batches
+
+    out: dict[str, float | int] = {}
+    for _ in range(s.finetune_epochs):
+        idx = torch.randperm(len(x_train), generator=s.generator)
+        out["finetune_loss"] = finetune_classifier(
+            model, iterate_batches(x_train[idx], y_train[idx], s.batch_size, s.device), lr=s.finetune_lr,
+            device=s.device)
+    return out
+
+
+ADJUSTMENTS: tuple[str, ...] = tuple(ADJUSTMENT_REGISTRY.names())
 """The adjustments :func:`adjust_after_insertion` applies (``fnc.adjustment``)."""
 
 
@@ -147,7 +208,7 @@ def adjust_after_insertion(
 
     Args:
         model: the defended network, on ``device``; left in eval mode.
-        adjustment: one of :data:`ADJUSTMENTS`.
+        adjustment: one of :data:`ADJUSTMENTS` (a name in :data:`ADJUSTMENT_REGISTRY`).
         x_train: uint8 (N, 3, H, W) training images (clean, unaugmented), on the CPU.
         y_train: int64 (N,) their labels.
         batch_size: images per batch (>= 1).
@@ -165,19 +226,7 @@ def adjust_after_insertion(
         ValueError: an unknown adjustment, or one :func:`recalibrate_batchnorm` /
             :func:`final_linear` refuses (no BatchNorm, no linear classifier).
     """
-    from pipeline.train import CROP_PADDING, batch_crop_flip, iterate_batches
-
-    if adjustment not in ADJUSTMENTS:
-        raise ValueError(f"unknown adjustment {adjustment!r}; choose from {', '.join(ADJUSTMENTS)}")
-    out: dict[str, float | int] = {}
-    gen = torch.Generator().manual_seed(seed)
-    if adjustment == "bn_recalibration":
-        idx = torch.randperm(len(x_train), generator=gen)[: adjust_batches * batch_size]
-        seen = batch_crop_flip(x_train[idx], CROP_PADDING, horizontal_flip, gen)
-        out["adjust_images"] = recalibrate_batchnorm(model, iterate_batches(seen, None, batch_size, device), device)
-    elif adjustment == "finetune_classifier":
-        for _ in range(finetune_epochs):
-            idx = torch.randperm(len(x_train), generator=gen)
-            out["finetune_loss"] = finetune_classifier(
-                model, iterate_batches(x_train[idx], y_train[idx], batch_size, device), lr=finetune_lr, device=device)
-    return out
+    adjust = ADJUSTMENT_REGISTRY.get(adjustment)
+    settings = AdjustSettings(batch_size, torch.Generator().manual_seed(seed), adjust_batches, finetune_epochs,
+                              finetune_lr, horizontal_flip, device)
+    return adjust(model, x_train, y_train, settings)

@@ -27,7 +27,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
+from pipeline.registry import Registry
+
 __all__ = [
+    "DEFENSES",
     "DefenseInfo",
     "add_input_transform",
     "DefenseParams",
@@ -75,7 +78,9 @@ class DefenseInfo:
     bpda: bool = False
 
 
-_REGISTRY: dict[str, DefenseInfo] = {}
+DEFENSES: Registry[DefenseInfo] = Registry("defense", "pipeline.defenses")
+"""The defenses, found by importing every module of :mod:`pipeline.defenses`: a new defense is
+one new module, found without a list to keep."""
 
 
 def register_defense(
@@ -91,25 +96,10 @@ def register_defense(
         raise ValueError(f"defense kind must be 'network' or 'input', got {kind!r}")
 
     def wrap(apply: Callable[[nn.Module, Any], nn.Module]) -> Callable[[nn.Module, Any], nn.Module]:
-        if name in _REGISTRY:
-            raise ValueError(f"defense {name!r} is already registered")
-        _REGISTRY[name] = DefenseInfo(name, params, apply, kind, source, bpda)
+        DEFENSES.add(name, DefenseInfo(name, params, apply, kind, source, bpda))
         return apply
 
     return wrap
-
-
-def _load_builtin() -> None:
-    """Import every module of :mod:`pipeline.defenses` (idempotent), so that each defense a
-    module registers with :func:`register_defense` is known: a new defense is one new module,
-    found without a list to keep."""
-    import importlib
-    import pkgutil
-
-    import pipeline.defenses
-
-    for module in pkgutil.iter_modules(pipeline.defenses.__path__):
-        importlib.import_module(f"pipeline.defenses.{module.name}")
 
 
 class TrainingHook(Protocol):
@@ -129,7 +119,9 @@ class TrainingHook(Protocol):
         """Metrics after an epoch on the held-out ``test`` images (uint8, int64), e.g. robust accuracy."""
 
 
-_TRAINING_HOOKS: dict[str, Callable[[Any], TrainingHook]] = {}
+TRAINING_HOOKS: Registry[Callable[[Any], TrainingHook]] = Registry(
+    "training hook", "pipeline.defenses", ordered=True)
+"""Factories of :class:`TrainingHook` by the ``train`` section's key they read."""
 
 
 def register_training_hook(key: str) -> Callable[[Callable[[Any], TrainingHook]], Callable[[Any], TrainingHook]]:
@@ -139,21 +131,13 @@ def register_training_hook(key: str) -> Callable[[Callable[[Any], TrainingHook]]
     Raises:
         ValueError: ``key`` is already registered.
     """
-
-    def wrap(factory: Callable[[Any], TrainingHook]) -> Callable[[Any], TrainingHook]:
-        if key in _TRAINING_HOOKS and _TRAINING_HOOKS[key] is not factory:
-            raise ValueError(f"training hook {key!r} is already registered")
-        _TRAINING_HOOKS[key] = factory
-        return factory
-
-    return wrap
+    return TRAINING_HOOKS.decorator(key, same=lambda old, new: old is new)
 
 
 def training_hooks(train_cfg: dict[str, Any]) -> list[TrainingHook]:
     """The hooks the ``train`` section ``train_cfg`` (a dict) asks for: one per registered key
     it sets (not None, not empty), in registration order."""
-    _load_builtin()
-    return [factory(train_cfg[key]) for key, factory in _TRAINING_HOOKS.items() if train_cfg.get(key)]
+    return [factory(train_cfg[key]) for key, factory in TRAINING_HOOKS.items() if train_cfg.get(key)]
 
 
 def set_bpda(model: nn.Module, on: bool) -> int:
@@ -167,9 +151,8 @@ def set_bpda(model: nn.Module, on: bool) -> int:
 
 def has_bpda(defenses: list[dict[str, Any] | str]) -> bool:
     """Whether a checkpoint's ``defenses`` list has a defense with a BPDA switch (:class:`DefenseInfo`)."""
-    _load_builtin()
     names = [d.get("name") if isinstance(d, dict) else d for d in defenses]
-    return any(n in _REGISTRY and _REGISTRY[n].bpda for n in names)
+    return any(n in DEFENSES and DEFENSES.get(n).bpda for n in names)
 
 
 def penalty_modules(model: nn.Module) -> list[nn.Module]:
@@ -211,8 +194,7 @@ def add_input_transform(model: nn.Module, transform: nn.Module) -> nn.Module:
 
 def list_defenses() -> list[str]:
     """Registered defense names, sorted."""
-    _load_builtin()
-    return sorted(_REGISTRY)
+    return DEFENSES.names()
 
 
 def defense_info(name: str) -> DefenseInfo:
@@ -221,10 +203,7 @@ def defense_info(name: str) -> DefenseInfo:
     Raises:
         ValueError: unknown name; the message lists the known ones.
     """
-    _load_builtin()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown defense {name!r}; known: {sorted(_REGISTRY)}")
-    return _REGISTRY[name]
+    return DEFENSES.get(name)
 
 
 def parse_defense(entry: dict[str, Any]) -> tuple[DefenseInfo, DefenseParams]:

@@ -25,6 +25,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from pipeline.attacks.robustness_map import pixel_robustness_map
 from pipeline.defenses.base import DefenseParams, register_defense
 
 __all__ = ["PRMConv", "PRMParams", "designated_iou", "designated_mask", "insert_prm", "prm_iou"]
@@ -139,7 +140,7 @@ def designated_iou(robustness_map: torch.Tensor, mask: torch.Tensor) -> float:
 
     Args:
         robustness_map: float (H, W), the mean absolute input gradient per pixel
-            (:func:`pipeline.attacks.masked_pgd.pixel_robustness_map`).
+            (:func:`pipeline.attacks.robustness_map.pixel_robustness_map`).
         mask: bool (H, W), the designated pixels; as many top pixels are taken as it has.
 
     Returns:
@@ -166,8 +167,6 @@ def prm_iou(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int 
     Returns:
         The IoU in [0, 1], or ``None`` when the model has no PRM layer.
     """
-    from pipeline.attacks.masked_pgd import pixel_robustness_map
-
     layer = next((m for m in model.modules() if isinstance(m, PRMConv)), None)
     if layer is None:
         return None

@@ -12,7 +12,7 @@ Parameter counts for 10 classes: resnet20 269,722 (0.27M), resnet32 0.46M, resne
 initialisation.
 
 Tensors: input ``float32`` ``(N, 3, H, W)``, already normalised (use
-:class:`pipeline.models.registry.Normalized` / ``build_model`` for ``[0, 1]`` images),
+:class:`pipeline.models.normalized.Normalized` / ``build_model`` for ``[0, 1]`` images),
 ``H = W = 32`` intended (any size works thanks to global pooling); output logits
 ``(N, num_classes)``.
 

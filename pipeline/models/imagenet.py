@@ -2,7 +2,7 @@
 
 All are built with ``weights=None`` (random initialisation; nothing is ever downloaded)
 and the requested ``num_classes``. Pretrained weights can be given to
-:func:`pipeline.models.registry.build_model` as a local file, e.g. torchvision's
+:func:`pipeline.models.build.build_model` as a local file, e.g. torchvision's
 official ImageNet state dicts saved beforehand.
 
 * ``resnet50``: He et al., "Deep Residual Learning for Image Recognition", CVPR 2016,
@@ -15,7 +15,7 @@ official ImageNet state dicts saved beforehand.
   both train and eval mode (with the auxiliary classifier torchvision returns an
   ``InceptionOutputs`` tuple in train mode), and ``init_weights=True`` (torchvision's
   truncated-normal init, also silencing its warning). ``transform_input`` stays
-  ``False``: normalisation is done by :class:`~pipeline.models.registry.Normalized`.
+  ``False``: normalisation is done by :class:`~pipeline.models.normalized.Normalized`.
   Loading torchvision's official ImageNet inception_v3 state dict drops its
   ``AuxLogits.*`` keys. Note that those weights were trained for inputs normalised with
   mean = std = (0.5, 0.5, 0.5) (torchvision sets ``transform_input=True`` for them,
@@ -25,7 +25,7 @@ official ImageNet state dicts saved beforehand.
 * ``densenet161``: Huang et al., "Densely Connected Convolutional Networks", CVPR 2017,
   Table 1 (DenseNet-161, growth rate 48); input 224x224. The network of the Mask-FGSM paper
   (seed 002). torchvision's published state dict uses the old ``norm.1`` key names, which
-  :func:`~pipeline.models.registry.build_model` renames as torchvision does.
+  :func:`~pipeline.models.build.build_model` renames as torchvision does.
 
 Tensors: input ``float32`` ``(N, 3, H, W)``, already normalised; output logits
 ``(N, num_classes)``. torchvision is imported lazily, inside the factories.

@@ -35,12 +35,12 @@ no parameters, so baseline checkpoints are unaffected.
 
 Feature norm clipping: this plain CNN has no cascaded (residual / inception /
 inverted-residual) blocks, so it has no module of
-:func:`pipeline.models.registry.fnc_block_types` and
+:func:`pipeline.models.blocks.fnc_block_types` and
 :func:`pipeline.defenses.fnc.insert_fnc` raises its "has no block" ``ValueError``
 unless ``block_types`` is given explicitly.
 
 Tensors: input ``float32`` ``(N, 3, 32, 32)``, already normalised (use
-:func:`pipeline.models.build_model`, whose :class:`~pipeline.models.registry.Normalized`
+:func:`pipeline.models.build_model`, whose :class:`~pipeline.models.normalized.Normalized`
 wrapper takes images in ``[0, 1]``); output logits ``(N, num_classes)``.
 """
 

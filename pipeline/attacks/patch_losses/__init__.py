@@ -16,18 +16,18 @@ the loss, so a new patch attack is one file here:
 
 plus its name in ``patch.attacks``; ``evaluate.attacks`` then accepts ``my_loss``,
 ``my_loss_adaptive``, ``my_loss_bpda`` and ``my_loss_worst`` cells. Every module of this
-package is imported when the package is (no list to keep; an import error is raised, not
+package is imported at the first lookup (no list to keep; an import error is raised, not
 swallowed).
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from pipeline.registry import Registry
 
 PatchLossFn = Callable[[torch.Tensor, torch.Tensor, "int | None"], torch.Tensor]
 """``loss(logits float (N, K), labels int64 (N,), target class or None) -> scalar tensor``, minimised."""
@@ -43,7 +43,8 @@ class PatchLoss:
     fn: PatchLossFn
 
 
-_LOSSES: dict[str, PatchLoss] = {}
+PATCH_LOSSES: Registry[PatchLoss] = Registry("patch attack", __name__)
+"""The patch losses, found by importing every module of this package."""
 
 
 def register_patch_loss(name: str, description: str) -> Callable[[PatchLossFn], PatchLossFn]:
@@ -57,9 +58,7 @@ def register_patch_loss(name: str, description: str) -> Callable[[PatchLossFn], 
         raise ValueError(f"patch loss name {name!r}: use a lower-case identifier without _adaptive/_bpda/_worst")
 
     def register(fn: PatchLossFn) -> PatchLossFn:
-        if name in _LOSSES and _LOSSES[name].fn is not fn:
-            raise ValueError(f"patch loss {name!r} is registered twice ({_LOSSES[name].fn.__module__}, {fn.__module__})")
-        _LOSSES[name] = PatchLoss(name, description, fn)
+        PATCH_LOSSES.add(name, PatchLoss(name, description, fn), same=lambda old, new: old.fn is new.fn)
         return fn
 
     return register
@@ -67,7 +66,7 @@ def register_patch_loss(name: str, description: str) -> Callable[[PatchLossFn], 
 
 def patch_losses() -> dict[str, PatchLoss]:
     """Every registered patch loss by name, in name order."""
-    return dict(sorted(_LOSSES.items()))
+    return dict(PATCH_LOSSES.items())
 
 
 def get_patch_loss(name: str) -> PatchLoss:
@@ -76,10 +75,4 @@ def get_patch_loss(name: str) -> PatchLoss:
     Raises:
         ValueError: no loss of that name (the message lists the registered ones).
     """
-    if name not in _LOSSES:
-        raise ValueError(f"unknown patch attack {name!r}; choose one of: {', '.join(patch_losses())}")
-    return _LOSSES[name]
-
-
-for _module in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_module.name}")
+    return PATCH_LOSSES.get(name)
