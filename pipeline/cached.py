@@ -14,6 +14,7 @@ shard, adaptive starts, RP2 stickers) does the same four things, here once:
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
@@ -33,6 +34,13 @@ def shared(obj: Any) -> Any:
     """``ray.put(obj)`` when Ray is up (:func:`cached_map` starts it before it builds any task
     input), else ``obj`` itself (an in-process map): for inputs many tasks read, sent once."""
     return ray.put(obj) if ray.is_initialized() else obj
+
+
+def shared_once(make: Callable[[], Any]) -> Callable[[], Any]:
+    """A function returning ``shared(make())``, computed at its first call and the same reference
+    after: for an input that many items of a :func:`cached_map` read (the training images), put
+    in Ray's object store once, and only when some job is missing (a fully cached map puts nothing)."""
+    return functools.cache(lambda: shared(make()))
 
 
 def cached_map(

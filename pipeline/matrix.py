@@ -40,7 +40,7 @@ from pipeline.attacks.patch import (
     patch_training_config,
     patch_training_images,
 )
-from pipeline.cached import cached_map, shared
+from pipeline.cached import cached_map, shared, shared_once
 from pipeline.checkpoint import load_checkpoint
 from pipeline.cli import resume_dir
 from pipeline.config import ADAPTIVE_PATCH_ATTACKS, PATCH_ATTACKS, Params
@@ -443,7 +443,7 @@ def adaptive_patches(
                 if bpda:  # otherwise the same patch as the _adaptive cell: one cache entry for both
                     key["bpda"] = True
                 files[(d, cell, s, start)] = resume_dir("evaluate_patches", key) / "result.pt"
-    data: list[Any] = []  # the training images in Ray's object store, put once, when a start is missing
+    data = shared_once(lambda: (x, y))  # the training images, put once, when a start is missing
 
     def start_item(job: tuple[str, str, int, str]) -> dict:
         d, cell, s, start = job
@@ -451,9 +451,7 @@ def adaptive_patches(
         init = (baseline_patches[attack][p.seeds.index(s)] if start == "warm" else  # random_<r>: its own stream
                 torch.rand(3, side, side, generator=torch.Generator().manual_seed(
                     10_000 * s + int(start.removeprefix("random_")))))
-        if not data:
-            data.append(shared((x, y)))
-        return {"spec": specs[d], "data": data[0], "seed": s, "init": init,
+        return {"spec": specs[d], "data": data(), "seed": s, "init": init,
                 "bpda": cell.endswith("_bpda") and _has_bpda(specs[d]),
                 "cfg": patch_training_config(p, side, attack), "num_threads": params.resources.num_cpus}
 

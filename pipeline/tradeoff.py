@@ -11,6 +11,7 @@ One Ray task per cell, each cached as it finishes (:func:`pipeline.cached.cached
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -75,15 +76,15 @@ def tradeoff_curve(params: Params) -> tuple[dict[str, Any], list[dict[str, Any]]
               "code": ft.code_hashes()}
 
     cells = [ft.Cell(None, None), *(ft.Cell(a, adj) for adj in cfg.adjustments for a in cfg.alphas)]
-    shared: dict[str, Any] = {}  # the inputs every task reads, in Ray's object store once a cell is missing
+    @functools.cache
+    def inputs() -> dict[str, Any]:  # what every task reads, in Ray's object store once a cell is missing
+        needs_train = any(cell.adjustment not in (None, "none") for cell in cells)
+        return {"spec": put(spec), "x": put(x), "patches": put(patches),
+                "train": put(load_tensors(prepared, "train")) if needs_train else None,
+                "horizontal_flip": DATASETS[meta["dataset"]].horizontal_flip}
 
     def item(c: ft.Cell) -> dict[str, Any]:
-        if not shared:
-            needs_train = any(cell.adjustment not in (None, "none") for cell in cells)
-            shared.update(spec=put(spec), x=put(x), patches=put(patches),
-                          train=put(load_tensors(prepared, "train")) if needs_train else None,
-                          horizontal_flip=DATASETS[meta["dataset"]].horizontal_flip)
-        return {**shared, "alpha": c.alpha, "adjustment": c.adjustment, "eps": fnc.eps,
+        return {**inputs(), "alpha": c.alpha, "adjustment": c.adjustment, "eps": fnc.eps,
                 "adjust_batches": fnc.adjust_batches, "finetune_epochs": fnc.finetune_epochs,
                 "finetune_lr": fnc.finetune_lr, "adjust_batch_size": fnc.batch_size, "seed": params.seed,
                 "placements": placements, "batch_size": ev.batch_size, "num_threads": params.resources.num_cpus}

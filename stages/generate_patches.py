@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from pipeline.attacks.patch import patch_cache_params, patch_side, patch_training_config, patch_training_images
-from pipeline.cached import cached_map, shared
+from pipeline.cached import cached_map, shared_once
 from pipeline.checkpoint import load_checkpoint
 from pipeline.cli import resume_dir, run_stage
 from pipeline.config import Params
@@ -54,12 +54,10 @@ def main(params: Params) -> None:
 
     base_key = {"patch": patch_cache_params(p), "model": name, "weights": sha256_file(model_path(name)),
                 "seed": params.seed, "n_train": len(x)}
-    data: list = []  # the training images in Ray's object store, put once, when a patch is missing
+    data = shared_once(lambda: (x, y))  # the training images, put once, when a patch is missing
 
     def job(key: tuple[str, int]) -> dict:
-        if not data:
-            data.append(shared((x, y)))
-        return {"spec": spec, "data": data[0], "cfg": patch_training_config(p, side, key[0]), "seed": key[1],
+        return {"spec": spec, "data": data(), "cfg": patch_training_config(p, side, key[0]), "seed": key[1],
                 "num_threads": params.resources.num_cpus}
 
     cached = cached_map(patch_task, [(a, s) for a in p.attacks for s in p.seeds],

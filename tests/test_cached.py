@@ -84,3 +84,21 @@ def test_misuse_is_one_clear_error(tmp_path, calls):
     with pytest.raises(ValueError, match="left out"):
         cached.cached_map(square, [1, 2], path, group=lambda missing: [({"n": 1}, [1])], desc="t")
     assert calls == []  # nothing ran before the error
+
+
+def test_shared_once_builds_its_input_at_the_first_missing_job_only(tmp_path, calls, monkeypatch):
+    made: list[int] = []
+    monkeypatch.setattr(cached, "shared", lambda obj: ("ref", obj))  # stands for ray.put
+    data = cached.shared_once(lambda: made.append(1) or torch.arange(3))
+
+    def item(k):
+        return {"n": k, "data": data()}
+
+    path = lambda k: tmp_path / f"{k}.pt"  # noqa: E731
+    cached.cached_map(square, [1, 2, 3], path, item=item, desc="t")
+    assert made == [1]  # one put for three jobs
+    assert all(run["data"][0] == "ref" and run["data"][1] is calls[0][0]["data"][1] for run in calls[0])
+    made.clear()
+    again = cached.shared_once(lambda: made.append(1) or torch.arange(3))
+    cached.cached_map(square, [1, 2, 3], path, item=lambda k: {"n": k, "data": again()}, desc="t")
+    assert made == []  # everything cached: nothing built, nothing put
