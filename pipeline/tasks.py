@@ -14,7 +14,7 @@ from typing import Any
 import ray
 import torch
 
-from pipeline.attacks.patch import train_universal_patch
+from pipeline.attacks.patch import PatchAttack
 from pipeline.checkpoint import apply_defenses, build_from_spec
 from pipeline.defenses.adjust import adjust_after_insertion
 from pipeline.distributed import node_id
@@ -27,7 +27,7 @@ def _get(value: Any) -> Any:
 
 
 def patch_task(item: dict[str, Any]) -> dict[str, Any]:
-    """Train one universal patch. ``item``: spec, data (ref to (x, y) uint8/int64),
+    """Train one universal patch (:class:`pipeline.attacks.patch.PatchAttack`'s ``fit``). ``item``: spec, data (ref to (x, y) uint8/int64),
     cfg (:class:`PatchTrainingConfig`), seed, num_threads, and optionally bpda (True:
     gradients pass every BPDA-switchable defense, FNC's clipping, as the identity,
     :func:`pipeline.defenses.base.set_bpda`) and init (the starting patch, float (3, s, s) in
@@ -40,8 +40,7 @@ def patch_task(item: dict[str, Any]) -> dict[str, Any]:
     model = build_from_spec(item["spec"])
     if item.get("bpda"):
         set_bpda(model, True)
-    patch, history = train_universal_patch(model, x, y, item["cfg"], item["seed"], default_device(),
-                                           init=item.get("init"))
+    patch, history = PatchAttack(item["cfg"]).fit(model, x, y, item["seed"], default_device(), init=item.get("init"))
     return {"patch": patch, "history": history, "seconds": time.perf_counter() - start, "node_id": node_id()}
 
 
@@ -56,15 +55,15 @@ def score_patches_task(item: dict[str, Any]) -> dict[str, Any]:
 
 
 def rp2_task(item: dict[str, Any]) -> dict[str, Any]:
-    """Optimise one RP2 sticker (:func:`pipeline.attacks.rp2.train_rp2`). ``item``:
+    """Optimise one RP2 sticker (:class:`pipeline.attacks.rp2.RP2Attack`'s ``fit``). ``item``:
     spec, victims (uint8 (N, 3, H, W)), labels (int64 (N,)), mask ((1, H, W) of 0 / 1),
     cfg (:class:`RP2Params`, its target set), seed, num_threads."""
-    from pipeline.attacks.rp2 import train_rp2
+    from pipeline.attacks.rp2 import RP2Attack
 
     torch.set_num_threads(max(1, int(item["num_threads"])))
     start = time.perf_counter()
-    delta, history = train_rp2(build_from_spec(item["spec"]), item["victims"], item["labels"], item["mask"],
-                               item["cfg"], item["seed"], default_device())
+    delta, history = RP2Attack(item["cfg"], item["mask"]).fit(build_from_spec(item["spec"]), item["victims"],
+                                                              item["labels"], item["seed"], default_device())
     return {"delta": delta, "history": history, "seconds": time.perf_counter() - start, "node_id": node_id()}
 
 

@@ -1,4 +1,4 @@
-"""One interface for every per-image evasion attack, selected by name from params.
+"""Two interfaces for every attack, in one registry, selected by name from params.
 
 An attack is a class with a typed params model (:class:`AttackParams`, pydantic,
 unknown keys rejected) and a :meth:`Attack.perturb` method. The threat model
@@ -18,9 +18,12 @@ Conventions for every attack:
 * output: float32 (N, C, H, W) in [0, 1], same device as ``x``;
 * ``target``: a class index for a targeted attack, ``None`` for untargeted.
 
-Universal attacks (AdvP, LaVAN) are trained once in the ``generate_patches``
-stage (:mod:`pipeline.attacks.patch`) and pasted at evaluation; they are not
-registered here.
+Universal attacks (:class:`UniversalAttack`: the patches of every registered loss, AdvP and
+LaVAN among them, and RP2's stickers) learn one perturbation for a set of images
+(``fit(model, x, y, seed) -> artifact``, in the ``generate_patches`` and ``attack_rp2``
+stages and evaluate's adaptive search) and then put it on any image
+(``apply(artifact, x, placements)``). Both kinds are registered with
+:func:`register_attack`; :func:`list_attacks` lists one kind.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import fractions
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
@@ -38,8 +41,8 @@ from torch import nn
 from pipeline.registry import Registry
 
 __all__ = [
-    "ATTACKS", "Attack", "AttackParams", "Budget", "attack_params_class", "build_attack", "frozen_eval", "is_randomized",
-    "list_attacks", "register_attack",
+    "ATTACKS", "Attack", "AttackParams", "Budget", "UniversalAttack", "attack_params_class", "build_attack",
+    "build_universal_attack", "frozen_eval", "is_randomized", "list_attacks", "register_attack",
 ]
 
 
@@ -183,19 +186,69 @@ class Attack(ABC):
         return torch.cat(out) if out else x.clone()
 
 
-ATTACKS: Registry[type[Attack]] = Registry("attack", "pipeline.attacks")
+class UniversalAttack(ABC):
+    """A universal attack: one perturbation learnt for a whole set of images (:meth:`fit`),
+    then put on any image (:meth:`apply`): the patches of :mod:`pipeline.attacks.patch` (AdvP,
+    LaVAN and every loss of :mod:`pipeline.attacks.patch_losses`) and RP2's stickers
+    (:mod:`pipeline.attacks.rp2`).
+
+    Subclasses set ``Params`` (a typed, picklable settings class: it crosses the Ray boundary)
+    and implement :meth:`fit` and :meth:`apply`; register them with :func:`register_attack`,
+    in the same registry as the per-image attacks (:func:`list_attacks` ``kind``).
+
+    Args:
+        params: an instance of the subclass's ``Params``.
+    """
+
+    name: ClassVar[str]
+    Params: ClassVar[type]
+
+    def __init__(self, params: Any) -> None:
+        if not isinstance(params, self.Params):
+            raise TypeError(f"{type(self).__name__} takes {self.Params.__name__}, got {type(params).__name__}")
+        self.params = params
+
+    @abstractmethod
+    def fit(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int, device: torch.device | str = "cpu",
+            init: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+        """Learn the perturbation against ``model`` (eval mode, weights frozen for the call).
+
+        Args:
+            model: maps float (N, 3, H, W) in [0, 1] to logits.
+            x: uint8 (N, 3, H, W), 0-255, the images it is learnt on; y: int64 (N,) their labels.
+            seed: seeds every random draw of the optimisation.
+            device: where to compute.
+            init: a starting perturbation of the artifact's shape, or None (the attack's own start).
+
+        Returns:
+            ``(artifact, history)``: the perturbation, float32 on the CPU, and the
+            optimisation's per-epoch or per-step record.
+        """
+
+    @abstractmethod
+    def apply(self, artifact: torch.Tensor, x: torch.Tensor, placements: Any = None) -> torch.Tensor:
+        """``x`` (float (N, 3, H, W) in [0, 1]) with the perturbation ``artifact`` on it, at
+        ``placements`` where the attack has a location (a patch's
+        :class:`~pipeline.attacks.patch.Placements`); float (N, 3, H, W) in [0, 1]."""
+
+
+ATTACKS: Registry[type[Attack] | type[UniversalAttack]] = Registry("attack", "pipeline.attacks")
 """The per-image attacks, found by importing every module of :mod:`pipeline.attacks`: a new
 attack is one new module, found without a list to keep; its import errors are raised."""
 
 
-def register_attack(name: str) -> Callable[[type[Attack]], type[Attack]]:
-    """Class decorator registering an :class:`Attack` subclass under ``name`` (sets ``cls.name``).
+def register_attack(name: str) -> Callable[[type[Any]], type[Any]]:
+    """Class decorator registering an :class:`Attack` or :class:`UniversalAttack` subclass under
+    ``name`` (sets ``cls.name``).
 
     Raises:
         ValueError: the name is taken.
+        TypeError: the class is neither kind of attack.
     """
 
-    def decorator(cls: type[Attack]) -> type[Attack]:
+    def decorator(cls: type[Any]) -> type[Any]:
+        if not (isinstance(cls, type) and issubclass(cls, (Attack, UniversalAttack))):
+            raise TypeError(f"register_attack({name!r}) takes an Attack or UniversalAttack subclass, got {cls!r}")
         ATTACKS.add(name, cls)
         cls.name = name
         return cls
@@ -203,18 +256,42 @@ def register_attack(name: str) -> Callable[[type[Attack]], type[Attack]]:
     return decorator
 
 
-def list_attacks() -> list[str]:
-    """Names of the registered per-image attacks, sorted."""
-    return ATTACKS.names()
+def list_attacks(kind: Literal["per_image", "universal"] = "per_image") -> list[str]:
+    """Names of the registered attacks of ``kind``, sorted: the per-image attacks (the cells of
+    ``evaluate.attacks``, default) or the universal ones (``patch``, ``rp2``)."""
+    base = Attack if kind == "per_image" else UniversalAttack
+    return [name for name, cls in ATTACKS.items() if issubclass(cls, base)]
 
 
 def attack_params_class(name: str) -> type[AttackParams]:
-    """The params model of attack ``name``.
+    """The params model of per-image attack ``name``.
 
     Raises:
         ValueError: unknown name (the message lists the known ones).
     """
-    return ATTACKS.get(name).Params
+    return _per_image(name).Params
+
+
+def _per_image(name: str) -> type[Attack]:
+    cls = ATTACKS.get(name)
+    if not issubclass(cls, Attack):
+        raise ValueError(f"{name!r} is a universal attack; per-image attacks: {', '.join(list_attacks())}")
+    return cls
+
+
+def build_universal_attack(name: str, params: Any, **data: Any) -> UniversalAttack:
+    """The universal attack ``name`` with ``params`` (its ``Params``; a dict is validated into
+    it) and the data it is built with (RP2's ``mask``).
+
+    Raises:
+        ValueError: unknown name, a per-image attack's name, or params that fail validation.
+    """
+    cls = ATTACKS.get(name)
+    if not issubclass(cls, UniversalAttack):
+        raise ValueError(f"{name!r} is a per-image attack; universal attacks: {', '.join(list_attacks('universal'))}")
+    if isinstance(params, dict):
+        params = cls.Params(**params)
+    return cls(params, **data)
 
 
 def build_attack(name: str, params: AttackParams | dict[str, Any] | None = None) -> Attack:
@@ -226,4 +303,4 @@ def build_attack(name: str, params: AttackParams | dict[str, Any] | None = None)
     cls_params = attack_params_class(name)
     if isinstance(params, dict) or params is None:
         params = cls_params.model_validate(params or {})
-    return ATTACKS.get(name)(params)
+    return _per_image(name)(params)

@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
+from pipeline.attacks.base import UniversalAttack, register_attack
 from pipeline.attacks.patch_losses import get_patch_loss, patch_losses
 from pipeline.precision import amp_dtype, autocast
 
@@ -200,29 +202,41 @@ def corner_placements(n: int, image_size: tuple[int, int], side: int) -> Placeme
     return Placements(torch.full((n,), float(h - side)), torch.full((n,), float(w - side)), torch.zeros(n), torch.ones(n))
 
 
-@dataclass
-class PatchTrainingConfig:
-    """Settings of :func:`train_universal_patch` (mirrors ``patch`` in params).
+class PatchTrainingConfig(BaseModel):
+    """Settings of :func:`train_universal_patch` and :class:`PatchAttack` (mirrors ``patch`` in
+    params; frozen, unknown keys rejected).
 
-    ``step_size`` is in pixel units of [0, 1]; ``decay_epochs`` halve it;
-    ``attack`` picks the loss (:func:`patch_loss`); ``location`` is
-    ``"random"`` (a fresh placement per image and step, EOT) or ``"fixed"``
-    (bottom-right corner, :func:`corner_placements`); ``amp`` runs the forward
-    passes in bf16 autocast where the device supports it (:mod:`pipeline.precision`;
+    ``side`` is the patch side in pixels; ``step_size`` is in pixel units of [0, 1];
+    ``decay_epochs`` halve it; ``attack`` picks the loss (a registered patch loss,
+    :func:`patch_loss`); ``location`` is ``"random"`` (a fresh placement per image and step,
+    EOT) or ``"fixed"`` (bottom-right corner, :func:`corner_placements`); ``amp`` runs the
+    forward passes in bf16 autocast where the device supports it (:mod:`pipeline.precision`;
     the patch and its gradient stay float32).
+
+    Raises:
+        pydantic.ValidationError (a ValueError): a loss that is not registered, an unknown
+            location, or a value out of range.
     """
 
-    side: int
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    side: int = Field(gt=0)
     attack: str = "advp"
-    location: str = "random"
-    target: int | None = 5
-    epochs: int = 10
-    step_size: float = 2 / 255
+    location: Literal["random", "fixed"] = "random"
+    target: int | None = Field(5, ge=0)
+    epochs: int = Field(10, ge=0)
+    step_size: float = Field(2 / 255, gt=0)
     decay_epochs: tuple[int, ...] = (5,)
-    batch_size: int = 80
+    batch_size: int = Field(80, ge=1)
     rotation_deg: float = 0.0
     scale_range: tuple[float, float] = (1.0, 1.0)
     amp: bool = False
+
+    @field_validator("attack")
+    @classmethod
+    def _registered_loss(cls, v: str) -> str:
+        get_patch_loss(v)  # ValueError listing the registered losses
+        return v
 
 
 def train_universal_patch(
@@ -255,12 +269,11 @@ def train_universal_patch(
         mean loss of every epoch (floats).
 
     Raises:
-        ValueError: unknown attack or location, or ``init`` of another shape or outside [0, 1].
+        ValueError: ``init`` of another shape or outside [0, 1] (the loss and location are
+            checked by :class:`PatchTrainingConfig`).
     """
     from tqdm.auto import tqdm
 
-    if cfg.attack not in PATCH_ATTACKS or cfg.location not in ("random", "fixed"):
-        raise ValueError(f"attack {cfg.attack!r} / location {cfg.location!r}: use one of {PATCH_ATTACKS} / random, fixed")
     model = model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -299,6 +312,37 @@ def train_universal_patch(
             total += loss.detach() * len(idx)
         history.append(float(total) / n)
     return patch.detach().cpu(), history
+
+
+@register_attack("patch")
+class PatchAttack(UniversalAttack):
+    """A universal adversarial patch (AdvP, Brown et al. 2017; LaVAN, Karmon et al., ICML 2018; in
+    the form of Yu et al., ICCV 2021, Eq. 1-2) of the loss ``params.attack``: :meth:`fit` is
+    :func:`train_universal_patch`, :meth:`apply` is :func:`apply_patch`.
+
+    Args:
+        params: a :class:`PatchTrainingConfig`.
+    """
+
+    Params = PatchTrainingConfig
+
+    def fit(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int, device: torch.device | str = "cpu",
+            init: torch.Tensor | None = None) -> tuple[torch.Tensor, list[float]]:
+        """``(patch float32 (3, side, side) in [0, 1], per-epoch mean loss)``; see :func:`train_universal_patch`."""
+        return train_universal_patch(model, x, y, self.params, seed, device, init=init)
+
+    def apply(self, artifact: torch.Tensor, x: torch.Tensor, placements: Any = None) -> torch.Tensor:
+        """``x`` with the patch at ``placements`` (:class:`Placements`; for ``location="fixed"``
+        the corner when None).
+
+        Raises:
+            ValueError: no placements for a randomly placed patch.
+        """
+        if placements is None:
+            if self.params.location != "fixed":
+                raise ValueError("a randomly placed patch needs placements (sample_placements / fixed_placements)")
+            placements = corner_placements(len(x), tuple(x.shape[-2:]), self.params.side)
+        return apply_patch(x, artifact, placements)
 
 
 @torch.no_grad()

@@ -40,13 +40,15 @@ signs), optimised with Adam::
 After every Adam step ``delta`` is set to zero outside the mask and clipped to
 ``[-1, 1]`` (``[-fill, 1 - fill]`` with ``sticker_fill``, so the sticker colours are in
 [0, 1]). The attack is universal over the victim set, like the patches of
-:mod:`pipeline.attacks.patch`, so it is not a registered per-image attack.
+:mod:`pipeline.attacks.patch`: a registered :class:`~pipeline.attacks.base.UniversalAttack`
+(``rp2``), not a per-image one.
 
 The package's modules, one job each: :mod:`~pipeline.attacks.rp2.params` (the settings),
 :mod:`~pipeline.attacks.rp2.sticker` (putting the sticker on images, its printability),
 :mod:`~pipeline.attacks.rp2.transforms` (the physical-condition transforms),
 :mod:`~pipeline.attacks.rp2.optimize` (the loss and the Adam loop) and
-:mod:`~pipeline.attacks.rp2.metrics` (distortion, the lambda calibration, the sticker's rates).
+:mod:`~pipeline.attacks.rp2.metrics` (distortion, the lambda calibration, the sticker's rates);
+:class:`~pipeline.attacks.rp2.attack.RP2Attack` is RP2 as a registered universal attack.
 
 Reference settings, from the authors' code (evtimovi/robust_physical_perturbations):
 GTSRB-CNN (``gtsrb-cnn-attack/run_gennoise_yadav.sh``): true class 14, target 5
@@ -55,6 +57,7 @@ NPS; LISA-CNN (``lisa-cnn-attack/utils.py`` defaults): lambda 0.02, Adam 0.01, 5
 steps, NPS on, inverse mask 0.5. Neither applies synthetic transforms in that code.
 """
 
+from .attack import RP2Attack
 from .metrics import evaluate_rp2, l2_dissimilarity, lambda_for_dissimilarity
 from .optimize import rp2_loss_terms, train_rp2
 from .params import DEFAULT_PALETTE, RP2Params
@@ -63,6 +66,7 @@ from .transforms import Transforms, sample_transforms, transform_images
 
 __all__ = [
     "DEFAULT_PALETTE",
+    "RP2Attack",
     "RP2Params",
     "Transforms",
     "apply_rp2",
