@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from timing import device_name, emit, interleaved_medians, machine, say
 
 from pipeline.checkpoint import build_from_spec, model_spec
+from pipeline.config import TrainConfig
 from pipeline.data import DATASETS
 from pipeline.precision import amp_dtype, autocast
 from pipeline.train import Trainer
@@ -57,7 +58,7 @@ def time_workload(arch: str, amp: bool, adversarial: dict | None, train: tuple, 
     """Images per second of one Trainer epoch and of the bare loop of the same steps."""
     info = DATASETS["cifar10"]
     spec = model_spec(arch, 10, info.mean, info.std, None)
-    cfg = {**CFG, "epochs": 1000, "amp": amp, **({"adversarial": adversarial} if adversarial else {})}
+    cfg = TrainConfig(**CFG, epochs=1000, amp=amp, adversarial=adversarial)
     trainer = Trainer(spec, train, test, cfg, seed=0, num_threads=torch.get_num_threads())
     if trainer.device.type != torch.device(dev).type:
         raise SystemExit(f"the Trainer chose {trainer.device}, not {dev}")

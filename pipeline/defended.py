@@ -55,7 +55,7 @@ def build_defended(params: Params, defense: str, cfg: DefendedConfig, base: dict
                "subset": meta["subset"], "splits": meta["splits"],
                "base": None if cfg.init == "scratch" else sha256_file(model_path(params.model.name))}
         state_dict, history, run_id = train_resumable(
-            f"train_defended@{defense}", spec, (x_train, y_train), (x_test, y_test), train_cfg.model_dump(),
+            f"train_defended@{defense}", spec, (x_train, y_train), (x_test, y_test), train_cfg,
             params.seed, params.resources, horizontal_flip,
             resume_dir(f"train_defended/{defense}", key), params.mlflow.experiment, section, tags,
             desc=f"train {defense}")

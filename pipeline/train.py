@@ -16,7 +16,8 @@ uninterrupted one would have done.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,9 @@ from pipeline.checkpoint import build_from_spec
 from pipeline.data.datasets import TensorImageDataset
 from pipeline.defenses.base import penalty_modules, training_hooks, training_penalty
 from pipeline.precision import amp_dtype, autocast, precision_name
+
+if TYPE_CHECKING:  # the params schema sits above the trainer; only its type is named here
+    from pipeline.config import TrainConfig
 
 
 def default_device() -> torch.device:
@@ -115,11 +119,12 @@ class Trainer:
         spec: checkpoint dict (:mod:`pipeline.checkpoint`) of the untrained model.
         train: uint8 images (N, 3, H, W) and int64 labels (N,).
         test: same, evaluated after every epoch.
-        cfg: the ``train`` params section as a dict (epochs, batch_size, lr,
-            momentum, nesterov, weight_decay, pct_start, label_smoothing,
-            channels_last, eval_batch_size, amp: bf16 autocast of the training forward
-            passes where the device supports it, :mod:`pipeline.precision`; the
-            adversarial examples and the test accuracy are computed in float32).
+        cfg: the ``train`` params section, a :class:`pipeline.config.TrainConfig` (epochs,
+            batch_size, lr, momentum, nesterov, weight_decay, pct_start, anneal_strategy,
+            label_smoothing, channels_last, eval_batch_size, amp: bf16 autocast of the
+            training forward passes where the device supports it, :mod:`pipeline.precision`;
+            the adversarial examples and the test accuracy are computed in float32;
+            adversarial: the training hook of that key).
         seed: seeds initialisation and every epoch's order and augmentation.
         num_threads: torch intra-op threads (the CPUs this task was given).
         horizontal_flip: use flip augmentation (the dataset's ``DatasetInfo.horizontal_flip``).
@@ -137,6 +142,7 @@ class Trainer:
 
     Raises:
         ValueError: a bad ``shard``, or a one-cycle warm-up of exactly one step.
+        TypeError: ``cfg`` is a dict (validate it: ``TrainConfig(**section)``).
     """
 
     def __init__(
@@ -144,21 +150,23 @@ class Trainer:
         spec: dict[str, Any],
         train: tuple[torch.Tensor, torch.Tensor],
         test: tuple[torch.Tensor, torch.Tensor],
-        cfg: dict[str, Any],
+        cfg: TrainConfig,
         seed: int,
         num_threads: int = 1,
         horizontal_flip: bool = True,
         shard: tuple[int, int] = (0, 1),
     ) -> None:
+        if isinstance(cfg, Mapping):
+            raise TypeError("Trainer takes a validated pipeline.config.TrainConfig, not a dict: TrainConfig(**section)")
         self.rank, self.world_size = shard
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"shard {shard}: need 0 <= rank < world_size")
         torch.set_num_threads(max(1, num_threads))
         torch.manual_seed(seed)
         self.device = default_device()
-        self.amp_dtype = amp_dtype(self.device, cfg.get("amp", False))
+        self.amp_dtype = amp_dtype(self.device, bool(cfg.amp))
         self.cfg, self.seed = cfg, seed
-        self.memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.model = build_from_spec(spec).to(self.device, memory_format=self.memory_format)
         self.forward_model: nn.Module = self.model  # what the training step calls: DDP-wrapped when sharded
         if self.world_size > 1:
@@ -178,26 +186,26 @@ class Trainer:
         self.train_on_device = (train[0].to(self.device), train[1].to(self.device)) \
             if self.device.type != "cpu" else None
         self.test = test
-        steps_per_epoch = -(-len(self.train_set) // cfg["batch_size"])
-        warmup = cfg["pct_start"] * cfg["epochs"] * steps_per_epoch
+        steps_per_epoch = -(-len(self.train_set) // cfg.batch_size)
+        warmup = cfg.pct_start * cfg.epochs * steps_per_epoch
         if abs(warmup - 1) < 1e-9:  # torch's OneCycleLR divides by (warm-up steps - 1)
-            raise ValueError(f"train: a one-cycle warm-up of exactly 1 step ({cfg['epochs']} epochs x {steps_per_epoch} "
-                             f"steps x pct_start {cfg['pct_start']}) divides by zero; change pct_start or batch_size")
+            raise ValueError(f"train: a one-cycle warm-up of exactly 1 step ({cfg.epochs} epochs x {steps_per_epoch} "
+                             f"steps x pct_start {cfg.pct_start}) divides by zero; change pct_start or batch_size")
         self.opt = torch.optim.SGD(
             self.model.parameters(),
-            lr=cfg["lr"],
-            momentum=cfg["momentum"],
-            nesterov=cfg["nesterov"] and cfg["momentum"] > 0,
-            weight_decay=cfg["weight_decay"],
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov and cfg.momentum > 0,
+            weight_decay=cfg.weight_decay,
         )
         self.hooks = training_hooks(cfg)  # a defense's change to training: train.adversarial (Madry et al. 2018)
         self.sched = torch.optim.lr_scheduler.OneCycleLR(
             self.opt,
-            max_lr=cfg["lr"],
-            epochs=cfg["epochs"],
+            max_lr=cfg.lr,
+            epochs=cfg.epochs,
             steps_per_epoch=steps_per_epoch,
-            pct_start=cfg["pct_start"],
-            anneal_strategy=cfg.get("anneal_strategy", "cos"),
+            pct_start=cfg.pct_start,
+            anneal_strategy=cfg.anneal_strategy,
         )
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
@@ -226,7 +234,7 @@ class Trainer:
                 x = hook.training_batch(self.model, x, y, gen)
             with autocast(self.device, self.amp_dtype):  # bf16 forward where enabled; loss in float32
                 logits = self.forward_model(x).float()
-            loss = F.cross_entropy(logits, y, label_smoothing=self.cfg["label_smoothing"])
+            loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
             if penalised:  # the defenses' training-loss hooks (BlurNet's L-inf / TV penalties)
                 penalty = training_penalty(self.model).to(loss.device)
                 penalty_sum += penalty.detach() * len(y)
@@ -248,8 +256,8 @@ class Trainer:
             loss_sum, penalty_sum, correct, seen = sums[0], sums[1], sums[2], int(sums[3])
         if not torch.isfinite(loss_sum):  # checked once an epoch: no per-step host-device synchronisation
             raise FloatingPointError(f"training diverged in epoch {epoch + 1} (loss is {float(loss_sum)}): lower "
-                                     f"train.lr (now {self.cfg['lr']}) or raise train.pct_start")
-        test_acc = accuracy(self.model, *self.test, batch_size=self.cfg["eval_batch_size"], device=self.device) \
+                                     f"train.lr (now {self.cfg.lr}) or raise train.pct_start")
+        test_acc = accuracy(self.model, *self.test, batch_size=self.cfg.eval_batch_size, device=self.device) \
             if self.rank == 0 else float("nan")
         out = {
             "train_loss": float(loss_sum) / seen,
@@ -262,7 +270,7 @@ class Trainer:
             out["train_penalty"] = float(penalty_sum) / seen
         for hook in self.hooks:  # held-out metrics of the hooks (adversarial training's robust accuracy)
             if self.rank == 0:
-                out.update(hook.epoch_metrics(self.model, self.test, self.cfg["eval_batch_size"], self.device,
+                out.update(hook.epoch_metrics(self.model, self.test, self.cfg.eval_batch_size, self.device,
                                               self.seed, epoch))
             else:
                 out.update(dict.fromkeys(hook.metric_names(), float("nan")))
@@ -272,7 +280,7 @@ class Trainer:
         """Yield this epoch's augmented batches, uint8 (B, C, H, W) and int64 (B,) on the
         device, in an order and with augmentations seeded by ``(seed, epoch)``."""
         seed = self.seed * 100_003 + epoch
-        bs = self.cfg["batch_size"]
+        bs = self.cfg.batch_size
         if self.train_on_device is not None:
             x, y = self.train_on_device
             order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed)).to(self.device)

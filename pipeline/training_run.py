@@ -29,7 +29,7 @@ from typing import Any
 import ray
 from tqdm.auto import tqdm
 
-from pipeline.config import ParamsError
+from pipeline.config import ParamsError, TrainConfig
 from pipeline.distributed import check_resources, effective_gpus, init_ray, node_id, record_compute
 from pipeline.io import load_torch, save_torch
 from pipeline.tracking import log_metrics, set_tags, stage_run
@@ -55,7 +55,7 @@ def train_resumable(
     spec: dict[str, Any],
     train: tuple[Any, Any],
     test: tuple[Any, Any],
-    cfg: dict[str, Any],
+    cfg: TrainConfig,
     seed: int,
     resources: Any,
     horizontal_flip: bool,
@@ -65,9 +65,9 @@ def train_resumable(
     tags: dict[str, str],
     desc: str,
 ) -> tuple[dict[str, Any], list[dict[str, float]], str]:
-    """Train ``spec`` for ``cfg["epochs"]`` epochs, resuming from ``cache/last.pt``.
+    """Train ``spec`` for ``cfg.epochs`` epochs, resuming from ``cache/last.pt``.
 
-    With ``cfg["workers"]`` above 1 the epochs run data-parallel on that many Ray
+    With ``cfg.workers`` above 1 the epochs run data-parallel on that many Ray
     Train workers (:class:`_RayTrainEpochs`); else in one training actor
     (:class:`_ActorEpochs`). Either way the stage process logs every epoch and writes
     the resume checkpoint.
@@ -77,7 +77,7 @@ def train_resumable(
         spec: checkpoint dict of the model to train (:mod:`pipeline.checkpoint`;
             ``state_dict`` None for a fresh initialisation, else the starting weights).
         train, test: uint8 images (N, 3, H, W) and int64 labels (N,).
-        cfg: a validated ``train`` section as a dict (:class:`pipeline.config.TrainConfig`).
+        cfg: the validated ``train`` section (:class:`pipeline.config.TrainConfig`).
         seed: seeds initialisation, order, augmentation and adversarial starts.
         resources: the ``resources`` section (``train_num_cpus``, ``train_num_gpus``:
             of the actor, or of each data-parallel worker).
@@ -111,14 +111,14 @@ def train_resumable(
         log.info("resuming from epoch %d (%s)", start_epoch, state_path)
 
     init_ray()
-    workers = int(cfg.get("workers") or 1)
+    workers = int(cfg.workers or 1)
     check_resources(resources.train_num_cpus, effective_gpus(resources.train_num_gpus),
                     cpu_param="resources.train_num_cpus", gpu_param="resources.train_num_gpus",
                     count=workers, count_param="train.workers")
     data_refs = ray.put(train), ray.put(test)
     args = (spec, data_refs, cfg, seed, resources, horizontal_flip)
     source = _RayTrainEpochs(*args, workers=workers, storage=cache) if workers > 1 else _ActorEpochs(*args)
-    epochs = cfg["epochs"]
+    epochs = cfg.epochs
     with stage_run(stage, experiment, section, {**tags, "train_workers": str(workers)},
                    run_id=state["mlflow_run_id"] if state else None) as run:
         bar = tqdm(initial=start_epoch, total=epochs, desc=desc, unit="epoch", dynamic_ncols=True)
@@ -161,7 +161,7 @@ class _ActorEpochs:
         ).remote(spec, *data_refs, cfg, seed, int(resources.train_num_cpus), horizontal_flip)
         self.actor = None
         self.node = self.precision = ""
-        self.epochs_total = cfg["epochs"]
+        self.epochs_total = cfg.epochs
 
     def _start(self, trainer_state: dict[str, Any] | None) -> None:
         if self.actor is not None:
@@ -220,7 +220,7 @@ class _RayTrainEpochs:
         self.workers, self.cpus, self.gpus, self.storage = workers, cpus, gpus, storage
         self.config = {"spec": spec, "train": data_refs[0], "test": data_refs[1], "cfg": cfg, "seed": seed,
                        "num_threads": max(1, int(cpus)), "horizontal_flip": horizontal_flip}
-        self.epochs_total = cfg["epochs"]
+        self.epochs_total = cfg.epochs
         self.seen: dict[int, tuple[str, str]] = {}
 
     def tags(self) -> dict[str, str]:
@@ -328,7 +328,7 @@ def _data_parallel_loop(config: dict[str, Any]) -> None:
         trainer.load_state(config["state"])
     queue = config["queue"]
     queue.put(("worker", rank, node_id(), trainer.precision()))
-    for epoch in range(config["start_epoch"], config["cfg"]["epochs"]):
+    for epoch in range(config["start_epoch"], config["cfg"].epochs):
         t0 = time.time()
         m = trainer.run_epoch(epoch)
         if rank == 0:

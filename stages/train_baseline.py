@@ -63,7 +63,7 @@ def main(params: Params) -> None:
 
     key = {**section, "data": meta["source"]["sha256"], "subset": meta["subset"], "splits": meta["splits"]}
     state_dict, history, run_id = train_resumable(
-        "train_baseline", spec, (x_train, y_train), (x_test, y_test), params.train.model_dump(), params.seed,
+        "train_baseline", spec, (x_train, y_train), (x_test, y_test), params.train, params.seed,
         params.resources, DATASETS[meta["dataset"]].horizontal_flip, resume_dir("train_baseline", key),
         params.mlflow.experiment, section, tags, desc=f"train {name}")
     spec["state_dict"] = state_dict

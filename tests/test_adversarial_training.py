@@ -15,7 +15,7 @@ from pipeline.checkpoint import model_spec
 from pipeline.defenses.adversarial import AdversarialTrainingParams, adversarial_examples
 from pipeline.models import build_model
 from pipeline.train import Trainer
-from tests.test_train import CFG, data, spec
+from tests.test_train import data, spec, train_cfg
 
 
 def test_threat_models_follow_the_papers():
@@ -93,7 +93,7 @@ def test_training_steps_are_taken_on_the_attacked_batch(monkeypatch):
         return xa
 
     monkeypatch.setattr(adversarial_module, "adversarial_examples", recording)  # what the training hook calls
-    cfg = {**CFG, "epochs": 1, "adversarial": {"eps": 8 / 255, "steps": 2, "eval_images": 16, "eval_steps": 5}}
+    cfg = train_cfg(epochs=1, adversarial={"eps": 8 / 255, "steps": 2, "eval_images": 16, "eval_steps": 5})
     trainer = Trainer(spec(), data(64), data(32, seed=1), cfg, seed=0)
     trainer.model.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()) if m.training else None)
     m = trainer.run_epoch(0)
@@ -119,8 +119,8 @@ def test_training_steps_are_taken_on_the_attacked_batch(monkeypatch):
 def test_blurnet_penalty_enters_the_training_loss():
     s = model_spec("resnet20", 10, [0.5] * 3, [0.25] * 3, None,
                    [{"name": "blurnet", "kernel": "learned", "size": 3, "linf_weight": 0.5, "tv_weight": 1e-4}])
-    trainer = Trainer(s, data(64), data(32, seed=1), {**CFG, "epochs": 1}, seed=0)
+    trainer = Trainer(s, data(64), data(32, seed=1), train_cfg(epochs=1), seed=0)
     m = trainer.run_epoch(0)
     assert m["train_penalty"] > 0
-    plain = Trainer(spec(), data(64), data(32, seed=1), {**CFG, "epochs": 1}, seed=0).run_epoch(0)
+    plain = Trainer(spec(), data(64), data(32, seed=1), train_cfg(epochs=1), seed=0).run_epoch(0)
     assert "train_penalty" not in plain

@@ -13,14 +13,14 @@ from pipeline.checkpoint import build_from_spec
 from pipeline.config import ParamsError, ResourcesConfig
 from pipeline.local_cluster import free_port
 from pipeline.training_run import train_resumable
-from tests.test_train import CFG, data, spec
+from tests.test_train import data, spec, train_cfg
 
 RESOURCES = ResourcesConfig(train_num_cpus=1)
 
 
 def _train(tmp_path, cache, epochs, workers=2):
-    return train_resumable("train_baseline", spec(), data(96), data(32, seed=1), {**CFG, "epochs": epochs,
-                           "workers": workers}, 0, RESOURCES, True, tmp_path / cache, "data-parallel", {}, {},
+    return train_resumable("train_baseline", spec(), data(96), data(32, seed=1), train_cfg(epochs=epochs, workers=workers),
+                           0, RESOURCES, True, tmp_path / cache, "data-parallel", {}, {},
                            desc="dp")
 
 
@@ -75,7 +75,7 @@ def test_shards_partition_every_global_batch(monkeypatch):
     dist.init_process_group("gloo", rank=0, world_size=1)  # DDP needs a group; one process plays both ranks
     try:
         def batches(shard):
-            trainer = Trainer(spec(), (x, y), (x[:10], y[:10]), {**CFG, "batch_size": 32}, seed=0, shard=shard)
+            trainer = Trainer(spec(), (x, y), (x[:10], y[:10]), train_cfg(batch_size=32), seed=0, shard=shard)
             return [xb[:, 0, 16, 16].tolist() for xb, _ in trainer._epoch_batches(epoch=1)]
 
         full, r0, r1 = batches((0, 1)), batches((0, 2)), batches((1, 2))

@@ -245,7 +245,7 @@ def test_a_new_defense_with_a_training_penalty_is_one_file(tmp_path):
         out = {}
         for weight in (0.0, 2.0):  # the trainer adds the defense's penalty: it pulls the gain to 0.5
             spec = model_spec("resnet20", 10, [0.5] * 3, [0.25] * 3, None, [{"name": "toy_gain", "weight": weight}])
-            trainer = Trainer(spec, (x, y), (x[:16], y[:16]), cfg.model_dump(), seed=0)
+            trainer = Trainer(spec, (x, y), (x[:16], y[:16]), cfg, seed=0)
             row = trainer.run_epoch(0)
             out[str(weight)] = {"penalty": row["train_penalty"], "gain": float(trainer.model.input_transform.gain)}
         print(json.dumps({"defenses": params.defended_config("toy").defenses, **out}))

@@ -12,7 +12,7 @@ import pipeline.precision as precision
 from pipeline.attacks.patch import PatchTrainingConfig, patch_objective, sample_placements, train_universal_patch
 from pipeline.models import build_model
 from pipeline.train import Trainer
-from tests.test_train import CFG, data, spec
+from tests.test_train import data, spec, train_cfg
 
 
 @pytest.fixture
@@ -45,12 +45,12 @@ def test_amp_on_runs_the_forward_in_bf16(native_bf16):
 
 def test_bf16_training_keeps_float32_weights_and_learns(native_bf16):
     train, test = data(), data(32, seed=1)
-    trainer = Trainer(spec(), train, test, {**CFG, "amp": True}, seed=0)
+    trainer = Trainer(spec(), train, test, train_cfg(amp=True), seed=0)
     assert trainer.precision() == "bf16-autocast"
     hist = [trainer.run_epoch(e) for e in range(3)]
     assert hist[-1]["train_loss"] < hist[0]["train_loss"]
     assert all(v.dtype in (torch.float32, torch.int64) for v in trainer.model_state_dict().values())
-    fp32 = Trainer(spec(), train, test, CFG, seed=0)
+    fp32 = Trainer(spec(), train, test, train_cfg(), seed=0)
     assert fp32.precision() == "fp32"
     for e in range(3):
         fp32.run_epoch(e)

@@ -12,7 +12,7 @@ from pipeline.defenses.base import apply_defense_list, parse_defense
 from pipeline.defenses.prm import PRMConv, designated_iou, designated_mask
 from pipeline.models import build_model
 from pipeline.train import Trainer
-from tests.test_train import CFG, data
+from tests.test_train import data, train_cfg
 
 MEAN, STD = [0.5] * 3, [0.25] * 3
 
@@ -61,7 +61,7 @@ def test_gradients_concentrate_on_the_designated_pixels_with_lambda():
     assert ious[0.9] > 0.8
     # still so after training with the PRM on a small set
     spec = model_spec("resnet20", 10, MEAN, STD, None, [{"name": "prm", "lam": 0.9, "randomize": False}])
-    trainer = Trainer(spec, (x, y), data(32, seed=1), {**CFG, "epochs": 2}, seed=0)
+    trainer = Trainer(spec, (x, y), data(32, seed=1), train_cfg(epochs=2), seed=0)
     for e in range(2):
         trainer.run_epoch(e)
     prm = next(m for m in trainer.model.modules() if isinstance(m, PRMConv))

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pipeline.checkpoint import build_from_spec, model_spec
+from pipeline.config import TrainConfig
 from pipeline.defenses.adjust import final_linear, finetune_classifier, recalibrate_batchnorm
 from pipeline.defenses.fnc import insert_fnc
 from pipeline.io import load_torch, save_torch
@@ -13,6 +14,11 @@ from pipeline.train import Trainer, batch_crop_flip, iterate_batches
 
 CFG = {"epochs": 3, "batch_size": 32, "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
        "pct_start": 0.3, "label_smoothing": 0.0, "channels_last": True, "eval_batch_size": 64}
+
+
+def train_cfg(**overrides) -> TrainConfig:
+    """The ``train`` section of these tests, validated, with ``overrides``."""
+    return TrainConfig(**{**CFG, **overrides})
 
 
 def data(n=96, seed=0):
@@ -46,7 +52,8 @@ def check_resume_repeats_an_uninterrupted_run(make_trainer, path):
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     train, test = data(), data(32, seed=1)
-    check_resume_repeats_an_uninterrupted_run(lambda: Trainer(spec(), train, test, CFG, seed=0), tmp_path / "last.pt")
+    check_resume_repeats_an_uninterrupted_run(lambda: Trainer(spec(), train, test, train_cfg(), seed=0),
+                                              tmp_path / "last.pt")
 
 
 def test_bn_recalibration_sets_exact_batch_statistics():
@@ -82,7 +89,7 @@ def test_a_diverging_run_stops_with_the_param_to_change():
     non-finite; the epoch ends with an error naming train.lr instead of training on NaN."""
     import pytest
 
-    cfg = {**CFG, "epochs": 1, "lr": 1e6, "channels_last": False}
+    cfg = train_cfg(epochs=1, lr=1e6, channels_last=False)
     trainer = Trainer(model_spec("traffic_cnn", 10, [0.5] * 3, [0.25] * 3, None), data(), data(32, seed=1), cfg,
                       seed=0)
     with pytest.raises(FloatingPointError, match="lower train.lr"):
@@ -112,7 +119,7 @@ def test_on_device_data_path_trains_and_resumes_exactly(tmp_path):
     train, test = data(), data(32, seed=1)
 
     def trainer():
-        t = Trainer(spec(), train, test, CFG, seed=0)
+        t = Trainer(spec(), train, test, train_cfg(), seed=0)
         t.train_on_device = train  # what a GPU device gets
         return t
 

@@ -134,10 +134,11 @@ def register_training_hook(key: str) -> Callable[[Callable[[Any], TrainingHook]]
     return TRAINING_HOOKS.decorator(key, same=lambda old, new: old is new)
 
 
-def training_hooks(train_cfg: dict[str, Any]) -> list[TrainingHook]:
-    """The hooks the ``train`` section ``train_cfg`` (a dict) asks for: one per registered key
-    it sets (not None, not empty), in registration order."""
-    return [factory(train_cfg[key]) for key, factory in TRAINING_HOOKS.items() if train_cfg.get(key)]
+def training_hooks(train_cfg: Any) -> list[TrainingHook]:
+    """The hooks the ``train`` section ``train_cfg`` (a :class:`pipeline.config.TrainConfig`) asks
+    for: one per registered key it sets (not None, not empty), in registration order."""
+    return [factory(getattr(train_cfg, key)) for key, factory in TRAINING_HOOKS.items()
+            if getattr(train_cfg, key, None)]
 
 
 def set_bpda(model: nn.Module, on: bool) -> int:
