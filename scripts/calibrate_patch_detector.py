@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     x_tr, y_tr = patch_training_images(*load_tensors(prepared, "train"), p.target, p.train_images, args.patch_seed)
     cfg = patch_training_config(p, side, "advp")
     if args.patch_epochs is not None:
-        cfg.epochs = args.patch_epochs
+        cfg = cfg.model_copy(update={"epochs": args.patch_epochs})
     patch, _ = train_universal_patch(build_from_spec(spec), x_tr, y_tr, cfg, args.patch_seed)
 
     placements = (corner_placements(len(x_val), (h, w), side) if p.location == "fixed"

@@ -24,7 +24,7 @@ log = logging.getLogger("prepare")
 def main(params: Params) -> None:
     """Check ``data.root``, then decode the dataset with Ray tasks into ``data/prepared/<dataset>``."""
     cfg = params.data
-    resolve_source(cfg)  # fail on a bad data.root before starting Ray
+    source = resolve_source(cfg)  # fail on a bad data.root before starting Ray; its layout, detected once
     out_dir = prepared_dir(cfg.dataset)
     start = time.perf_counter()
     init_ray()
@@ -33,6 +33,7 @@ def main(params: Params) -> None:
         out_dir,
         seed=params.seed,
         mapper=lambda fn, items: ray_map(fn, items, num_cpus=1, desc="decode shards"),
+        source=source,
     )
     seconds = time.perf_counter() - start
     summary = {

@@ -320,3 +320,18 @@ def test_meta_is_written_last_and_loadable(tmp_path):
     root = make_folder(tmp_path / "src")
     prepare_dataset(cfg(root), tmp_path / "out", seed=0)
     assert load_meta(tmp_path / "out")["source"]["layout"] == "folder"
+
+
+@pytest.mark.parametrize("make", [make_zip, make_folder, make_batches])
+def test_the_layout_is_detected_once_and_handed_to_every_reader(tmp_path, monkeypatch, make):
+    from pipeline.data import prepare as prepare_module
+    from pipeline.data import sources
+
+    detections = []
+    real = sources.detect_layout
+    monkeypatch.setattr(sources, "detect_layout", lambda root: detections.append(root) or real(root))
+    root = make(tmp_path / "src")
+    source = prepare_module.resolve_source(cfg(root))  # what the stage does before starting Ray
+    meta = prepare_dataset(cfg(root), tmp_path / "out", seed=0, source=source)
+    assert len(detections) == 1 and meta["source"]["layout"] == source.layout
+    assert meta["splits"]["train"]["n_images"] > 0 and meta["source"]["sha256"]

@@ -25,10 +25,12 @@ import torch
 from pipeline.config import DataConfig
 from pipeline.data.datasets import DATASETS, decode_image
 from pipeline.data.sources import (
+    NO_SOURCE_HINT,
     SPLITS,
     DatasetError,
+    Source,
     SplitListing,
-    detect_layout,
+    find_source,
     list_split,
     read_class_names,
     read_members,
@@ -101,9 +103,10 @@ def split_validation(
     return np.setdiff1d(keep, val_idx), val_idx
 
 
-def check_source(cfg: DataConfig) -> Path:
-    """``data.root`` as a path, after checking it holds an accepted layout or may be
-    downloaded into; reads no image and downloads nothing.
+def check_source(cfg: DataConfig) -> Source | None:
+    """The dataset source under ``data.root`` (its layout detected once), or None when the
+    folder holds none yet but the dataset will be downloaded into it; reads no image and
+    downloads nothing.
 
     Raises:
         DatasetError: ``data.root`` is empty, missing or holds no accepted layout,
@@ -113,8 +116,9 @@ def check_source(cfg: DataConfig) -> Path:
     if not str(cfg.root).strip():
         raise DatasetError("data.root is empty; set it to the dataset folder (README, Data)")
     root = Path(cfg.root).expanduser()
-    if root.is_dir() and detect_layout(root):
-        return root
+    source = find_source(root)
+    if source is not None:
+        return source
     info = DATASETS[cfg.dataset]
     what = "does not exist" if not root.exists() else "holds no accepted dataset layout"
     if not info.downloadable:
@@ -124,11 +128,11 @@ def check_source(cfg: DataConfig) -> Path:
             f"data.root {root} {what}; point it at a folder with train.zip + test.zip, "
             "train/ + test/ class folders, or cifar-10-batches-py, or set data.download: true"
         )
-    return root
+    return None
 
 
-def resolve_source(cfg: DataConfig) -> Path:
-    """The folder to read, downloading with torchvision when allowed and needed.
+def resolve_source(cfg: DataConfig) -> Source:
+    """The source to read (:func:`check_source`), downloading with torchvision when allowed and needed.
 
     Only CIFAR-10 can be downloaded (torchvision's ``CIFAR10``); GTSRB at 32x32
     has no download in this layout (see ``DATASETS["gtsrb"].source_hint``).
@@ -138,15 +142,19 @@ def resolve_source(cfg: DataConfig) -> Path:
             false, or the dataset cannot be downloaded; the message says where
             to get it.
     """
-    root = check_source(cfg)
-    if root.is_dir() and detect_layout(root):
-        return root
+    source = check_source(cfg)
+    if source is not None:
+        return source
     from torchvision.datasets import CIFAR10
 
+    root = Path(cfg.root).expanduser()
     log.info("downloading CIFAR-10 into %s (torchvision)", root)
     for train in (True, False):
         CIFAR10(str(root), train=train, download=True)
-    return root
+    source = find_source(root)
+    if source is None:
+        raise DatasetError(f"data.root {root}: the download finished but left no dataset; {NO_SOURCE_HINT}")
+    return source
 
 
 def class_names(cfg: DataConfig, root: Path) -> list[str]:
@@ -165,7 +173,8 @@ def class_names(cfg: DataConfig, root: Path) -> list[str]:
     return read_class_names(root / info.classes_file, info.folder_names)
 
 
-def prepare_dataset(cfg: DataConfig, out_dir: str | Path, seed: int, mapper: Mapper | None = None) -> dict:
+def prepare_dataset(cfg: DataConfig, out_dir: str | Path, seed: int, mapper: Mapper | None = None,
+                    source: Source | None = None) -> dict:
     """Decode ``cfg``'s dataset into ``out_dir``; return the meta dict written.
 
     Args:
@@ -174,6 +183,8 @@ def prepare_dataset(cfg: DataConfig, out_dir: str | Path, seed: int, mapper: Map
         seed: seed of the per-class subsets.
         mapper: ``mapper(fn, items) -> [fn(i) for i in items]``, e.g. a Ray
             fan-out; the default runs in this process.
+        source: ``data.root`` as :func:`resolve_source` found it (the stage resolves it
+            before starting Ray); None: resolved here.
 
     Returns:
         The meta dict (also written to ``out_dir/meta.json``): dataset, classes
@@ -187,12 +198,13 @@ def prepare_dataset(cfg: DataConfig, out_dir: str | Path, seed: int, mapper: Map
     """
     mapper = mapper or (lambda fn, items: [fn(i) for i in items])
     info = DATASETS[cfg.dataset]
-    root = resolve_source(cfg)
-    if detect_layout(root) == "cifar_batches" and cfg.dataset != "cifar10":
+    source = source if source is not None else resolve_source(cfg)
+    root = source.root
+    if source.layout == "cifar_batches" and cfg.dataset != "cifar10":
         raise DatasetError(f"data.root {root} holds CIFAR-10 batch files, not {cfg.dataset}; check data.root")
     names = class_names(cfg, root)
     expected = None if info.folders_sorted else list(info.folder_names)
-    listings = {s: list_split(root, s, expected) for s in SPLITS}
+    listings = {s: list_split(source, s, expected) for s in SPLITS}
     if info.folders_sorted:
         _check_sorted_folders(listings, info.num_classes, cfg.dataset, root)
     per_class = {"train": cfg.train_per_class, "test": cfg.test_per_class}
@@ -242,7 +254,7 @@ def prepare_dataset(cfg: DataConfig, out_dir: str | Path, seed: int, mapper: Map
             "source": {
                 "layout": listings["train"].layout,
                 "root": str(root),
-                "sha256": _checksums(root, info.classes_file),
+                "sha256": _checksums(source, info.classes_file),
             },
             "subset": {"train_per_class": cfg.train_per_class, "test_per_class": cfg.test_per_class,
                        "val_per_class": cfg.val_per_class, "seed": seed},
@@ -260,11 +272,11 @@ def prepare_dataset(cfg: DataConfig, out_dir: str | Path, seed: int, mapper: Map
     return meta
 
 
-def _checksums(root: Path, classes_file: str | None) -> dict[str, str]:
+def _checksums(source: Source, classes_file: str | None) -> dict[str, str]:
     """:func:`source_checksums` plus the class-list file's SHA-256 when the dataset has one."""
-    out = source_checksums(root)
+    out = source_checksums(source)
     if classes_file is not None:
-        out[classes_file] = sha256_file(root / classes_file)
+        out[classes_file] = sha256_file(source.root / classes_file)
     return out
 
 

@@ -26,6 +26,7 @@ import pickle
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Literal
 
 import numpy as np
 
@@ -252,7 +253,35 @@ def split_folder(root: Path, split: str) -> Path:
     return root / split
 
 
-def detect_layout(root: Path) -> str | None:
+Layout = Literal["zip", "folder", "cifar_batches"]
+
+
+@dataclass(frozen=True)
+class Source:
+    """A dataset folder and the layout it holds, detected once (:func:`find_source`) and handed
+    to every reader (:func:`list_split`, :func:`source_checksums`).
+
+    Attributes:
+        root: the folder given as ``data.root``.
+        layout: ``"zip"``, ``"folder"`` or ``"cifar_batches"``.
+    """
+
+    root: Path
+    layout: Layout
+
+    @property
+    def batches_folder(self) -> Path:
+        """For ``cifar_batches``: the folder holding ``data_batch_1`` (``root`` or ``root/cifar-10-batches-py``)."""
+        return self.root if (self.root / "data_batch_1").is_file() else self.root / "cifar-10-batches-py"
+
+
+def find_source(root: Path) -> Source | None:
+    """``root`` with its detected layout (:func:`detect_layout`), or None when it holds none."""
+    layout = detect_layout(root) if root.is_dir() else None
+    return Source(root, layout) if layout is not None else None
+
+
+def detect_layout(root: Path) -> Layout | None:
     """Which accepted layout ``root`` holds: ``zip``, ``folder``, ``cifar_batches`` or None."""
     if all((root / f"{s}.zip").is_file() for s in SPLITS):
         return "zip"
@@ -263,31 +292,28 @@ def detect_layout(root: Path) -> str | None:
     return None
 
 
-def list_split(root: Path, split: str, expected_classes: list[str] | None = None) -> SplitListing:
-    """List the images of ``split`` ("train" or "test") under ``root``.
+def list_split(source: Source, split: str, expected_classes: list[str] | None = None) -> SplitListing:
+    """List the images of ``split`` ("train" or "test") of ``source``.
 
     Args:
-        root: the folder given as ``data.root``.
+        source: the dataset folder and its layout (:func:`find_source`).
         split: ``"train"`` or ``"test"``.
         expected_classes: the dataset's class names in label order; folder
             names must match them (any order on disk).
 
     Raises:
-        DatasetError: ``root`` holds no accepted layout, or the layout is
-            malformed or corrupt.
+        DatasetError: the layout is malformed or corrupt.
     """
-    layout = detect_layout(root)
-    if layout == "zip":
-        return _list_zip(root / f"{split}.zip", split, expected_classes)
-    if layout == "folder":
-        return _list_folder(split_folder(root, split), expected_classes)
-    if layout == "cifar_batches":
-        folder = root if (root / "data_batch_1").is_file() else root / "cifar-10-batches-py"
-        return _list_cifar_batches(folder, split)
-    raise DatasetError(
-        f"{root}: no dataset found; expected train.zip + test.zip, train/ + test/ (or val/) class folders, "
-        "or cifar-10-batches-py (or set data.download: true)"
-    )
+    if source.layout == "zip":
+        return _list_zip(source.root / f"{split}.zip", split, expected_classes)
+    if source.layout == "folder":
+        return _list_folder(split_folder(source.root, split), expected_classes)
+    return _list_cifar_batches(source.batches_folder, split)
+
+
+NO_SOURCE_HINT = ("expected train.zip + test.zip, train/ + test/ (or val/) class folders, or cifar-10-batches-py "
+                  "(or set data.download: true)")
+"""What an accepted ``data.root`` holds, for the error when it holds none of it."""
 
 
 CLASS_CSV_COLUMNS = ("class_id", "folder", "name")
@@ -369,24 +395,22 @@ def read_members(listing: SplitListing, indices: np.ndarray) -> list[bytes]:
     return [(listing.source / n).read_bytes() for n in names]
 
 
-def source_checksums(root: Path) -> dict[str, str]:
+def source_checksums(source: Source) -> dict[str, str]:
     """SHA-256 of the source files the layout reads (archives or batch files).
 
     For an ImageFolder tree, one digest per split over the sorted relative paths and
     sizes of its files: reading every image of an ImageNet-size tree would take hours, so an
     image rewritten at the same size is not noticed (archives are hashed whole).
     """
-    layout = detect_layout(root)
-    out: dict[str, str] = {}
-    if layout == "zip":
+    root, out = source.root, {}
+    if source.layout == "zip":
         for s in SPLITS:
             out[f"{s}.zip"] = sha256_file(root / f"{s}.zip")
-    elif layout == "cifar_batches":
-        folder = root if (root / "data_batch_1").is_file() else root / "cifar-10-batches-py"
-        for f in sorted(folder.iterdir()):
+    elif source.layout == "cifar_batches":
+        for f in sorted(source.batches_folder.iterdir()):
             if f.is_file():
                 out[f.name] = sha256_file(f)
-    elif layout == "folder":
+    elif source.layout == "folder":
         for s in SPLITS:
             folder = split_folder(root, s)
             h = hashlib.sha256()
