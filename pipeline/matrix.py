@@ -89,12 +89,18 @@ class Matrix:
             each patch cell pasted (the adaptive ones per defended model).
         n_images: test images of the clean and patch cells.
         node_ids: the Ray nodes that computed the cells (cached ones included).
+        per_image: the cells of ``evaluate.attacks`` that are per-image attacks, in order.
+        transferred: the patch attacks of ``evaluate.attacks`` pasted as the baseline made them.
+        adaptive: the adaptive patch cells of ``evaluate.attacks`` (``<loss>_adaptive``, ``<loss>_bpda``).
     """
 
     table: dict[str, dict[str, dict[str, Any]]]
     patches: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     n_images: int = 0
     node_ids: list[str] = field(default_factory=list)
+    per_image: list[str] = field(default_factory=list)
+    transferred: list[str] = field(default_factory=list)
+    adaptive: list[str] = field(default_factory=list)
 
 
 def attack_kind(attack: str) -> str:
@@ -348,7 +354,8 @@ def evaluate_matrix(params: Params) -> Matrix:
 
     table = _metrics(params, cells, y, per_image, selection)
     node_ids = sorted({n for c in cells.values() for n in c.get("node_ids", [])})
-    return Matrix(table=table, patches=patches_of, n_images=len(x), node_ids=node_ids)
+    return Matrix(table=table, patches=patches_of, n_images=len(x), node_ids=node_ids, per_image=per_image,
+                  transferred=[a for a in ev.attacks if a in PATCH_ATTACKS], adaptive=adaptive)
 
 
 def _metrics(params: Params, cells: dict[tuple[str, str], dict], y: torch.Tensor, per_image: list[str],

@@ -30,10 +30,10 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.cli import run_stage
-from pipeline.config import ADAPTIVE_PATCH_ATTACKS, PATCH_ATTACKS, Params
+from pipeline.config import Params
 from pipeline.io import atomic_write, save_json, save_png
 from pipeline.layout import patch_path
-from pipeline.matrix import HEADLINE_METRICS, PATCH_CELLS, cell_runs, evaluate_matrix, headline
+from pipeline.matrix import HEADLINE_METRICS, cell_runs, evaluate_matrix, headline
 from pipeline.render.evaluate import accuracy_bars, figure, markdown
 from pipeline.tracking import log_artifact, log_artifacts, log_child_runs, log_metrics, stage_run
 
@@ -63,10 +63,9 @@ def main(params: Params) -> None:
              len(seeds), df[["defense", "attack", "n_images", "clean_accuracy", "robust_accuracy",
                              "attack_success_rate"]].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
 
-    per_image = [a for a in ev.attacks if a not in PATCH_CELLS]
     section = {"model": params.model.model_dump(), "evaluate": ev.model_dump(), "patch": params.patch.model_dump(),
                "fnc": params.fnc.model_dump(), "seed": params.seed,
-               "attacks": {a: params.attack_params(a) for a in per_image}}
+               "attacks": {a: params.attack_params(a) for a in result.per_image}}
     tags = {"profile": params.profile, "paper": params.mlflow.paper, "model": name, "defenses": ",".join(ev.defenses),
             "attacks": ",".join(ev.attacks), "node_ids": ",".join(result.node_ids)}
     with stage_run("evaluate", params.mlflow.experiment, section, tags):
@@ -77,12 +76,12 @@ def main(params: Params) -> None:
         log_child_runs(cell_runs(table, params, name))
         for f in ("plots/evaluate.csv", "plots/evaluate.png", "metrics/evaluate.md"):
             log_artifact(f, artifact_path="evaluate")
-        for attack in (a for a in ev.attacks if a in PATCH_ATTACKS):
+        for attack in result.transferred:
             for s in seeds:
                 log_artifact(patch_path(name, attack, s, ".png"), artifact_path=f"patches/{attack}")
         with tempfile.TemporaryDirectory() as tmp:  # the adaptive patches, as PNGs per defense
             for d in ev.defenses:
-                for attack in (a for a in ev.attacks if a in ADAPTIVE_PATCH_ATTACKS and d != "none"):
+                for attack in (result.adaptive if d != "none" else []):
                     for s, patch in zip(seeds, result.patches[d][attack], strict=True):
                         save_png(patch, Path(tmp) / d / attack / f"seed_{s}.png", upscale=8)
             if any(Path(tmp).iterdir()):
