@@ -7,13 +7,19 @@ import pytest
 import torch
 
 from pipeline.checkpoint import build_from_spec, model_spec
-from pipeline.defenses.base import apply_defense_list, check_defenses, list_defenses, needs_training, parse_defense
+from pipeline.defenses.base import (
+    apply_defense_list,
+    check_defenses,
+    list_defenses,
+    needs_training,
+    parse_defense,
+    training_penalty,
+)
 from pipeline.defenses.blurnet import (
     BlurNetLayer,
     BlurNetParams,
     blur_kernel,
     blurnet_layers,
-    blurnet_penalty,
     insert_blurnet,
     linf_penalty,
     tv_penalty,
@@ -94,11 +100,11 @@ def test_learned_kernels_are_trained_saved_and_penalised():
     layer = insert_blurnet(model, BlurNetParams(kernel="learned", size=3, linf_weight=0.1, tv_weight=1e-4))
     assert any(k.endswith("blurnet.weight") for k in model.state_dict())
     model.train()
-    loss = model(torch.rand(2, 3, 32, 32)).sum() + blurnet_penalty(model)
+    loss = model(torch.rand(2, 3, 32, 32)).sum() + training_penalty(model)  # what the trainer adds
     loss.backward()
     assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
     expected = linf_penalty(layer.weight, 0.1) + tv_penalty(layer.last_output, 1e-4)
-    assert float(blurnet_penalty(model).detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    assert float(training_penalty(model).detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
     model.eval()
     with torch.no_grad():
         model(torch.rand(2, 3, 32, 32))

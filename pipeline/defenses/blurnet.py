@@ -49,7 +49,6 @@ __all__ = [
     "InputBlurParams",
     "blur_kernel",
     "blurnet_layers",
-    "blurnet_penalty",
     "insert_blurnet",
     "linf_penalty",
     "tv_penalty",
@@ -269,15 +268,6 @@ def _blur_output_hook(module: nn.Module, _inputs: tuple, output: torch.Tensor) -
 def blurnet_layers(model: nn.Module) -> list[BlurNetLayer]:
     """The :class:`BlurNetLayer` modules in ``model``."""
     return [m for m in model.modules() if isinstance(m, BlurNetLayer)]
-
-
-def blurnet_penalty(model: nn.Module) -> torch.Tensor:
-    """Sum of :meth:`BlurNetLayer.penalty` over the model (a scalar; 0 without BlurNet), what
-    BlurNet adds to :func:`pipeline.defenses.base.training_penalty`."""
-    layers = blurnet_layers(model)
-    if not layers:
-        return torch.zeros(())
-    return sum((layer.penalty() for layer in layers[1:]), layers[0].penalty())
 
 
 @register_defense("blurnet", BlurNetParams, "network",
