@@ -34,7 +34,7 @@ from pipeline.attacks.base import Budget
 from pipeline.attacks.patch_losses import patch_losses
 from pipeline.defenses.adjust import ADJUSTMENTS
 from pipeline.defenses.adversarial import AdversarialTrainingParams
-from pipeline.models import list_models
+from pipeline.models import model_info
 from pipeline.models.weights import TORCHVISION_PREFIX, torchvision_weights
 
 DATASETS = ("cifar10", "gtsrb", "imagenet")
@@ -145,9 +145,7 @@ class ModelConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _known_model(cls, v: str) -> str:
-        names = list_models()
-        if v not in names:
-            raise ValueError(f"unknown model {v!r}; choose one of: {', '.join(sorted(names))}")
+        model_info(v)  # the registry's error: unknown model 'x'; choose one of: ...
         return v
 
 

@@ -29,10 +29,9 @@ def _get(value: Any) -> Any:
 def patch_task(item: dict[str, Any]) -> dict[str, Any]:
     """Train one universal patch (:class:`pipeline.attacks.patch.PatchAttack`'s ``fit``). ``item``:
     spec, data (ref to (x, y) uint8/int64), cfg (:class:`PatchTrainingConfig`), seed,
-    num_threads, and optionally bpda (True:
-    gradients pass every BPDA-switchable defense, FNC's clipping, as the identity,
-    :func:`pipeline.defenses.base.set_bpda`) and init (the starting patch, float (3, s, s) in
-    [0, 1]; None: zeros)."""
+    num_threads, and optionally bpda (True: gradients pass every BPDA-switchable defense,
+    FNC's clipping, as the identity, :func:`pipeline.defenses.base.set_bpda`) and init (the
+    starting patch, float (3, s, s) in [0, 1]; None: zeros)."""
     from pipeline.defenses.base import set_bpda
 
     torch.set_num_threads(max(1, int(item["num_threads"])))

@@ -76,6 +76,7 @@ def tradeoff_curve(params: Params) -> tuple[dict[str, Any], list[dict[str, Any]]
               "code": ft.code_hashes()}
 
     cells = [ft.Cell(None, None), *(ft.Cell(a, adj) for adj in cfg.adjustments for a in cfg.alphas)]
+
     @functools.cache
     def inputs() -> dict[str, Any]:  # what every task reads, in Ray's object store once a cell is missing
         needs_train = any(cell.adjustment not in (None, "none") for cell in cells)

@@ -80,8 +80,8 @@ def main(params: Params) -> None:
             for s in seeds:
                 log_artifact(patch_path(name, attack, s, ".png"), artifact_path=f"patches/{attack}")
         with tempfile.TemporaryDirectory() as tmp:  # the adaptive patches, as PNGs per defense
-            for d in ev.defenses:
-                for attack in (result.adaptive if d != "none" else []):
+            for d in (d for d in ev.defenses if d != "none"):
+                for attack in result.adaptive:
                     for s, patch in zip(seeds, result.patches[d][attack], strict=True):
                         save_png(patch, Path(tmp) / d / attack / f"seed_{s}.png", upscale=8)
             if any(Path(tmp).iterdir()):

@@ -233,8 +233,9 @@ class UniversalAttack(ABC):
 
 
 ATTACKS: Registry[type[Attack] | type[UniversalAttack]] = Registry("attack", "pipeline.attacks")
-"""The per-image attacks, found by importing every module of :mod:`pipeline.attacks`: a new
-attack is one new module, found without a list to keep; its import errors are raised."""
+"""Both kinds of attack (per-image and universal), found by importing every module of
+:mod:`pipeline.attacks`: a new attack is one new module, found without a list to keep; its
+import errors are raised."""
 
 
 def register_attack(name: str) -> Callable[[type[Any]], type[Any]]:

@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from pipeline.attacks.base import UniversalAttack, register_attack
-from pipeline.attacks.patch_losses import get_patch_loss, patch_losses
+from pipeline.attacks.patch_losses import get_patch_loss
 from pipeline.precision import amp_dtype, autocast
 
 
@@ -164,10 +164,6 @@ def apply_patch(images: torch.Tensor, patch: torch.Tensor, placements: Placement
     pasted = F.grid_sample(src, grid, mode="nearest", padding_mode="zeros", align_corners=False)
     mask = F.grid_sample(ones, grid, mode="nearest", padding_mode="zeros", align_corners=False)
     return torch.where(mask.bool(), pasted, images)
-
-
-PATCH_ATTACKS = tuple(patch_losses())
-"""Universal patch attacks :func:`patch_loss` knows: the losses of :mod:`pipeline.attacks.patch_losses`."""
 
 
 def patch_loss(logits: torch.Tensor, labels: torch.Tensor, target: int | None, attack: str = "advp") -> torch.Tensor:
