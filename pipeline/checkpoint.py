@@ -8,11 +8,19 @@ A checkpoint is a dict of plain values and tensors (so ``torch.load`` with
      "defenses": [{"name": "fnc", "alpha": 1.0, "eps": 1e-6}, ...]}
 
 so a defended model is rebuilt from its file alone: the registered
-architecture, its weights, then each defense re-inserted in order.
+architecture (or the user's ``"package.module:callable"``, with ``"kwargs"``), its weights,
+then each defense re-inserted in order. The number of ``mean`` values is the input channels.
+
+In memory (never in a file), a spec may instead carry the network itself,
+``{"module": <nn.Module>, "state_dict": None, "defenses": [...]}``: a model that is
+no registered architecture (:func:`pipeline.api.evaluate_model`), sent to the Ray
+tasks through the object store (cloudpickle) and rebuilt by :func:`build_from_spec`
+as a copy with the defenses inserted.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +38,12 @@ def model_spec(
     std: list[float],
     state_dict: dict[str, torch.Tensor] | None,
     defenses: list[dict[str, Any]] | None = None,
+    kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A checkpoint dict (see module docstring); tensors are moved to the CPU."""
-    return {
+    """A checkpoint dict (see module docstring); tensors are moved to the CPU. ``arch`` is a
+    registered name or ``"package.module:callable"``; ``kwargs`` (``model.kwargs``, plain values)
+    is stored only when not empty, so the checkpoints of registered models keep their keys."""
+    spec = {
         "arch": arch,
         "num_classes": int(num_classes),
         "mean": [float(m) for m in mean],
@@ -40,6 +51,9 @@ def model_spec(
         "state_dict": None if state_dict is None else {k: v.detach().cpu() for k, v in state_dict.items()},
         "defenses": list(defenses or []),
     }
+    if kwargs:
+        spec["kwargs"] = dict(kwargs)
+    return spec
 
 
 def apply_defenses(model: nn.Module, defenses: list[dict[str, Any]]) -> nn.Module:
@@ -61,12 +75,17 @@ def build_from_spec(spec: dict[str, Any]) -> nn.Module:
     """The model a checkpoint dict describes, in eval mode, on the CPU.
 
     The defenses are applied before the weights are loaded, so weights that belong to
-    a defense (learned BlurNet kernels) load too.
+    a defense (learned BlurNet kernels) load too. A spec with a ``module`` (in memory
+    only) builds a deep copy of that module instead of a registered architecture, so
+    inserting defenses never changes the module the spec holds.
 
     Raises:
         ValueError: unknown architecture or defense, or weights that do not fit.
     """
-    model = build_model(spec["arch"], spec["num_classes"], spec["mean"], spec["std"])
+    if spec.get("module") is not None:
+        model = copy.deepcopy(spec["module"]).cpu()
+    else:
+        model = build_model(spec["arch"], spec["num_classes"], spec["mean"], spec["std"], kwargs=spec.get("kwargs"))
     model = apply_defenses(model, spec.get("defenses", []))
     if spec.get("state_dict") is not None:
         model.load_state_dict(spec["state_dict"], strict=True)
@@ -74,7 +93,13 @@ def build_from_spec(spec: dict[str, Any]) -> nn.Module:
 
 
 def save_checkpoint(spec: dict[str, Any], path: str | Path) -> Path:
-    """Write a checkpoint dict atomically."""
+    """Write a checkpoint dict atomically.
+
+    Raises:
+        ValueError: the spec holds a ``module`` (in memory only: files hold plain values and tensors).
+    """
+    if spec.get("module") is not None:
+        raise ValueError(f"{path}: a spec holding a module object cannot be saved; save its state_dict with an arch")
     return save_torch(spec, path)
 
 

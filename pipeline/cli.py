@@ -38,6 +38,9 @@ def setup_logging() -> None:
     )
     for noisy in ("alembic", "mlflow", "urllib3", "git", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # mlflow >= 3.x sets its own loggers' level when first imported (to INFO, e.g. "Creating initial MLflow
+    # database tables" on stderr); this is the level it reads then
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
 def key_hash(obj: Any) -> str:

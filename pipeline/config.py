@@ -34,11 +34,13 @@ from pipeline.attacks.base import Budget
 from pipeline.attacks.patch_losses import patch_losses
 from pipeline.defenses.adjust import ADJUSTMENTS
 from pipeline.defenses.adversarial import AdversarialTrainingParams
-from pipeline.models import model_info
+from pipeline.models import resolve_model
 from pipeline.models.weights import TORCHVISION_PREFIX, torchvision_weights
 
-DATASETS = ("cifar10", "gtsrb", "imagenet")
-"""Datasets the prepare stage knows (class names, normalisation constants)."""
+DATASETS = ("cifar10", "gtsrb", "imagenet", "imagefolder")
+"""Dataset kinds the prepare stage knows: three with built-in class names and normalisation
+constants, and ``imagefolder``, any ImageFolder tree whose classes, channels and mean / std come
+from the data (or from ``data.classes`` / ``data.channels`` / ``data.mean`` / ``data.std``)."""
 
 RESERVED_SECTIONS = ("profile", "seed", "data", "model", "train", "resources", "fnc", "fnc_tradeoff", "patch",
                      "evaluate", "rp2", "analysis", "attacks", "mlflow", "report", "defended", "none", "baseline")
@@ -87,8 +89,17 @@ class _Strict(BaseModel):
 class DataConfig(_Strict):
     """``data``: where the dataset is and how much of it to prepare."""
 
-    dataset: Literal["cifar10", "gtsrb", "imagenet"] = "cifar10"
+    dataset: Literal["cifar10", "gtsrb", "imagenet", "imagefolder"] = "cifar10"
     root: str = Field(description="folder holding the dataset (any accepted layout)")
+    classes: list[str] | None = Field(
+        None, min_length=2, description="imagefolder: the class folder names in label order; null: sorted folder names")
+    channels: Literal[1, 3] | None = Field(
+        None, description="imagefolder: 1 (grayscale) or 3 (RGB), images converted on decoding; null: what the "
+                          "first training image is")
+    mean: list[float] | None = Field(
+        None, description="imagefolder: per-channel mean in [0, 1] of the training images; null: computed at prepare")
+    std: list[float] | None = Field(
+        None, description="imagefolder: per-channel standard deviation (> 0); null: computed at prepare")
     download: bool = Field(False, description="use torchvision's download when root holds nothing")
     train_per_class: int | None = Field(None, gt=0, description="keep this many training images a class")
     test_per_class: int | None = Field(None, gt=0, description="keep this many test images a class")
@@ -112,6 +123,26 @@ class DataConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _imagefolder_keys(self) -> DataConfig:
+        given = [k for k in ("classes", "channels", "mean", "std") if getattr(self, k) is not None]
+        if self.dataset != "imagefolder" and given:
+            raise ValueError(f"data.{given[0]} is for data.dataset: imagefolder; {self.dataset} has its own (remove it)")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("give both data.mean and data.std, or neither (computed on the training split)")
+        if self.std is not None:
+            if len(self.mean) != len(self.std) or len(self.std) not in (1, 3):
+                raise ValueError(f"data.mean and data.std need 1 or 3 values each, the same number; got "
+                                 f"{len(self.mean)} and {len(self.std)}")
+            if self.channels is not None and len(self.std) != self.channels:
+                raise ValueError(f"data.mean / data.std have {len(self.std)} values but data.channels is "
+                                 f"{self.channels}; give one value a channel")
+            if min(self.std) <= 0 or not all(0 <= m <= 1 for m in self.mean):
+                raise ValueError("data.std must be > 0 and data.mean in [0, 1] (pixel values in [0, 1])")
+        if self.classes is not None and len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"data.classes lists a name twice: {self.classes}")
+        return self
+
+    @model_validator(mode="after")
     def _imagenet_needs_a_size(self) -> DataConfig:
         if self.dataset == "imagenet" and self.image_size is None:
             raise ValueError("ImageNet's images differ in size: set data.image_size (224 for resnet50 and "
@@ -120,9 +151,12 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    """``model``: architecture from the registry, optionally the user's own weights."""
+    """``model``: architecture from the registry or the user's own ``package.module:callable``,
+    optionally the user's own weights."""
 
-    name: str = "resnet20"
+    name: str = Field("resnet20", description="a registered model, or 'package.module:callable' returning an "
+                                              "nn.Module (called with num_classes / in_channels where it takes them)")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="more keyword arguments of the model's factory")
     checkpoint: str | None = Field(
         None, description="a state dict for this architecture, or torchvision:<WEIGHTS> for torchvision's "
                           "published weights (downloaded once by train_baseline); skips baseline training"
@@ -145,8 +179,18 @@ class ModelConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _known_model(cls, v: str) -> str:
-        model_info(v)  # the registry's error: unknown model 'x'; choose one of: ...
+        resolve_model(v)  # the registry's error (unknown model 'x'; choose one of: ...) or the import's
         return v
+
+
+class AugmentConfig(_Strict):
+    """``train.augment``: the training augmentation, a random crop of the zero-padded image and
+    a horizontal flip (the CIFAR recipe of He et al., CVPR 2016, Section 4.2)."""
+
+    crop_padding: int = Field(4, ge=0, le=64, description="zero padding in pixels before the random crop; 0: no crop")
+    horizontal_flip: bool | None = Field(
+        None, description="flip half of the images left-right; null: the dataset's default (cifar10 and imagenet "
+                          "flip; gtsrb and imagefolder do not, as a mirror can change the label)")
 
 
 class TrainConfig(_Strict):
@@ -169,6 +213,8 @@ class TrainConfig(_Strict):
                           "(pipeline/precision.py); null or false: float32")
     adversarial: AdversarialTrainingParams | None = Field(
         None, description="train on PGD / FGSM-RS examples (Madry et al. 2018; Wong et al. 2020); null: clean")
+    augment: AugmentConfig | None = Field(
+        None, description="crop padding and flips of the training images; null: padding 4 and the dataset's flip")
     workers: int | None = Field(
         None, ge=1, description="data-parallel training workers (Ray Train TorchTrainer, DDP), each with "
                                 "resources.train_num_cpus CPUs and train_num_gpus GPUs; null or 1: one training actor")
@@ -210,12 +256,17 @@ class FNCConfig(AdjustmentConfig):
 
     alpha: float = Field(1.0, gt=0, description="clip norms to alpha x the per-sample mean norm")
     eps: float = Field(1e-6, gt=0, description="guard against zero norms")
+    block_types: list[str] | None = Field(
+        None, min_length=1, description="class names of the blocks clipped, for a model the registry does not know; "
+                                        "null: the registered blocks, else the blocks inside nn.Sequential stages")
     adjustment: Adjustment = "bn_recalibration"
 
     def as_defended(self) -> DefendedConfig:
-        """The section ``{init: baseline, insert_after: [{name: fnc, alpha, eps}], adjustment ...}``."""
-        return DefendedConfig(insert_after=[{"name": "fnc", "alpha": self.alpha, "eps": self.eps}],
-                              **self.model_dump(include=set(AdjustmentConfig.model_fields)))
+        """The section ``{init: baseline, insert_after: [{name: fnc, alpha, eps[, block_types]}], adjustment ...}``."""
+        fnc = {"name": "fnc", "alpha": self.alpha, "eps": self.eps}
+        if self.block_types is not None:
+            fnc["block_types"] = self.block_types
+        return DefendedConfig(insert_after=[fnc], **self.model_dump(include=set(AdjustmentConfig.model_fields)))
 
 
 class FNCTradeoffConfig(_Strict):
@@ -311,7 +362,9 @@ class PatchConfig(_Strict):
     """``patch``: the universal adversarial patch, AdvP (Brown et al. 2017), as used by FNC."""
 
     area_fraction: float = Field(0.1, gt=0, lt=1, description="patch side = floor(sqrt(f H W))")
-    target: int | None = Field(5, ge=0, description="target class; null for an untargeted patch")
+    target: int | None = Field(
+        5, ge=0, description="target class, by index or by name (a class name of the dataset, resolved to its index "
+                             "when the params are read); null for an untargeted patch")
     epochs: int = Field(10, ge=1)
     step_size: Budget = Field(2 / 255, gt=0, le=1, description="signed-gradient step, pixels in [0, 1]")
     decay_epochs: list[int] = Field(default_factory=lambda: [5], description="halve the step at these epochs")
@@ -525,6 +578,28 @@ class Params(_Strict):
 
     @model_validator(mode="before")
     @classmethod
+    def _target_by_name(cls, raw: Any) -> Any:
+        """``patch.target`` given as a class name becomes that class's index (:func:`class_names`)."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("patch"), dict):
+            return raw
+        target = raw["patch"].get("target")
+        if not isinstance(target, str) or target.strip().lstrip("-").isdigit():
+            return raw
+        try:
+            data = DataConfig.model_validate(raw.get("data"))
+        except ValidationError:
+            return raw  # the data section's own error is reported
+        names = class_names(data)
+        if names is None:
+            raise ValueError(f"patch.target {target!r}: the class names of {data.root} are not known before prepare "
+                             "(data.root holds no dataset yet); give data.classes or the class index")
+        if target not in names:
+            raise ValueError(f"patch.target {target!r} is not a class of {data.dataset} ({', '.join(names[:10])}"
+                             f"{', ...' if len(names) > 10 else ''}); give a class name or index")
+        return {**raw, "patch": {**raw["patch"], "target": names.index(target)}}
+
+    @model_validator(mode="before")
+    @classmethod
     def _collect_defended(cls, raw: Any) -> Any:
         """Move the sections named in ``defended`` (all but ``fnc``) into ``defended_models``."""
         if not isinstance(raw, dict):
@@ -616,9 +691,10 @@ class Params(_Strict):
 
     @model_validator(mode="after")
     def _target_in_range(self) -> Params:
-        from pipeline.data.datasets import DATASETS as _INFO  # the chosen dataset's class count
-
-        k = _INFO[self.data.dataset].num_classes
+        names = class_names(self.data)
+        if names is None:  # an ImageFolder not there yet: prepare names its classes
+            return self
+        k = len(names)
         if self.rp2.enabled and max(self.rp2.targets + [self.rp2.true_class]) >= k:
             raise ValueError(f"rp2.targets/true_class must be classes of {self.data.dataset} (0-{k - 1}); "
                              f"got {self.rp2.targets} / {self.rp2.true_class}")
@@ -628,6 +704,25 @@ class Params(_Strict):
                 f"use 0-{k - 1} or null"
             )
         return self
+
+
+def class_names(data: DataConfig) -> list[str] | None:
+    """The class names of ``data`` in label order, as the params can know them: a known dataset's
+    built-in names; for ``imagefolder`` ``data.classes``, or the sorted class folders of the
+    training split under ``data.root`` (a listing, no image read); None when the folder holds
+    no dataset yet."""
+    from pipeline.data.datasets import DATASETS as _INFO
+    from pipeline.data.sources import DatasetError, find_source, list_split
+
+    if data.dataset != "imagefolder":
+        return list(_INFO[data.dataset].classes)
+    if data.classes is not None:
+        return list(data.classes)
+    try:
+        source = find_source(Path(data.root).expanduser())
+        return None if source is None else list(list_split(source, "train").classes)
+    except (DatasetError, OSError):
+        return None
 
 
 def _format_error(err: ValidationError, path: Path) -> str:

@@ -57,9 +57,9 @@ def fixed_placements(n_images: int, placements: int, image_size: tuple[int, int]
     return sample_placements(n_images * placements, image_size, side, generator=gen)
 
 
-def noise_patches(n: int, side: int, seed: int) -> torch.Tensor:
-    """float32 (n, 3, side, side) uniform noise in [0, 1]: the occlusion control."""
-    return torch.rand(n, 3, side, side, generator=torch.Generator().manual_seed(seed))
+def noise_patches(n: int, side: int, seed: int, channels: int = 3) -> torch.Tensor:
+    """float32 (n, channels, side, side) uniform noise in [0, 1]: the occlusion control."""
+    return torch.rand(n, channels, side, side, generator=torch.Generator().manual_seed(seed))
 
 
 @torch.no_grad()

@@ -104,8 +104,23 @@ def save_json(obj: Any, path: str | Path) -> Path:
     return atomic_write(path, lambda f: f.write(data))
 
 
+def image_hwc(image_chw: Any) -> Any:
+    """A float image (C, H, W) in [0, 1] (a torch tensor) as a NumPy array for PIL and matplotlib:
+    (H, W, 3) for RGB, (H, W) for grey (C = 1), values clamped to [0, 1]."""
+    arr = image_chw.detach().cpu().float().clamp(0, 1)
+    return arr[0].numpy() if arr.shape[0] == 1 else arr.permute(1, 2, 0).numpy()
+
+
+def show_image(ax: Any, image_chw: Any, **kw: Any) -> Any:
+    """``ax.imshow`` of a float image (C, H, W) in [0, 1], grey images in grey (not a colour map)."""
+    arr = image_hwc(image_chw)
+    if arr.ndim == 2:
+        kw = {"cmap": "gray", "vmin": 0.0, "vmax": 1.0, **kw}
+    return ax.imshow(arr, **kw)
+
+
 def save_png(image_chw: Any, path: str | Path, upscale: int = 1) -> Path:
-    """Save a float image in [0, 1], shape (3, H, W), as an 8-bit PNG.
+    """Save a float image in [0, 1], shape (C, H, W) with C 3 (RGB) or 1 (grey), as an 8-bit PNG.
 
     ``upscale`` repeats pixels (nearest neighbour) so small patches are visible.
     """
@@ -116,7 +131,7 @@ def save_png(image_chw: Any, path: str | Path, upscale: int = 1) -> Path:
     from PIL import Image
 
     arr = (image_chw.detach().cpu().clamp(0, 1) * 255).round().to(dtype=torch.uint8)
-    arr = arr.permute(1, 2, 0).numpy()
+    arr = arr[0].numpy() if arr.shape[0] == 1 else arr.permute(1, 2, 0).numpy()
     if upscale > 1:
         arr = np.repeat(np.repeat(arr, upscale, axis=0), upscale, axis=1)
     buf = io.BytesIO()

@@ -26,6 +26,7 @@ import importlib.metadata
 import inspect
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ import torch
 
 from pipeline.attacks.base import attack_params_class, build_attack, parse_fraction
 from pipeline.attacks.patch import (
+    Placements,
     corner_placements,
     patch_cache_params,
     patch_side,
@@ -196,7 +198,10 @@ def fit_images(params: Params, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def evaluate_matrix(params: Params) -> Matrix:
-    """Evaluate every (defense, attack) cell of ``params.evaluate`` on the prepared test set.
+    """Evaluate every (defense, attack) cell of ``params.evaluate`` on the prepared test set:
+    :func:`read_matrix_inputs` (the files) then :func:`compute_matrix` (the cells), the
+    evaluate stage's code path, which :func:`pipeline.api.evaluate_model` shares with its
+    inputs made in memory.
 
     Reads ``models/<model>/{baseline,<defense>}.pt``, ``patches/<model>/<attack>/seed_<s>.pt``
     and ``data/prepared/<dataset>``; writes only the caches of ``.cache/evaluate*``.
@@ -208,6 +213,67 @@ def evaluate_matrix(params: Params) -> Matrix:
         ValueError: patch cells are asked for without the clean cell ``none``.
         DatasetError: adaptive cells are asked for and the prepared data has no validation split.
     """
+    return compute_matrix(params, read_matrix_inputs(params))
+
+
+@dataclass
+class MatrixInputs:
+    """What :func:`compute_matrix` evaluates, all in memory.
+
+    Attributes:
+        specs: defense -> the model, as a checkpoint dict (:mod:`pipeline.checkpoint`; one
+            holding the ``module`` itself for an in-memory model), for every ``evaluate.defenses``.
+        x: uint8 (n, 3, H, W) test images, in the order subsets are prefixes of
+            (:func:`evaluated_images`); y: int64 (n,) their labels.
+        patches: defense -> patch cell -> float (S, 3, side, side) in [0, 1]: the patches
+            pasted in each patch cell of ``evaluate.attacks`` (``occlusion``: its noise).
+        placements: ``evaluate.placements * n`` placements (:func:`patch_placements`).
+        cell_cache: ``(defense, attack) -> path`` of the cell's cached predictions; its
+            shards are cached beside it (``shard_<k>_of_<m>.pt``).
+        fit_data: returns the uint8 training images and labels that attacks with
+            ``needs_fit`` are fitted on (called only when one is evaluated); None: none.
+        selection: ``(defense, cell) -> `` what the adaptive search chose (added to the cell's metrics).
+    """
+
+    specs: dict[str, dict[str, Any]]
+    x: torch.Tensor
+    y: torch.Tensor
+    patches: dict[str, dict[str, torch.Tensor]]
+    placements: Placements
+    cell_cache: Callable[[str, str], Path]
+    fit_data: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+    selection: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+
+
+def evaluated_images(x: torch.Tensor, y: torch.Tensor, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
+    """The evaluated test images: ``x`` and ``y`` in the fixed random order of
+    :func:`pipeline.evaluation.test_order` (``evaluate.subset_seed``), cut to the first
+    ``evaluate.test_images``; contiguous copies."""
+    order = test_order(len(x), params.evaluate.subset_seed)[: params.evaluate.test_images]
+    return x[order].contiguous(), y[order].contiguous()
+
+
+def patch_placements(params: Params, n: int, image_size: tuple[int, int], side: int) -> Placements:
+    """Where the patch cells paste their patches in ``n`` test images: ``evaluate.placements``
+    per image, entry ``p * n + i`` for image i; random from ``evaluate.placement_seed``, or
+    the fixed corner for ``patch.location: fixed``."""
+    ev = params.evaluate
+    if params.patch.location == "fixed":
+        return corner_placements(n * ev.placements, image_size, side)
+    return fixed_placements(n, ev.placements, image_size, side, ev.placement_seed)
+
+
+def occlusion_patches(params: Params, side: int, channels: int = 3) -> torch.Tensor:
+    """The ``occlusion`` cell's uniform noise, float (len(patch.seeds), channels, side, side) in
+    [0, 1], drawn from ``evaluate.placement_seed``."""
+    return noise_patches(len(params.patch.seeds), side, params.evaluate.placement_seed, channels)
+
+
+def read_matrix_inputs(params: Params) -> MatrixInputs:
+    """The evaluate stage's :class:`MatrixInputs`, from its files: the checkpoints of
+    ``evaluate.defenses``, the prepared test set, the patches of generate_patches (and the
+    adaptive ones, searched here: :func:`adaptive_patches`), with every cell cached under
+    ``.cache/evaluate/`` by a hash of what it depends on. Raises as :func:`evaluate_matrix`."""
     name, ev = params.model.name, params.evaluate
     ckpts = {d: model_path(name, d) for d in ev.defenses}
     per_image = [a for a in ev.attacks if a not in PATCH_CELLS]
@@ -217,9 +283,7 @@ def evaluate_matrix(params: Params) -> Matrix:
     weights = {d: sha256_file(path) for d, path in ckpts.items()}
     prepared = prepared_dir(params.data.dataset)
     meta = load_meta(prepared)
-    x, y = load_tensors(prepared, "test")
-    order = test_order(len(x), ev.subset_seed)[: ev.test_images]
-    x, y = x[order].contiguous(), y[order].contiguous()
+    x, y = evaluated_images(*load_tensors(prepared, "test"), params)
     _, h, w = meta["image_shape"]
     side = patch_side(params.patch.area_fraction, h, w)
     seeds = params.patch.seeds
@@ -236,7 +300,7 @@ def evaluate_matrix(params: Params) -> Matrix:
             raise FileNotFoundError(f"patches/{name}/{attack}: patch side {patches[attack].shape[-1]} != {side}; "
                                     "rerun generate_patches (dvc repro)")
     if "occlusion" in ev.attacks:
-        patches["occlusion"] = noise_patches(len(seeds), side, ev.placement_seed)
+        patches["occlusion"] = occlusion_patches(params, side, x.shape[1])
         patch_ids["occlusion"] = {"noise_seed": ev.placement_seed, "n": len(seeds), "side": side}
     patches_of = {d: dict(patches) for d in ev.defenses}  # defense -> attack -> (S, 3, side, side)
     ids_of = {d: dict(patch_ids) for d in ev.defenses}
@@ -247,10 +311,6 @@ def evaluate_matrix(params: Params) -> Matrix:
         for d in ev.defenses:
             for a in adaptive:
                 patches_of[d][a], ids_of[d][a] = made[(d, a)]
-    if params.patch.location == "fixed":
-        placements = corner_placements(len(x) * ev.placements, (h, w), side)
-    else:
-        placements = fixed_placements(len(x), ev.placements, (h, w), side, ev.placement_seed)
     where = {"location": params.patch.location, "placements": ev.placements, "placement_seed": ev.placement_seed}
     versions = {pkg: importlib.metadata.version(pkg) for pkg in ("torch", "adversarial-robustness-toolbox")}
 
@@ -266,6 +326,27 @@ def evaluate_matrix(params: Params) -> Matrix:
             key["versions"] = versions  # the classic attacks' code lives in ART
         key["code"] = [sha256_file(f) for f in code]
         return resume_dir("evaluate", key) / "cell.pt"
+
+    return MatrixInputs(specs=specs, x=x, y=y, patches=patches_of, placements=patch_placements(params, len(x), (h, w), side),
+                        cell_cache=cell_cache, fit_data=lambda: fit_images(params, ev.fit_images), selection=selection)
+
+
+def compute_matrix(params: Params, inputs: MatrixInputs) -> Matrix:
+    """Every (defense, attack) cell of ``params.evaluate`` on ``inputs``, the cells cached in
+    ``inputs.cell_cache`` read from there: one Ray task per (defense, test shard) for the clean
+    and patch cells, one per (defense, attack, shard) for the per-image attacks (after fitting
+    those with ``needs_fit`` once per model), each shard cached as its task finishes
+    (:func:`pipeline.cached.cached_map`); then the metrics of every cell and the worst cases.
+
+    Raises:
+        ValueError: patch cells are asked for without the clean cell ``none``, or an attack
+            with ``needs_fit`` without ``inputs.fit_data``.
+        Whatever the tasks raise (:func:`pipeline.distributed.ray_map`).
+    """
+    ev = params.evaluate
+    specs, x, y, patches_of, placements = inputs.specs, inputs.x, inputs.y, inputs.patches, inputs.placements
+    cell_cache = inputs.cell_cache
+    per_image = [a for a in ev.attacks if a not in PATCH_CELLS]
 
     def shard_cache(key: tuple[str, str, int, int]) -> Path:
         """Where shard ``k`` of a cell's ``m`` is cached, as soon as its task has finished."""
@@ -326,7 +407,9 @@ def evaluate_matrix(params: Params) -> Matrix:
         to_fit = [(d, a) for d, a in pending if build_attack(a, params.attack_params(a)).needs_fit]
         fitted: dict[tuple[str, str], Any] = {}
         if to_fit:  # data-dependent set-up (masked PGD's robustness map): once per (defense, attack), not per shard
-            fit_ref = shared(fit_images(params, ev.fit_images))
+            if inputs.fit_data is None:
+                raise ValueError(f"attack {to_fit[0][1]!r} is fitted on training images, and none were given")
+            fit_ref = shared(inputs.fit_data())
             fit_items = [{"spec": spec_refs[d], "attack": a, "params": params.attack_params(a), "fit_data": fit_ref,
                           "num_threads": res.num_cpus} for d, a in to_fit]
             fits = ray_map(fit_task, fit_items, desc=f"fit attacks on {ev.fit_images} training images "
@@ -352,10 +435,11 @@ def evaluate_matrix(params: Params) -> Matrix:
                          "node_ids": sorted({p["node_id"] for p in ps})}
         save_torch(cells[(d, a)], cell_cache(d, a))
 
-    table = _metrics(params, cells, y, per_image, selection)
+    table = _metrics(params, cells, y, per_image, inputs.selection)
     node_ids = sorted({n for c in cells.values() for n in c.get("node_ids", [])})
     return Matrix(table=table, patches=patches_of, n_images=len(x), node_ids=node_ids, per_image=per_image,
-                  transferred=[a for a in ev.attacks if a in PATCH_ATTACKS], adaptive=adaptive)
+                  transferred=[a for a in ev.attacks if a in PATCH_ATTACKS],
+                  adaptive=[a for a in ev.attacks if a in ADAPTIVE_PATCH_ATTACKS])
 
 
 def _metrics(params: Params, cells: dict[tuple[str, str], dict], y: torch.Tensor, per_image: list[str],
@@ -456,7 +540,7 @@ def adaptive_patches(
         d, cell, s, start = job
         attack = ADAPTIVE_PATCH_ATTACKS[cell]
         init = (baseline_patches[attack][p.seeds.index(s)] if start == "warm" else  # random_<r>: its own stream
-                torch.rand(3, side, side, generator=torch.Generator().manual_seed(
+                torch.rand(x.shape[1], side, side, generator=torch.Generator().manual_seed(
                     10_000 * s + int(start.removeprefix("random_")))))
         return {"spec": specs[d], "data": data(), "seed": s, "init": init,
                 "bpda": cell.endswith("_bpda") and _has_bpda(specs[d]),

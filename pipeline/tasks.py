@@ -176,6 +176,8 @@ def fnc_tradeoff_task(item: dict[str, Any]) -> dict[str, Any]:
     if item["alpha"] is not None:
         device = default_device()
         fnc = {"name": "fnc", "alpha": float(item["alpha"]), "eps": float(item["eps"])}
+        if item.get("block_types"):
+            fnc["block_types"] = list(item["block_types"])
         model = apply_defenses(build_from_spec(spec), [fnc]).to(device).eval()
         x_train, y_train = _get(item["train"]) if item["adjustment"] != "none" else (None, None)
         out.update(adjust_after_insertion(

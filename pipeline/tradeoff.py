@@ -24,8 +24,7 @@ from pipeline.cached import shared as put
 from pipeline.checkpoint import load_checkpoint
 from pipeline.cli import resume_dir
 from pipeline.config import Params
-from pipeline.data import load_meta, load_tensors
-from pipeline.data.datasets import DATASETS
+from pipeline.data import dataset_name, horizontal_flip, load_meta, load_tensors
 from pipeline.evaluation import test_order
 from pipeline.io import load_torch, sha256_file
 from pipeline.layout import model_path, patch_path, prepared_dir
@@ -82,7 +81,7 @@ def tradeoff_curve(params: Params) -> tuple[dict[str, Any], list[dict[str, Any]]
         needs_train = any(cell.adjustment not in (None, "none") for cell in cells)
         return {"spec": put(spec), "x": put(x), "patches": put(patches),
                 "train": put(load_tensors(prepared, "train")) if needs_train else None,
-                "horizontal_flip": DATASETS[meta["dataset"]].horizontal_flip}
+                "horizontal_flip": horizontal_flip(meta, params.train.augment), "block_types": fnc.block_types}
 
     def item(c: ft.Cell) -> dict[str, Any]:
         return {**inputs(), "alpha": c.alpha, "adjustment": c.adjustment, "eps": fnc.eps,
@@ -100,7 +99,7 @@ def tradeoff_curve(params: Params) -> tuple[dict[str, Any], list[dict[str, Any]]
     fnc_cells = [records[c] for c in cells if not c.is_baseline]
     reference = papers.FNC_CIFAR10 if params.data.dataset == "cifar10" else None
     summary = {
-        "enabled": True, "profile": params.profile, "model": name, "dataset": params.data.dataset,
+        "enabled": True, "profile": params.profile, "model": name, "dataset": dataset_name(meta),
         "alphas": list(cfg.alphas), "adjustments": list(cfg.adjustments), "attacks": attacks,
         "n_images": len(x), "n_seeds": len(p.seeds), "placements": ev.placements, "patch_target": p.target,
         "baseline": records[cells[0]],

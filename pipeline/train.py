@@ -43,10 +43,11 @@ CROP_PADDING = 4
 """Zero padding of the random-crop augmentation, pixels (He et al. 2016, Section 4.2)."""
 
 
-def cifar_augmentation(image_size: int = 32, padding: int = CROP_PADDING, horizontal_flip: bool = True) -> v2.Compose:
-    """Random crop with zero padding and (unless ``horizontal_flip`` is False, as for
-    traffic signs, whose mirror image can be another class) a horizontal flip, on one
-    uint8 (3, H, W) tensor."""
+def cifar_augmentation(image_size: int | tuple[int, int] = 32, padding: int = CROP_PADDING,
+                       horizontal_flip: bool = True) -> v2.Compose:
+    """Random crop of ``image_size`` (a side, or ``(H, W)``) with zero padding and (unless
+    ``horizontal_flip`` is False, as for traffic signs, whose mirror image can be another
+    class) a horizontal flip, on one uint8 (C, H, W) tensor."""
     crop = [v2.RandomCrop(image_size, padding=padding)]
     return v2.Compose(crop + [v2.RandomHorizontalFlip()] if horizontal_flip else crop)
 
@@ -127,7 +128,9 @@ class Trainer:
             adversarial: the training hook of that key).
         seed: seeds initialisation and every epoch's order and augmentation.
         num_threads: torch intra-op threads (the CPUs this task was given).
-        horizontal_flip: use flip augmentation (the dataset's ``DatasetInfo.horizontal_flip``).
+        horizontal_flip: use flip augmentation (:func:`pipeline.data.horizontal_flip`: ``train.augment``'s
+            or the prepared dataset's). The crop's zero padding is ``cfg.augment.crop_padding``
+            (:data:`CROP_PADDING` without ``train.augment``).
         shard: ``(rank, world_size)`` of data-parallel training (Ray Train,
             :mod:`pipeline.training_run`): with ``world_size > 1`` a
             ``torch.distributed`` process group must exist; every worker draws the
@@ -176,8 +179,9 @@ class Trainer:
                 self.model, device_ids=[self.device] if self.device.type == "cuda" else None
             )
         self.spec = spec
-        image_size = train[0].shape[-1]
-        augment = cifar_augmentation(image_size, horizontal_flip=horizontal_flip)
+        image_size = tuple(train[0].shape[-2:])
+        self.crop_padding = cfg.augment.crop_padding if cfg.augment is not None else CROP_PADDING
+        augment = cifar_augmentation(image_size, self.crop_padding, horizontal_flip=horizontal_flip)
         self.train_set: Dataset = TensorImageDataset(*train, transform=augment)
         self.horizontal_flip = horizontal_flip
         # on a GPU the uint8 training set lives on the device and is augmented there in
@@ -287,7 +291,7 @@ class Trainer:
             gen = torch.Generator().manual_seed(seed + 1)
             for s in range(0, len(x) - self.world_size + 1, bs):  # sharded: no global batch smaller than the world
                 idx = order[s : s + bs][self.rank :: self.world_size]
-                yield batch_crop_flip(x[idx], CROP_PADDING, self.horizontal_flip, gen), y[idx]
+                yield batch_crop_flip(x[idx], self.crop_padding, self.horizontal_flip, gen), y[idx]
             return
         torch.manual_seed(seed + self.rank)  # the v2 transforms draw from torch's global RNG
         order = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(seed))

@@ -61,7 +61,8 @@ def main(params: Params, analysis: str) -> None:
     cfg.update(eps=float(a.eps), step_size=float(a.step_size))
     init_ray()
     ref = shared(inputs)
-    items = [{"name": name, "spec": specs[d], "inputs": ref, "cfg": {**cfg, "defense": d},
+    blocks = {"block_types": params.fnc.block_types} if params.fnc.block_types else {}  # FNC's blocks, for IFNR
+    items = [{"name": name, "spec": specs[d], "inputs": ref, "cfg": {**cfg, **blocks, "defense": d},
               "num_threads": params.resources.num_cpus} for d in a.defenses]
     results = dict(zip(a.defenses, ray_map(analysis_task, items, num_cpus=params.resources.num_cpus,
                                             num_gpus=params.resources.num_gpus, desc=f"analysis {name} (per model)"),

@@ -76,7 +76,7 @@ def main(params: Params) -> None:
                "patch": {k: getattr(p, k) for k in ("attacks", "seeds", "location", "area_fraction", "target")},
                "evaluate": {k: getattr(ev, k) for k in ("subset_seed", "placement_seed", "placements", "test_images")},
                "seed": params.seed}
-    tags = {"profile": params.profile, "paper": params.mlflow.paper, "model": name, "dataset": params.data.dataset,
+    tags = {"profile": params.profile, "paper": params.mlflow.paper, "model": name, "dataset": summary["dataset"],
             "node_ids": ",".join(node_ids)}
     if summary["closest"] is not None:
         tags["closest_to_reference"] = f"alpha {summary['closest']['alpha']:g}, {summary['closest']['adjustment']}"

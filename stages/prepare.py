@@ -12,6 +12,7 @@ import time
 
 from pipeline.cli import key_hash, run_stage
 from pipeline.config import Params
+from pipeline.data import dataset_name
 from pipeline.data.prepare import prepare_dataset, resolve_source
 from pipeline.distributed import init_ray, ray_map
 from pipeline.io import save_json
@@ -46,12 +47,12 @@ def main(params: Params) -> None:
     log.info("prepared %s: %d train, %d validation, %d test images (%s) in %.1f s", cfg.dataset,
              summary["n_train"], summary["n_val"], summary["n_test"], meta["mode"], seconds)
     with stage_run("prepare", params.mlflow.experiment, {"data": cfg.model_dump(mode="json"), "seed": params.seed},
-                   tags={"profile": params.profile, "paper": params.mlflow.paper, "dataset": cfg.dataset}):
+                   tags={"profile": params.profile, "paper": params.mlflow.paper, "dataset": dataset_name(meta)}):
         log_metrics(summary)
         log_dict(meta, "meta.json")
         for split, context in (("train", "train"), ("val", "validation"), ("test", "test")):
             info = meta["splits"][split]
-            log_dataset(f"{cfg.dataset} {split}", out_dir, key_hash({"split": split, "meta": meta}), context,
+            log_dataset(f"{dataset_name(meta)} {split}", out_dir, key_hash({"split": split, "meta": meta}), context,
                         {"n_images": info["n_images"]})
 
 

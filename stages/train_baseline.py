@@ -16,8 +16,7 @@ import pandas as pd
 from pipeline.checkpoint import model_spec, save_checkpoint
 from pipeline.cli import resume_dir, run_stage
 from pipeline.config import Params, ParamsError
-from pipeline.data import load_meta, load_tensors
-from pipeline.data.datasets import DATASETS
+from pipeline.data import dataset_name, horizontal_flip, load_meta, load_tensors
 from pipeline.io import atomic_write, save_json
 from pipeline.layout import model_path, prepared_dir
 from pipeline.models import build_model
@@ -35,20 +34,21 @@ def main(params: Params) -> None:
     x_train, y_train = load_tensors(prepared_dir(params.data.dataset), "train")
     x_test, y_test = load_tensors(prepared_dir(params.data.dataset), "test")
     name = params.model.name
-    spec = model_spec(name, len(meta["classes"]), meta["mean"], meta["std"], None)
+    spec = model_spec(name, len(meta["classes"]), meta["mean"], meta["std"], None, kwargs=params.model.kwargs)
     out_path = model_path(name)
     # exclude_none: options added later (train.adversarial) leave the resume key of runs without them unchanged
     section = {"model": params.model.model_dump(), "train": params.train.model_dump(exclude_none=True),
                "seed": params.seed}
     tags = {"profile": params.profile, "paper": params.mlflow.paper,
-            "model": name, "defense": "none", "dataset": meta["dataset"]}
+            "model": name, "defense": "none", "dataset": dataset_name(meta)}
 
     if params.model.checkpoint:  # the user's own weights: evaluate and adopt, no training
         try:
             weights = params.model.checkpoint
             if weights.startswith(TORCHVISION_PREFIX):  # torchvision's published weights, downloaded once
                 weights = torchvision_weights_file(name, weights.removeprefix(TORCHVISION_PREFIX))
-            model = build_model(name, spec["num_classes"], spec["mean"], spec["std"], weights=weights)
+            model = build_model(name, spec["num_classes"], spec["mean"], spec["std"], weights=weights,
+                                kwargs=params.model.kwargs)
         except ValueError as exc:
             raise ParamsError(f"model.checkpoint: {exc}") from None
         spec["state_dict"] = model.state_dict()
@@ -64,7 +64,7 @@ def main(params: Params) -> None:
     key = {**section, "data": meta["source"]["sha256"], "subset": meta["subset"], "splits": meta["splits"]}
     state_dict, history, run_id = train_resumable(
         "train_baseline", spec, (x_train, y_train), (x_test, y_test), params.train, params.seed,
-        params.resources, DATASETS[meta["dataset"]].horizontal_flip, resume_dir("train_baseline", key),
+        params.resources, horizontal_flip(meta, params.train.augment), resume_dir("train_baseline", key),
         params.mlflow.experiment, section, tags, desc=f"train {name}")
     spec["state_dict"] = state_dict
     save_checkpoint(spec, out_path)

@@ -26,8 +26,7 @@ import pandas as pd
 from pipeline.checkpoint import build_from_spec, load_checkpoint, model_spec, save_checkpoint
 from pipeline.cli import run_stage
 from pipeline.config import Params, ParamsError, TrainConfig
-from pipeline.data import load_meta, load_tensors
-from pipeline.data.datasets import DATASETS
+from pipeline.data import dataset_name, horizontal_flip, load_meta, load_tensors
 from pipeline.defended import build_defended
 from pipeline.defenses.base import check_defenses
 from pipeline.io import atomic_write, save_json
@@ -42,13 +41,13 @@ def main(params: Params, defense: str) -> None:
     cfg = params.defended_config(defense)  # ParamsError when not listed in `defended`
     name = params.model.name
     meta = load_meta(prepared_dir(params.data.dataset))
-    horizontal_flip = DATASETS[meta["dataset"]].horizontal_flip  # the training augmentation's flips
     baseline = load_checkpoint(model_path(name))
     base = baseline if cfg.init == "baseline" else model_spec(name, len(meta["classes"]), meta["mean"], meta["std"],
-                                                               None)
+                                                               None, kwargs=params.model.kwargs)
     train_cfg = None
     if cfg.train is not None:
         train_cfg = TrainConfig.model_validate({**params.train.model_dump(), **cfg.train})
+    flip = horizontal_flip(meta, (train_cfg or params.train).augment)  # the training augmentation's flips
     try:  # every defense must fit the model before any work starts
         check_defenses(lambda: build_from_spec({**base, "state_dict": None, "defenses": []}),
                        cfg.defenses + cfg.insert_after, tuple(meta["image_shape"]))
@@ -59,12 +58,12 @@ def main(params: Params, defense: str) -> None:
     if train_cfg is not None:
         section["train"] = train_cfg.model_dump(exclude_none=True)
     tags = {"profile": params.profile, "paper": params.mlflow.paper,
-            "model": name, "defense": defense, "dataset": meta["dataset"]}
+            "model": name, "defense": defense, "dataset": dataset_name(meta)}
     x_train, y_train = load_tensors(prepared_dir(params.data.dataset), "train")
     x_test, y_test = load_tensors(prepared_dir(params.data.dataset), "test")
 
     (out, result, history, run_id) = build_defended(params, defense, cfg, base, meta, train_cfg,
-                                                    ((x_train, y_train), (x_test, y_test)), horizontal_flip,
+                                                    ((x_train, y_train), (x_test, y_test)), flip,
                                                     section, tags)
     out_path = model_path(name, defense)
     save_checkpoint(out, out_path)

@@ -112,7 +112,7 @@ def test_register_custom_model_and_reject_duplicates():
 def test_bad_arguments_rejected():
     with pytest.raises(ValueError, match="num_classes"):
         build_model("resnet20", 0, CIFAR_MEAN, CIFAR_STD)
-    with pytest.raises(ValueError, match="3 values"):
+    with pytest.raises(ValueError, match="one value a channel"):
         build_model("resnet20", 10, (0.5, 0.5), CIFAR_STD)
     with pytest.raises(ValueError, match="std must be > 0"):
         build_model("resnet20", 10, CIFAR_MEAN, (0.2, 0.0, 0.2))

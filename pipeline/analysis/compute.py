@@ -65,7 +65,7 @@ def analyse_model(name: str, model: torch.nn.Module, inputs: dict[str, Any], cfg
 
         patched = apply_patch(x, inputs["patch"], inputs["placements"])
         with torch.no_grad():
-            table = ifnr_table(model, x, patched, cfg["batch_size"])
+            table = ifnr_table(model, x, patched, cfg["batch_size"], cfg.get("block_types"))
         return {"table": table, "clean": x[:1], "patched": patched[:1]}
     if name == "pixel_robustness":
         from pipeline.attacks.masked_pgd import accuracy_vs_k, pixel_robustness_map

@@ -11,7 +11,7 @@ causes (``f(patched) - f(clean)``), both (C, H, W) for one image,
 (norms over channels at each position). The paper's ResNet-50 table gives the mean
 over images per stage: conv2_3 1.05, conv3_4 1.80, conv4_6 2.98, conv5_3 3.39.
 
-The blocks are those feature norm clipping acts on (:func:`pipeline.models.fnc_block_types`);
+The blocks are those feature norm clipping acts on (:func:`pipeline.models.find_blocks`);
 with FNC inserted, the recorded outputs are the clipped ones, so the same analysis
 shows what clipping leaves of the patch's effect.
 """
@@ -28,20 +28,23 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from pipeline.models import fnc_block_types  # noqa: E402
+from pipeline.io import show_image  # noqa: E402
+from pipeline.models import find_blocks  # noqa: E402
 
 __all__ = ["block_outputs", "channel_norms", "ifnr", "ifnr_table", "norm_map_figure"]
 
 
 @torch.no_grad()
-def block_outputs(model: nn.Module, x: torch.Tensor, block_types: Iterable[type] | None = None) -> dict[str, torch.Tensor]:
+def block_outputs(model: nn.Module, x: torch.Tensor,
+                  block_types: Iterable[type | str] | None = None) -> dict[str, torch.Tensor]:
     """The output of every block of ``model`` for the batch ``x``.
 
     Args:
         model: maps float (N, 3, H, W) in [0, 1] to logits; used as it is (put it in
             eval mode first).
         x: float (N, 3, H, W) in [0, 1].
-        block_types: module classes recorded (default: the FNC block types).
+        block_types: module classes or class names recorded (default: FNC's rule,
+            :func:`pipeline.models.find_blocks`).
 
     Returns:
         ``{qualified block name: float (N, C, h, w)}`` in forward order (after any
@@ -50,15 +53,11 @@ def block_outputs(model: nn.Module, x: torch.Tensor, block_types: Iterable[type]
     Raises:
         ValueError: no block of those types in the model.
     """
-    types = tuple(block_types) if block_types is not None else fnc_block_types()
     out: dict[str, torch.Tensor] = {}
-    handles = []
-    for name, module in model.named_modules():
-        if isinstance(module, types):
-            handles.append(module.register_forward_hook(
-                lambda _m, _i, o, name=name: out.__setitem__(name, o.detach())))
+    handles = [module.register_forward_hook(lambda _m, _i, o, name=name: out.__setitem__(name, o.detach()))
+               for name, module in find_blocks(model, block_types)]
     if not handles:
-        raise ValueError(f"{type(model).__name__} has no block of types {[t.__name__ for t in types]}")
+        raise ValueError(f"{type(model).__name__} has no blocks ({block_types or 'the rule of find_blocks'})")
     try:
         model(x)
     finally:
@@ -92,7 +91,7 @@ def ifnr(clean: torch.Tensor, patched: torch.Tensor, eps: float = 1e-12) -> torc
 
 
 def ifnr_table(model: nn.Module, clean: torch.Tensor, patched: torch.Tensor, batch_size: int = 200,
-               block_types: Iterable[type] | None = None) -> pd.DataFrame:
+               block_types: Iterable[type | str] | None = None) -> pd.DataFrame:
     """IFNR of every block, mean and standard deviation over the images.
 
     Args:
@@ -136,7 +135,7 @@ def norm_map_figure(model: nn.Module, clean: torch.Tensor, patched: torch.Tensor
     pick = list(dict.fromkeys(pick))
     fig, axes = plt.subplots(2, len(pick) + 1, figsize=(2.2 * (len(pick) + 1), 4.6), squeeze=False)
     for row, img in enumerate((clean[0], patched[0])):
-        axes[row, 0].imshow(img.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+        show_image(axes[row, 0], img, interpolation="nearest")
         axes[row, 0].set_title("clean" if row == 0 else "patched", fontsize=9)
     for col, name in enumerate(pick, start=1):
         a, b = channel_norms(fc[name])[0], channel_norms(fp[name])[0]

@@ -38,7 +38,7 @@ from pipeline.evaluation import fixed_placements, test_order  # noqa: E402
 from pipeline.io import atomic_write, load_torch, save_figure  # noqa: E402
 from pipeline.layout import model_path, patch_path, prepared_dir, rp2_mask_path, sticker_dir  # noqa: E402
 from pipeline.metrics import rate_interval  # noqa: E402
-from pipeline.models import fnc_block_types  # noqa: E402
+from pipeline.models import find_blocks  # noqa: E402
 
 IFNR_RESNET50 = [1.05, 1.80, 2.98, 3.39]
 """The FNC paper's IFNR row for ResNet-50 on ImageNet (conv2_3, conv3_4, conv4_6, conv5_3; seed 000)."""
@@ -275,7 +275,7 @@ def _spectrum_note(params: Params, specs: dict) -> str | None:
 
 
 def _feature_norms_note(params: Params, specs: dict) -> str | None:
-    if any(isinstance(m, fnc_block_types()) for m in build_from_spec(next(iter(specs.values()))).modules()):
+    if find_blocks(build_from_spec(next(iter(specs.values()))), params.fnc.block_types):
         return None
     return ("IFNR (Yu et al. 2021, Sec. 3) compares feature norms at the outputs of cascaded blocks (residual, "
             f"inverted-residual, inception); {params.model.name} has none, so this analysis has nothing to measure.\n")

@@ -249,15 +249,15 @@ def train_universal_patch(
     per step, or the fixed corner.
 
     Args:
-        model: maps float (N, 3, H, W) in [0, 1] to logits; used in eval mode,
+        model: maps float (N, C, H, W) in [0, 1] to logits; used in eval mode,
             its parameters get no gradients.
-        images: uint8 (N, 3, H, W), 0-255 (the training images; for a targeted
-            patch pass only images whose label is not the target).
+        images: uint8 (N, C, H, W), 0-255, C 3 (RGB) or 1 (grey) (the training images;
+            for a targeted patch pass only images whose label is not the target).
         labels: int64 (N,).
         cfg: patch settings.
         seed: seeds the placements and the image order.
         device: where to compute.
-        init: the starting patch, float (3, s, s) in [0, 1] (a warm start from a
+        init: the starting patch, float (C, s, s) in [0, 1] (a warm start from a
             transferred patch, or a random start); ``None``: zeros, as the FNC authors.
 
     Returns:
@@ -275,13 +275,13 @@ def train_universal_patch(
         p.requires_grad_(False)
     dtype = amp_dtype(device, cfg.amp)
     gen = torch.Generator().manual_seed(seed)
+    n, c, h, w = images.shape
     if init is None:
-        patch = torch.zeros(3, cfg.side, cfg.side, device=device)  # zero start, as the authors
-    elif init.shape != (3, cfg.side, cfg.side) or init.min() < 0 or init.max() > 1:
-        raise ValueError(f"init patch must be (3, {cfg.side}, {cfg.side}) in [0, 1], got {tuple(init.shape)}")
+        patch = torch.zeros(c, cfg.side, cfg.side, device=device)  # zero start, as the authors
+    elif init.shape != (c, cfg.side, cfg.side) or init.min() < 0 or init.max() > 1:
+        raise ValueError(f"init patch must be ({c}, {cfg.side}, {cfg.side}) in [0, 1], got {tuple(init.shape)}")
     else:
         patch = init.detach().to(device, torch.float32).clone()
-    n, _, h, w = images.shape
     history = []
     step = cfg.step_size
     for epoch in tqdm(range(cfg.epochs), desc=f"patch seed {seed}", leave=False, disable=None):

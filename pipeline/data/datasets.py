@@ -3,7 +3,7 @@
 Two storage modes, chosen by the prepare stage from the decoded size:
 
 * ``tensor`` (CIFAR-10 and other small sets): ``<split>.pt`` holds
-  ``{"x": uint8 (N, 3, H, W), "y": int64 (N,)}``; CIFAR-10 takes 184 MB.
+  ``{"x": uint8 (N, C, H, W), "y": int64 (N,)}``; CIFAR-10 takes 184 MB.
 * ``lazy`` (ImageNet-size folders): ``<split>_index.json`` lists the source
   members and labels; :class:`LazyImageDataset` decodes one image at a time
   from the archive or folder, so the set is never decoded whole.
@@ -12,7 +12,10 @@ Known datasets (:data:`DATASETS`, chosen by ``data.dataset``): ``cifar10``,
 ``gtsrb`` (43 traffic-sign classes at 32x32, Stallkamp et al., IJCNN 2011, read
 from ``train.zip`` / ``test.zip`` + ``classes.csv``) and ``imagenet`` (ILSVRC-2012,
 Russakovsky et al., IJCV 2015: a local ``train/<wnid>/`` + ``val/<wnid>/`` tree, images
-resized and centre-cropped to ``data.image_size`` when decoded).
+resized and centre-cropped to ``data.image_size`` when decoded). ``data.dataset: imagefolder``
+is any other ImageFolder tree: its classes, channels and mean / std come from the data
+(:mod:`pipeline.data.prepare`), and every later stage reads them from the prepared ``meta.json``
+(:func:`horizontal_flip`, :func:`dataset_name`), never from :data:`DATASETS`.
 """
 
 from __future__ import annotations
@@ -148,12 +151,33 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 
-def decode_image(blob: bytes, name: str = "<image>", size: int | None = None) -> np.ndarray:
-    """Decode PNG/JPEG bytes to a uint8 array (3, H, W), RGB.
+GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "F")
+"""PIL image modes with one channel of colour (``LA``: grey plus alpha)."""
+
+
+def image_channels(blob: bytes, name: str = "<image>") -> int:
+    """1 for a grayscale image (PIL modes :data:`GRAYSCALE_MODES`), else 3; reads only the header.
+
+    Raises:
+        ValueError: the bytes are not a decodable image (message names ``name``).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(blob)) as im:
+            return 1 if im.mode in GRAYSCALE_MODES else 3
+    except (UnidentifiedImageError, OSError, SyntaxError):
+        raise ValueError(f"{name}: not a decodable image; replace the file") from None
+
+
+def decode_image(blob: bytes, name: str = "<image>", size: int | None = None, channels: int = 3) -> np.ndarray:
+    """Decode PNG/JPEG bytes to a uint8 array (C, H, W): RGB (``channels`` 3) or grey (1).
 
     Args:
         blob: the encoded file.
         name: its name, for error messages.
+        channels: 3 converts to RGB (a grey image repeated), 1 to PIL's luminance
+            ``L = 0.299 R + 0.587 G + 0.114 B`` (ITU-R 601-2).
         size: None keeps the image as it is; otherwise the standard ImageNet evaluation
             view, with torchvision's own ``Resize(round(size / 0.875))`` + ``CenterCrop(size)``
             (the transform of torchvision's ImageNet weights): the shorter side resized to
@@ -167,10 +191,12 @@ def decode_image(blob: bytes, name: str = "<image>", size: int | None = None) ->
 
     try:
         with Image.open(io.BytesIO(blob)) as im:
-            im = im.convert("RGB")
+            im = im.convert("L" if channels == 1 else "RGB")
             if size is not None:
                 im = _resize_center_crop(im, size)
             arr = np.asarray(im, dtype=np.uint8)
+            if arr.ndim == 2:
+                arr = arr[:, :, None]
     except UnidentifiedImageError:  # its message names the in-memory buffer (<_io.BytesIO object at 0x...>)
         raise ValueError(f"{name}: not a decodable image (unknown format or damaged header); replace the file") from None
     except (OSError, SyntaxError) as exc:
@@ -191,17 +217,17 @@ class TensorImageDataset(Dataset):
     """Images held in memory as uint8.
 
     Args:
-        x: uint8 tensor (N, 3, H, W), pixel values 0-255.
+        x: uint8 tensor (N, C, H, W), pixel values 0-255.
         y: int64 tensor (N,), class indices.
-        transform: optional callable on one uint8 (3, H, W) tensor (for example
-            a ``torchvision.transforms.v2`` pipeline), returning uint8 (3, H, W).
+        transform: optional callable on one uint8 (C, H, W) tensor (for example
+            a ``torchvision.transforms.v2`` pipeline), returning uint8 (C, H, W).
 
-    Items are ``(uint8 (3, H, W), int64 scalar)``.
+    Items are ``(uint8 (C, H, W), int64 scalar)``.
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, transform: Any = None) -> None:
         if x.dtype != torch.uint8 or x.ndim != 4:
-            raise ValueError(f"x must be uint8 (N, 3, H, W), got {x.dtype} {tuple(x.shape)}")
+            raise ValueError(f"x must be uint8 (N, C, H, W), got {x.dtype} {tuple(x.shape)}")
         if len(x) != len(y):
             raise ValueError(f"x and y differ in length: {len(x)} vs {len(y)}")
         self.x, self.y, self.transform = x, y, transform
@@ -235,6 +261,7 @@ class LazyImageDataset(Dataset):
         self.members = list(index["members"])
         self.y = torch.tensor(index["labels"], dtype=torch.int64)
         self.size = index.get("image_size")
+        self.channels = index.get("channels", 3)
         self.transform = transform
         self._zip: zipfile.ZipFile | None = None
 
@@ -250,7 +277,8 @@ class LazyImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         name = self.members[i]
-        img = torch.from_numpy(decode_image(self._read(name), f"{self.source}: {name}", self.size))
+        img = torch.from_numpy(decode_image(self._read(name), f"{self.source}: {name}", self.size,
+                                                self.channels))
         if self.transform is not None:
             img = self.transform(img)
         return img, self.y[i]
@@ -273,12 +301,30 @@ def load_meta(prepared_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def horizontal_flip(meta: dict[str, Any], augment: Any = None) -> bool:
+    """Whether training flips images left-right: ``train.augment.horizontal_flip`` when set
+    (``augment`` a :class:`pipeline.config.AugmentConfig` or None), else the prepared dataset's
+    default (``meta["horizontal_flip"]``: True for cifar10 and imagenet; False for gtsrb, where a
+    mirror turns "keep left" into "keep right", and for imagefolder, whose classes are unknown)."""
+    if augment is not None and augment.horizontal_flip is not None:
+        return bool(augment.horizontal_flip)
+    if "horizontal_flip" in meta:
+        return bool(meta["horizontal_flip"])
+    return DATASETS[meta["dataset"]].horizontal_flip  # prepared before the key existed
+
+
+def dataset_name(meta: dict[str, Any]) -> str:
+    """The dataset's name in reports and MLflow tags: the known dataset's (``cifar10``), or an
+    ImageFolder's folder name (``meta["name"]``)."""
+    return str(meta.get("name") or meta["dataset"])
+
+
 def load_split(prepared_dir: str | Path, split: str, transform: Any = None) -> Dataset:
     """The prepared ``split`` ("train", "val" or "test") as a dataset of uint8 images.
 
     Returns:
         :class:`TensorImageDataset` (mode ``tensor``) or :class:`LazyImageDataset`
-        (mode ``lazy``); items are ``(uint8 (3, H, W), int64)``.
+        (mode ``lazy``); items are ``(uint8 (C, H, W), int64)``.
     """
     prepared_dir = Path(prepared_dir)
     meta = load_meta(prepared_dir)
@@ -290,7 +336,7 @@ def load_split(prepared_dir: str | Path, split: str, transform: Any = None) -> D
 
 
 def load_tensors(prepared_dir: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x uint8 (N, 3, H, W), y int64 (N,))`` of a split stored in ``tensor`` mode.
+    """``(x uint8 (N, C, H, W), y int64 (N,))`` of a split stored in ``tensor`` mode.
 
     Raises:
         DatasetError: the split was prepared lazily (too large to hold in memory).
@@ -307,7 +353,7 @@ def load_tensors(prepared_dir: str | Path, split: str) -> tuple[torch.Tensor, to
 
 
 def load_validation(prepared_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """The validation split, ``(x uint8 (N, 3, H, W), y int64 (N,))``: training images held out
+    """The validation split, ``(x uint8 (N, C, H, W), y int64 (N,))``: training images held out
     by prepare (``data.val_per_class`` a class) for every selection and calibration, so that no
     value is chosen by looking at test images.
 

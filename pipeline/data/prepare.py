@@ -1,7 +1,8 @@
 """The prepare stage's work: decode a dataset once into compact uint8 tensors.
 
 Reads ``data.root`` in any layout of :mod:`pipeline.data.sources` (archives are
-read in place), optionally keeps a deterministic per-class subset, decodes the
+read in place; for ``data.dataset: imagefolder`` the classes are the folders, the channels
+and mean / std come from the images), optionally keeps a deterministic per-class subset, decodes the
 images in shards (one task each, fanned out by the caller's ``mapper``, Ray in
 the stage), holds ``data.val_per_class`` training images a class out as the
 validation split, and writes ``train.pt``, ``val.pt``, ``test.pt`` and ``meta.json`` into the
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from pipeline.config import DataConfig
-from pipeline.data.datasets import DATASETS, decode_image
+from pipeline.data.datasets import DATASETS, decode_image, image_channels
 from pipeline.data.sources import (
     NO_SOURCE_HINT,
     SPLITS,
@@ -43,22 +44,23 @@ log = logging.getLogger(__name__)
 Mapper = Callable[[Callable[[Any], Any], Sequence[Any]], list[Any]]
 
 
-def decode_shard(shard: tuple[list[str], list[bytes], int | None]) -> np.ndarray:
-    """Decode one shard: ``(names, encoded bytes, image_size)`` to uint8 (n, 3, H, W).
+def decode_shard(shard: tuple[list[str], list[bytes], int | None, int]) -> np.ndarray:
+    """Decode one shard: ``(names, encoded bytes, image_size, channels)`` to uint8 (n, C, H, W).
 
     ``image_size`` None keeps the images as stored; an int resizes and centre-crops each
-    to (3, image_size, image_size) (:func:`pipeline.data.datasets.decode_image`).
+    to (C, image_size, image_size); ``channels`` 3 is RGB, 1 grey
+    (:func:`pipeline.data.datasets.decode_image`).
 
     Raises:
         ValueError: an image does not decode, or the images differ in size.
     """
-    names, blobs, size = shard
-    arrays = [decode_image(b, n, size) for n, b in zip(names, blobs, strict=True)]
+    names, blobs, size, channels = shard
+    arrays = [decode_image(b, n, size, channels) for n, b in zip(names, blobs, strict=True)]
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         raise ValueError(f"images differ in size ({sorted(shapes)[:3]}...); set data.image_size to resize and "
                          "centre-crop them")
-    return np.stack(arrays) if arrays else np.zeros((0, 3, 1, 1), np.uint8)
+    return np.stack(arrays) if arrays else np.zeros((0, channels, 1, 1), np.uint8)
 
 
 def subset_per_class(labels: np.ndarray, per_class: int | None, seed: int) -> np.ndarray:
@@ -119,8 +121,11 @@ def check_source(cfg: DataConfig) -> Source | None:
     source = find_source(root)
     if source is not None:
         return source
-    info = DATASETS[cfg.dataset]
     what = "does not exist" if not root.exists() else "holds no accepted dataset layout"
+    if cfg.dataset == "imagefolder":
+        raise DatasetError(f"data.root {root} {what}; point it at a folder with train/<class>/<image> and "
+                           "test/<class>/<image>, or train.zip + test.zip holding them")
+    info = DATASETS[cfg.dataset]
     if not info.downloadable:
         raise DatasetError(f"data.root {root} {what}; {cfg.dataset} cannot be downloaded automatically: {info.source_hint}")
     if not cfg.download:
@@ -187,33 +192,46 @@ def prepare_dataset(cfg: DataConfig, out_dir: str | Path, seed: int, mapper: Map
             before starting Ray); None: resolved here.
 
     Returns:
-        The meta dict (also written to ``out_dir/meta.json``): dataset, classes
-        (label order; for GTSRB the names in ``classes.csv``), mean / std,
-        per-split counts and per-class counts, image shape, storage mode,
-        source layout and checksums (of the archives and, for GTSRB, ``classes.csv``).
+        The meta dict (also written to ``out_dir/meta.json``): dataset (kind) and name (the
+        kind, or an ImageFolder's folder name), classes (label order; for GTSRB the names in
+        ``classes.csv``; for ``imagefolder`` ``data.classes`` or the sorted folder names),
+        channels (1 or 3), mean / std (one per channel, [0, 1] units: the known dataset's, or
+        ``data.mean`` / ``data.std``, or computed on the kept training split by
+        :func:`channel_mean_std`), horizontal_flip (the dataset's default augmentation), per-split
+        counts and per-class counts, image shape (C, H, W), storage mode, source layout and
+        checksums (of the archives and, for GTSRB, ``classes.csv``).
 
     Raises:
         DatasetError: missing, malformed or corrupt source or class-list file
             (before any decoding).
     """
     mapper = mapper or (lambda fn, items: [fn(i) for i in items])
-    info = DATASETS[cfg.dataset]
     source = source if source is not None else resolve_source(cfg)
     root = source.root
     if source.layout == "cifar_batches" and cfg.dataset != "cifar10":
         raise DatasetError(f"data.root {root} holds CIFAR-10 batch files, not {cfg.dataset}; check data.root")
-    names = class_names(cfg, root)
-    expected = None if info.folders_sorted else list(info.folder_names)
-    listings = {s: list_split(source, s, expected) for s in SPLITS}
-    if info.folders_sorted:
-        _check_sorted_folders(listings, info.num_classes, cfg.dataset, root)
+    info = DATASETS.get(cfg.dataset)  # None: an ImageFolder whose classes are its folders
+    if info is None:
+        train = list_split(source, "train", cfg.classes)
+        listings = {"train": train, "test": list_split(source, "test", train.classes)}
+        names = list(train.classes)
+    else:
+        names = class_names(cfg, root)
+        expected = None if info.folders_sorted else list(info.folder_names)
+        listings = {s: list_split(source, s, expected) for s in SPLITS}
+        if info.folders_sorted:
+            _check_sorted_folders(listings, info.num_classes, cfg.dataset, root)
     per_class = {"train": cfg.train_per_class, "test": cfg.test_per_class}
     keep = {s: subset_per_class(listings[s].labels, per_class[s], seed) for s in SPLITS}
     keep["train"], keep["val"] = split_validation(listings["train"].labels, keep["train"], cfg.val_per_class, seed)
     listings["val"] = listings["train"]  # the validation split is held out of the training images
 
+    channels = _channels(cfg, listings["train"], keep["train"])
     mode, shape = _storage_mode(listings["train"], np.concatenate([keep["train"], keep["val"]]), len(keep["test"]),
-                                cfg.lazy_threshold_mb, cfg.image_size)
+                                cfg.lazy_threshold_mb, cfg.image_size, channels)
+    if info is None and mode == "lazy" and cfg.mean is None:
+        raise DatasetError(f"{root}: too large to hold decoded (data.lazy_threshold_mb), so its mean / std cannot be "
+                           "computed at prepare; give data.mean and data.std (one value a channel, in [0, 1])")
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -232,29 +250,39 @@ def prepare_dataset(cfg: DataConfig, out_dir: str | Path, seed: int, mapper: Map
                         "members": [listing.members[i] for i in idx],
                         "labels": y.tolist(),
                         "image_size": cfg.image_size,
+                        "channels": channels,
                     },
                     tmp / f"{s}_index.json",
                 )
             else:
-                x = (_decode_split(listing, idx, cfg.num_shards, mapper, cfg.image_size) if len(idx)
+                x = (_decode_split(listing, idx, cfg.num_shards, mapper, cfg.image_size, channels) if len(idx)
                      else np.zeros((0, *shape), np.uint8))
+                if s == "train" and info is None and cfg.mean is None:
+                    mean, std = channel_mean_std(x)
                 save_torch({"x": torch.from_numpy(x), "y": torch.from_numpy(y)}, tmp / f"{s}.pt")
             counts[s] = {
                 "n_images": int(len(idx)),
                 "per_class": {names[c]: int((y == c).sum()) for c in range(len(names))},
             }
+        if info is not None:
+            mean, std = list(info.mean), list(info.std)
+        elif cfg.mean is not None:
+            mean, std = list(cfg.mean), list(cfg.std)
         meta = {
             "dataset": cfg.dataset,
+            "name": cfg.dataset if info is not None else _folder_name(root),
             "classes": names,
-            "mean": list(info.mean),
-            "std": list(info.std),
+            "channels": channels,
+            "mean": mean,
+            "std": std,
+            "horizontal_flip": info.horizontal_flip if info is not None else False,
             "image_shape": list(shape),
             "mode": mode,
             "splits": counts,
             "source": {
                 "layout": listings["train"].layout,
                 "root": str(root),
-                "sha256": _checksums(source, info.classes_file),
+                "sha256": _checksums(source, info.classes_file if info is not None else None),
             },
             "subset": {"train_per_class": cfg.train_per_class, "test_per_class": cfg.test_per_class,
                        "val_per_class": cfg.val_per_class, "seed": seed},
@@ -272,6 +300,53 @@ def prepare_dataset(cfg: DataConfig, out_dir: str | Path, seed: int, mapper: Map
     return meta
 
 
+def channel_mean_std(x: np.ndarray, chunk: int = 4096) -> tuple[list[float], list[float]]:
+    """Per-channel mean and (population) standard deviation of uint8 images (N, C, H, W), in
+    [0, 1] units, accumulated in float64 a ``chunk`` of images at a time (CIFAR-10's training
+    set would take 1.2 GB as float64 whole); rounded to 6 decimals.
+
+    Raises:
+        DatasetError: no images, or a channel with zero spread (every pixel the same value:
+            normalising would divide by zero; give data.mean and data.std).
+    """
+    if len(x) == 0:
+        raise DatasetError("no training images to compute data.mean / data.std on; give them in the params")
+    total = np.zeros(x.shape[1])
+    squares = np.zeros(x.shape[1])
+    for s in range(0, len(x), chunk):
+        part = x[s : s + chunk].astype(np.float64) / 255.0
+        total += part.sum(axis=(0, 2, 3))
+        squares += np.square(part).sum(axis=(0, 2, 3))
+    n = len(x) * x.shape[2] * x.shape[3]
+    mean = total / n
+    std = np.sqrt(np.maximum(squares / n - mean**2, 0.0))
+    if (std <= 0).any():
+        raise DatasetError("a channel of the training images has no spread (every pixel the same); give data.mean "
+                           "and data.std")
+    return [round(float(m), 6) for m in mean], [round(float(v), 6) for v in std]
+
+
+def _folder_name(root: Path) -> str:
+    """An ImageFolder dataset's name: its folder's (``data/mnist`` -> ``mnist``)."""
+    return root.resolve().name or "imagefolder"
+
+
+def _channels(cfg: DataConfig, train: SplitListing, idx: np.ndarray) -> int:
+    """``data.channels``, or for an ImageFolder without it what its first kept training image is
+    (1 for grey, 3 otherwise); 3 for the known datasets."""
+    if cfg.dataset != "imagefolder":
+        return 3
+    if cfg.channels is not None:
+        return cfg.channels
+    if train.arrays is not None or not len(idx):
+        return 3
+    first = train.members[idx[0]]
+    try:
+        return image_channels(read_members(train, idx[:1])[0], first)
+    except ValueError as exc:
+        raise DatasetError(f"{train.source}: {exc}") from None
+
+
 def _checksums(source: Source, classes_file: str | None) -> dict[str, str]:
     """:func:`source_checksums` plus the class-list file's SHA-256 when the dataset has one."""
     out = source_checksums(source)
@@ -282,13 +357,14 @@ def _checksums(source: Source, classes_file: str | None) -> dict[str, str]:
 
 def _storage_mode(
     train: SplitListing, train_idx: np.ndarray, n_test: int, threshold_mb: float, size: int | None = None,
+    channels: int = 3,
 ) -> tuple[str, tuple[int, ...]]:
-    """``("tensor" | "lazy", (3, H, W))`` from the first image's size (after the resize to
-    ``size``, if any) and the image count."""
+    """``("tensor" | "lazy", (C, H, W))`` from the first image's size (after the resize to
+    ``size``, if any, and the conversion to ``channels``) and the image count."""
     if train.arrays is not None:
         return "tensor", tuple(train.arrays.shape[1:])
     try:
-        first = decode_image(read_members(train, train_idx[:1])[0], train.members[train_idx[0]], size)
+        first = decode_image(read_members(train, train_idx[:1])[0], train.members[train_idx[0]], size, channels)
     except ValueError as exc:
         raise DatasetError(f"{train.source}: {exc}") from None
     decoded_mb = (len(train_idx) + n_test) * first.size / 2**20
@@ -315,6 +391,7 @@ def _check_sorted_folders(listings: dict[str, SplitListing], num_classes: int, d
 
 def _decode_split(
     listing: SplitListing, idx: np.ndarray, num_shards: int, mapper: Mapper, size: int | None = None,
+    channels: int = 3,
 ) -> np.ndarray:
     if listing.arrays is not None:
         if size is not None and listing.arrays.shape[-1] != size:
@@ -322,7 +399,7 @@ def _decode_split(
                                f"are {listing.arrays.shape[-1]}x{listing.arrays.shape[-1]}: set data.image_size: null")
         return np.ascontiguousarray(listing.arrays[idx])
     shards = [s for s in np.array_split(idx, num_shards) if len(s)]
-    items = [([listing.members[i] for i in s], read_members(listing, s), size) for s in shards]
+    items = [([listing.members[i] for i in s], read_members(listing, s), size, channels) for s in shards]
     try:
         parts = mapper(decode_shard, items)
     except Exception as exc:  # a Ray task error wraps the original ValueError

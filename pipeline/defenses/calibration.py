@@ -91,7 +91,7 @@ def calibrate_detector(
     xf = x.float().div(255)
     patched = torch.cat([apply_patch(xf[s : s + batch_size], patch, placements[slice(s, s + batch_size)])
                          for s in range(0, len(xf), batch_size)])
-    region = torch.cat([apply_patch(torch.zeros_like(xf[s : s + batch_size, :1]).expand(-1, 3, -1, -1),
+    region = torch.cat([apply_patch(torch.zeros_like(xf[s : s + batch_size, :1]).expand(-1, xf.shape[1], -1, -1),
                                     torch.ones_like(patch), placements[slice(s, s + batch_size)])
                         for s in range(0, len(xf), batch_size)])[:, :1] > 0  # (N, 1, H, W): the patch's pixels
 

@@ -26,7 +26,7 @@ from pydantic import Field
 from torch import nn
 
 from pipeline.defenses.base import DefenseParams, register_defense
-from pipeline.models import fnc_block_types
+from pipeline.models import find_blocks
 
 
 def feature_norm_clip(f: torch.Tensor, alpha: float, eps: float = 1e-6, bpda: bool = False) -> torch.Tensor:
@@ -100,14 +100,15 @@ def _clip_output_hook(module: nn.Module, _inputs: tuple, output: torch.Tensor) -
 
 
 def insert_fnc(
-    model: nn.Module, alpha: float, eps: float = 1e-6, block_types: Iterable[type] | None = None
+    model: nn.Module, alpha: float, eps: float = 1e-6, block_types: Iterable[type | str] | None = None
 ) -> list[str]:
     """Insert feature norm clipping after every cascaded block of ``model``, in place.
 
-    The generic mechanism: every submodule that is an instance of one of
-    ``block_types`` (by default :func:`pipeline.models.fnc_block_types`: residual
-    blocks of the CIFAR ResNets and torchvision ResNets, inverted residual blocks
-    of MobileNet-V2, Inception blocks A-E of Inception-V3) gets a
+    The generic mechanism: every block :func:`pipeline.models.find_blocks` finds (instances of
+    ``block_types``, classes or class names, ``fnc.block_types``; by default
+    :func:`pipeline.models.fnc_block_types`: residual blocks of the CIFAR ResNets and
+    torchvision ResNets, inverted residual blocks of MobileNet-V2, Inception blocks A-E of
+    Inception-V3, and for other architectures the blocks inside ``nn.Sequential`` stages) gets a
     :class:`FeatureNormClipping` child named ``fnc`` and a forward hook that
     replaces the block's output by the clipped one. The state dict is unchanged
     (the clipping has no parameters), so a baseline checkpoint loads as is.
@@ -116,7 +117,7 @@ def insert_fnc(
         model: any network; modified in place.
         alpha: ``fnc.alpha``, > 0.
         eps: zero-norm guard.
-        block_types: classes counted as blocks; default per the registry.
+        block_types: classes or class names counted as blocks; default: the rule above.
 
     Returns:
         Qualified names of the blocks clipped, in forward-registration order.
@@ -125,21 +126,18 @@ def insert_fnc(
         ValueError: no block of the given types in ``model``, or FNC already
             inserted (use :func:`set_fnc_alpha` to change alpha).
     """
-    types = tuple(block_types) if block_types is not None else fnc_block_types()
-    names = []
-    for name, module in model.named_modules():
-        if isinstance(module, types):
-            if hasattr(module, "fnc"):
-                raise ValueError(f"{name}: feature norm clipping is already inserted")
-            module.add_module("fnc", FeatureNormClipping(alpha, eps))
-            module.register_forward_hook(_clip_output_hook)
-            names.append(name)
-    if not names:
-        raise ValueError(
-            f"{type(model).__name__} has no block of types {[t.__name__ for t in types]}; "
-            "pass block_types for a custom architecture"
-        )
-    return names
+    blocks = find_blocks(model, block_types)
+    if not blocks:
+        which = "the registered block types or blocks inside nn.Sequential stages" if block_types is None else \
+            [t if isinstance(t, str) else t.__name__ for t in block_types]
+        raise ValueError(f"{type(model).__name__} has no block of {which}; name its block classes in fnc.block_types")
+    for name, module in blocks:
+        if hasattr(module, "fnc"):
+            raise ValueError(f"{name}: feature norm clipping is already inserted")
+    for _, module in blocks:
+        module.add_module("fnc", FeatureNormClipping(alpha, eps))
+        module.register_forward_hook(_clip_output_hook)
+    return [name for name, _ in blocks]
 
 
 def fnc_modules(model: nn.Module) -> list[FeatureNormClipping]:
@@ -172,11 +170,13 @@ def set_fnc_alpha(model: nn.Module, alpha: float) -> None:
 
 
 class FNCParams(DefenseParams):
-    """Params of the ``fnc`` defense: ``alpha`` (> 0, clip to alpha x the mean norm) and
-    ``eps`` (zero-norm guard, > 0)."""
+    """Params of the ``fnc`` defense: ``alpha`` (> 0, clip to alpha x the mean norm),
+    ``eps`` (zero-norm guard, > 0) and ``block_types`` (class names of the blocks clipped, for
+    an architecture the registry does not know; null: :func:`pipeline.models.find_blocks`' rule)."""
 
     alpha: float = Field(1.0, gt=0)
     eps: float = Field(1e-6, gt=0)
+    block_types: list[str] | None = Field(None, min_length=1)
 
 
 @register_defense("fnc", FNCParams, "network", source="Yu et al., ICCV 2021, Section 4, Eq. (4)", bpda=True)
@@ -186,5 +186,5 @@ def apply_fnc(model: nn.Module, params: FNCParams) -> nn.Module:
     Raises:
         ValueError: the model has no cascaded blocks, or FNC is already inserted.
     """
-    insert_fnc(model, alpha=params.alpha, eps=params.eps)
+    insert_fnc(model, alpha=params.alpha, eps=params.eps, block_types=params.block_types)
     return model

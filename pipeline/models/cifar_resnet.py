@@ -101,10 +101,11 @@ class CifarResNet(nn.Module):
     Raises:
         ValueError: invalid ``depth`` or ``num_classes``.
 
-    ``forward``: ``(N, 3, H, W)`` normalised float images -> ``(N, num_classes)`` logits.
+    ``forward``: ``(N, in_channels, H, W)`` normalised float images -> ``(N, num_classes)`` logits
+    (``in_channels`` 3 for RGB, 1 for grey).
     """
 
-    def __init__(self, depth: int, num_classes: int = 10) -> None:
+    def __init__(self, depth: int, num_classes: int = 10, in_channels: int = 3) -> None:
         super().__init__()
         if depth < 8 or (depth - 2) % 6 != 0:
             raise ValueError(f"CifarResNet: depth must be 6n + 2 with n >= 1 (20, 32, 44, 56, 110), got {depth}")
@@ -112,7 +113,7 @@ class CifarResNet(nn.Module):
             raise ValueError(f"CifarResNet: num_classes must be >= 1, got {num_classes}")
         n = (depth - 2) // 6
         self.depth = depth
-        self.conv1 = nn.Conv2d(3, 16, kernel_size=3, stride=1, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, 16, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         self.layer1 = self._make_stage(16, 16, n, stride=1)
         self.layer2 = self._make_stage(16, 32, n, stride=2)
@@ -136,30 +137,30 @@ class CifarResNet(nn.Module):
 
 
 @register_model("resnet20", input_size=32, family="cifar_resnet")
-def resnet20(num_classes: int) -> CifarResNet:
+def resnet20(num_classes: int, in_channels: int = 3) -> CifarResNet:
     """ResNet-20 for CIFAR (n=3, 0.27M parameters for 10 classes)."""
-    return CifarResNet(20, num_classes)
+    return CifarResNet(20, num_classes, in_channels)
 
 
 @register_model("resnet32", input_size=32, family="cifar_resnet")
-def resnet32(num_classes: int) -> CifarResNet:
+def resnet32(num_classes: int, in_channels: int = 3) -> CifarResNet:
     """ResNet-32 for CIFAR (n=5, 0.46M parameters for 10 classes)."""
-    return CifarResNet(32, num_classes)
+    return CifarResNet(32, num_classes, in_channels)
 
 
 @register_model("resnet44", input_size=32, family="cifar_resnet")
-def resnet44(num_classes: int) -> CifarResNet:
+def resnet44(num_classes: int, in_channels: int = 3) -> CifarResNet:
     """ResNet-44 for CIFAR (n=7, 0.66M parameters for 10 classes)."""
-    return CifarResNet(44, num_classes)
+    return CifarResNet(44, num_classes, in_channels)
 
 
 @register_model("resnet56", input_size=32, family="cifar_resnet")
-def resnet56(num_classes: int) -> CifarResNet:
+def resnet56(num_classes: int, in_channels: int = 3) -> CifarResNet:
     """ResNet-56 for CIFAR (n=9, 0.85M parameters for 10 classes)."""
-    return CifarResNet(56, num_classes)
+    return CifarResNet(56, num_classes, in_channels)
 
 
 @register_model("resnet110", input_size=32, family="cifar_resnet")
-def resnet110(num_classes: int) -> CifarResNet:
+def resnet110(num_classes: int, in_channels: int = 3) -> CifarResNet:
     """ResNet-110 for CIFAR (n=18, 1.7M parameters for 10 classes)."""
-    return CifarResNet(110, num_classes)
+    return CifarResNet(110, num_classes, in_channels)

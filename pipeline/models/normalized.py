@@ -14,10 +14,10 @@ __all__ = ["Normalized"]
 class Normalized(nn.Module):
     """A network preceded by per-channel input normalisation.
 
-    ``forward(x)`` takes images ``x`` of shape ``(N, 3, H, W)``, floating point
+    ``forward(x)`` takes images ``x`` of shape ``(N, C, H, W)``, floating point
     (``float32`` unless the module was cast), values in ``[0, 1]``, computes
     ``(x - mean) / std`` with ``mean`` and ``std`` stored as buffers of shape
-    ``(1, 3, 1, 1)`` (so they follow ``.to(device)`` and appear in ``state_dict()``
+    ``(1, C, 1, 1)`` (so they follow ``.to(device)`` and appear in ``state_dict()``
     as ``mean`` / ``std``), and returns ``self.net`` of that: logits of shape
     ``(N, num_classes)``. The value range is not checked (that would cost a device
     sync); the shape is.
@@ -27,12 +27,12 @@ class Normalized(nn.Module):
 
     Args:
         net: the raw network, kept as attribute ``net``.
-        mean: 3 per-channel means (RGB).
-        std: 3 per-channel standard deviations (RGB), all > 0.
+        mean: ``C`` per-channel means (3 for RGB, 1 for grey).
+        std: ``C`` per-channel standard deviations, all > 0.
 
     Raises:
-        ValueError: ``mean`` / ``std`` do not have 3 entries or some ``std <= 0``
-            (constructor); ``x`` is not 4-D with 3 channels (forward).
+        ValueError: ``mean`` / ``std`` are empty or differ in length, or some ``std <= 0``
+            (constructor); ``x`` is not 4-D with ``C`` channels (forward).
     """
 
     mean: torch.Tensor
@@ -42,20 +42,27 @@ class Normalized(nn.Module):
         super().__init__()
         mean_t = torch.as_tensor([float(m) for m in mean], dtype=torch.float32)
         std_t = torch.as_tensor([float(s) for s in std], dtype=torch.float32)
-        if mean_t.numel() != 3 or std_t.numel() != 3:
+        if mean_t.numel() == 0 or mean_t.numel() != std_t.numel():
             raise ValueError(
-                f"Normalized: mean and std need 3 values (RGB), got {len(mean_t)} and {len(std_t)}"
+                f"Normalized: mean and std need one value a channel (3 for RGB, 1 for grey), got {len(mean_t)} and "
+                f"{len(std_t)}"
             )
         if not bool((std_t > 0).all()):
             raise ValueError(f"Normalized: std must be > 0, got {std_t.tolist()}")
         self.net = net
-        self.register_buffer("mean", mean_t.view(1, 3, 1, 1))
-        self.register_buffer("std", std_t.view(1, 3, 1, 1))
+        self.register_buffer("mean", mean_t.view(1, -1, 1, 1))
+        self.register_buffer("std", std_t.view(1, -1, 1, 1))
+
+    @property
+    def in_channels(self) -> int:
+        """``C``, the channels of the images the model takes."""
+        return self.mean.shape[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(N, 3, H, W)`` images in ``[0, 1]`` -> ``(N, num_classes)`` logits."""
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"Normalized: expected images of shape (N, 3, H, W), got {tuple(x.shape)}")
+        """``(N, C, H, W)`` images in ``[0, 1]`` -> ``(N, num_classes)`` logits."""
+        if x.dim() != 4 or x.shape[1] != self.mean.shape[1]:
+            raise ValueError(f"Normalized: expected images of shape (N, {self.mean.shape[1]}, H, W), got "
+                             f"{tuple(x.shape)}")
         return self.net((x - self.mean) / self.std)
 
     def extra_repr(self) -> str:

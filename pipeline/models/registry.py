@@ -38,7 +38,9 @@ from pipeline.registry import Registry
 
 __all__ = ["MODELS", "ModelFactory", "ModelInfo", "list_models", "model_info", "register_model"]
 
-ModelFactory = Callable[[int], nn.Module]
+ModelFactory = Callable[..., nn.Module]
+"""``f(num_classes, in_channels=3) -> nn.Module`` (``in_channels`` optional: a factory without it
+takes RGB images only)."""
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,9 @@ class ModelInfo:
         input_size: side in pixels of the square images the model is meant for
             (32 for the CIFAR ResNets, 224 for resnet50 / mobilenet_v2, 299 for
             inception_v3).
-        family: ``"cifar_resnet"``, ``"torchvision"`` or ``"traffic_cnn"``.
+        family: ``"cifar_resnet"``, ``"torchvision"`` or ``"traffic_cnn"``; ``"external"`` for
+            the user's own ``module:callable`` (:func:`pipeline.models.build.resolve_model`,
+            ``input_size`` 0: unknown).
     """
 
     name: str
@@ -65,8 +69,9 @@ MODELS: Registry[tuple[ModelInfo, ModelFactory]] = Registry("model", "pipeline.m
 def register_model(name: str, *, input_size: int, family: str) -> Callable[[ModelFactory], ModelFactory]:
     """Decorator registering a model factory under ``name``.
 
-    The factory has the signature ``f(num_classes: int) -> nn.Module`` and returns the
-    raw (un-normalised) network, which maps ``(N, 3, H, W)`` normalised ``float32``
+    The factory has the signature ``f(num_classes: int, in_channels: int = 3) -> nn.Module``
+    (``in_channels`` may be left out, for RGB-only networks) and returns the raw
+    (un-normalised) network, which maps ``(N, in_channels, H, W)`` normalised ``float32``
     images to ``(N, num_classes)`` logits. The factory is returned unchanged.
 
     Args:

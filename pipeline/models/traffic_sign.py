@@ -62,6 +62,7 @@ class TrafficCNN(nn.Module):
         num_classes: number of output logits (>= 1).
         input_size: square input side in pixels, even and >= 28 (32 for LISA / GTSRB);
             fixes the size of the dense layer.
+        in_channels: input channels (3 for RGB, 1 for grey).
         width: filters of conv1 (conv2 and conv3 have ``2 * width``); 64 in RP2.
         input_dropout: dropout probability on the input pixels during training (0.2 in
             cleverhans' model; 0 disables it).
@@ -71,7 +72,7 @@ class TrafficCNN(nn.Module):
         ValueError: ``num_classes < 1``, ``input_size`` odd or < 28 (conv3 would have
             no output), ``width < 1`` or a dropout probability outside [0, 1).
 
-    ``forward``: ``(N, 3, input_size, input_size)`` normalised float images ->
+    ``forward``: ``(N, in_channels, input_size, input_size)`` normalised float images ->
     ``(N, num_classes)`` logits; raises ``ValueError`` on another shape. Dropout acts
     only in training mode.
 
@@ -83,6 +84,7 @@ class TrafficCNN(nn.Module):
         self,
         num_classes: int,
         input_size: int = 32,
+        in_channels: int = 3,
         width: int = 64,
         input_dropout: float = 0.2,
         dropout: float = 0.5,
@@ -97,11 +99,11 @@ class TrafficCNN(nn.Module):
         for name, p in (("input_dropout", input_dropout), ("dropout", dropout)):
             if not 0 <= p < 1:
                 raise ValueError(f"TrafficCNN: {name} must be in [0, 1), got {p}")
-        self.input_size = input_size
+        self.input_size, self.in_channels = input_size, in_channels
         self.input_dropout = nn.Dropout(input_dropout)
         # Keras 'same' with stride 2 on an even side: total padding 8 - 2 = 6, split 3 / 3
         # (odd sides would need Keras' asymmetric padding, hence even sizes only).
-        self.conv1 = nn.Conv2d(3, width, kernel_size=8, stride=2, padding=3)
+        self.conv1 = nn.Conv2d(in_channels, width, kernel_size=8, stride=2, padding=3)
         self.l1_filter: nn.Module = nn.Identity()
         self.conv2 = nn.Conv2d(width, 2 * width, kernel_size=6, stride=2, padding=0)
         self.conv3 = nn.Conv2d(2 * width, 2 * width, kernel_size=5, stride=1, padding=0)
@@ -114,10 +116,11 @@ class TrafficCNN(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(N, 3, S, S)`` normalised images (``S = input_size``) -> ``(N, num_classes)`` logits."""
-        if x.dim() != 4 or x.shape[1:] != (3, self.input_size, self.input_size):
+        """``(N, C, S, S)`` normalised images (``C = in_channels``, ``S = input_size``) -> ``(N, num_classes)`` logits."""
+        if x.dim() != 4 or x.shape[1:] != (self.in_channels, self.input_size, self.input_size):
             raise ValueError(
-                f"TrafficCNN: expected (N, 3, {self.input_size}, {self.input_size}) images, got {tuple(x.shape)}; "
+                f"TrafficCNN: expected (N, {self.in_channels}, {self.input_size}, {self.input_size}) images, "
+                f"got {tuple(x.shape)}; "
                 "resize the images to the model's input_size"
             )
         out = self.l1_filter(F.relu(self.conv1(self.input_dropout(x))))
@@ -127,7 +130,7 @@ class TrafficCNN(nn.Module):
 
 
 @register_model("traffic_cnn", input_size=32, family="traffic_cnn")
-def traffic_cnn(num_classes: int) -> TrafficCNN:
+def traffic_cnn(num_classes: int, in_channels: int = 3) -> TrafficCNN:
     """The BlurNet / RP2 victim CNN (LISA-CNN: 3 conv + 1 dense) for 32x32 traffic signs;
     739,179 parameters for GTSRB's 43 classes."""
-    return TrafficCNN(num_classes, input_size=32)
+    return TrafficCNN(num_classes, input_size=32, in_channels=in_channels)

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline.attacks.patch import apply_patch, sample_placements  # noqa: E402
-from pipeline.io import save_figure  # noqa: E402
+from pipeline.io import save_figure, show_image  # noqa: E402
 
 
 def patches_figure(patches: list[torch.Tensor], seeds: list[int], example: torch.Tensor, classes: list[str],
@@ -22,13 +22,13 @@ def patches_figure(patches: list[torch.Tensor], seeds: list[int], example: torch
     n = len(patches)
     fig, axes = plt.subplots(1, n + 1, figsize=(2.2 * (n + 1), 2.6))
     for ax, patch, seed in zip(axes, patches, seeds, strict=False):
-        ax.imshow(patch.permute(1, 2, 0).numpy(), interpolation="nearest")
+        show_image(ax, patch, interpolation="nearest")
         ax.set_title(f"seed {seed}", fontsize=9)
         ax.axis("off")
     img = example.float() / 255
     side = patches[0].shape[-1]
     pl = sample_placements(1, img.shape[-2:], side, generator=torch.Generator().manual_seed(0))
-    axes[-1].imshow(apply_patch(img, patches[0], pl)[0].permute(1, 2, 0).numpy(), interpolation="nearest")
+    show_image(axes[-1], apply_patch(img, patches[0], pl)[0], interpolation="nearest")
     axes[-1].set_title("pasted", fontsize=9)
     axes[-1].axis("off")
     goal = f"target: {classes[target]}" if target is not None else "untargeted"
