@@ -709,10 +709,10 @@ class Params(_Strict):
 def class_names(data: DataConfig) -> list[str] | None:
     """The class names of ``data`` in label order, as the params can know them: a known dataset's
     built-in names; for ``imagefolder`` ``data.classes``, or the sorted class folders of the
-    training split under ``data.root`` (a listing, no image read); None when the folder holds
-    no dataset yet."""
+    training split under ``data.root`` (:func:`pipeline.data.sources.class_folders`: folder names,
+    no image listed or read); None when the folder holds no dataset yet."""
     from pipeline.data.datasets import DATASETS as _INFO
-    from pipeline.data.sources import DatasetError, find_source, list_split
+    from pipeline.data.sources import DatasetError, class_folders, find_source
 
     if data.dataset != "imagefolder":
         return list(_INFO[data.dataset].classes)
@@ -720,7 +720,7 @@ def class_names(data: DataConfig) -> list[str] | None:
         return list(data.classes)
     try:
         source = find_source(Path(data.root).expanduser())
-        return None if source is None else list(list_split(source, "train").classes)
+        return None if source is None else class_folders(source) or None
     except (DatasetError, OSError):
         return None
 

@@ -158,8 +158,9 @@ def test_bad_imagefolder_keys_are_one_line_errors(tmp_path, data, match):
         DataConfig(root=str(tmp_path), **data)
 
 
-def test_the_patch_target_by_class_name_becomes_its_index(tmp_path):
-    root = make_imagefolder(tmp_path / "strokes", n_train=3, n_test=1)
+@pytest.mark.parametrize("as_zip", [True, False])
+def test_the_patch_target_by_class_name_becomes_its_index(tmp_path, as_zip):
+    root = make_imagefolder(tmp_path / "strokes", n_train=3, n_test=1, as_zip=as_zip)
     raw = yaml.safe_load(Path("params/smoke.yaml").read_text())
     raw["data"] = {"dataset": "imagefolder", "root": str(root), "val_per_class": 1}
     raw["patch"]["target"] = "three"
@@ -280,6 +281,7 @@ def imagefolder_project(tmp_path_factory, ray_head):
     yield {"dir": work, "params": params, "log": log, "root": root}
 
 
+@pytest.mark.e2e
 def test_every_stage_runs_on_an_imagefolder_with_the_users_model(imagefolder_project):
     import subprocess
     import sys
@@ -303,6 +305,7 @@ def test_every_stage_runs_on_an_imagefolder_with_the_users_model(imagefolder_pro
     assert len(fnc_modules(fnc)) == 4  # after each of the user's four blocks
 
 
+@pytest.mark.e2e
 def test_the_report_names_the_dataset_its_classes_and_the_real_patch_area(imagefolder_project):
     report = (imagefolder_project["dir"] / "reports" / "report.md").read_text()
     assert f"({USER_MODEL} on strokes)" in report
@@ -312,6 +315,7 @@ def test_the_report_names_the_dataset_its_classes_and_the_real_patch_area(imagef
     assert "8x8 px, 8.2 % of the 28x28 image (patch.area_fraction 10 %, the side rounded down)" in report
 
 
+@pytest.mark.e2e
 def test_mlflow_names_the_dataset_by_its_folder(imagefolder_project):
     db = imagefolder_project["dir"] / "mlflow-test.db"
     with sqlite3.connect(db) as con:
