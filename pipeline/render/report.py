@@ -277,7 +277,7 @@ def _masking_section(rep: Report, params: Params, verdicts: dict[str, str], df: 
           "stronger than the gradient attacks; (e) uniform noise is weaker than PGD. Per-image checks compare two "
           "attacks on the same images with an exact McNemar test. A model failing any check is marked 'masking "
           f"suspected': its robust numbers are upper bounds that a stronger attack may lower. MLflow runs "
-          f"{run('analyze@masking')} and {run('report')}.")
+          f"{run('analyze@masking')} and this report's own (stage report).")
     rep.figure(Path("analysis") / params.model.name / "masking" / "eps_sweep.png",
                "robust accuracy under PGD against eps, per model, with Wilson intervals")
 
