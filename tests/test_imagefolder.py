@@ -243,6 +243,18 @@ def test_fnc_goes_after_the_blocks_of_an_unregistered_model():
         insert_fnc(build_model(USER_MODEL, 10, [0.5], [0.25]), 1.0, block_types=["Nothing"])
 
 
+def test_fnc_block_types_travel_in_the_checkpoint_and_only_when_set():
+    from pipeline.checkpoint import build_from_spec, model_spec
+    from pipeline.config import FNCConfig
+
+    entries = FNCConfig(block_types=["Block"]).as_defended().insert_after
+    assert entries == [{"name": "fnc", "alpha": 1.0, "eps": 1e-6, "block_types": ["Block"]}]
+    model = build_from_spec(model_spec(USER_MODEL, 10, [0.5], [0.25], None, defenses=entries))
+    assert len(fnc_modules(model)) == 4
+    # the registered models' entries keep their keys (the checkpoints of earlier runs are unchanged)
+    assert FNCConfig().as_defended().insert_after == [{"name": "fnc", "alpha": 1.0, "eps": 1e-6}]
+
+
 # --------------------------------------------------------------------------- the whole DAG
 
 
@@ -329,3 +341,4 @@ def joined_env(work: Path) -> dict[str, str]:
     from tests.conftest import stage_env
 
     return stage_env(work)
+

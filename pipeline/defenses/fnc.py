@@ -20,9 +20,10 @@ authors adjust the model afterwards (:mod:`pipeline.defenses.adjust`).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_serializer
 from torch import nn
 
 from pipeline.defenses.base import DefenseParams, register_defense
@@ -177,6 +178,15 @@ class FNCParams(DefenseParams):
     alpha: float = Field(1.0, gt=0)
     eps: float = Field(1e-6, gt=0)
     block_types: list[str] | None = Field(None, min_length=1)
+
+    @model_serializer(mode="wrap")
+    def _without_default_blocks(self, handler: Any) -> dict[str, Any]:
+        """Leave ``block_types`` out of the dump when null, so the checkpoints' defense entries of
+        the registered models stay ``{"name": "fnc", "alpha": ..., "eps": ...}``."""
+        out = handler(self)
+        if out.get("block_types") is None:
+            out.pop("block_types", None)
+        return out
 
 
 @register_defense("fnc", FNCParams, "network", source="Yu et al., ICCV 2021, Section 4, Eq. (4)", bpda=True)
