@@ -114,6 +114,7 @@ def evaluate_model(
     from pipeline.attacks.base import build_attack
     from pipeline.attacks.patch import patch_side
     from pipeline.config import ADAPTIVE_PATCH_ATTACKS, PATCH_ATTACKS
+    from pipeline.data.datasets import seeded_subset
     from pipeline.defenses.base import check_defenses
     from pipeline.matrix import (
         PATCH_CELLS,
@@ -183,8 +184,7 @@ def evaluate_model(
     fit = _images(*fit_data, "fit_data x", "fit_data y") if fitted else None
 
     def fit_subset() -> tuple[torch.Tensor, torch.Tensor]:  # as pipeline.data.load_training_subset draws it
-        idx = torch.randperm(len(fit[0]), generator=torch.Generator().manual_seed(p.seed))[: ev.fit_images]
-        return fit[0][idx].contiguous(), fit[1][idx].contiguous()
+        return seeded_subset(*fit, ev.fit_images, p.seed)
 
     xe, ye = evaluated_images(x8, y, p)
     with tempfile.TemporaryDirectory(prefix="evaluate_model-") as tmp:

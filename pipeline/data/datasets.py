@@ -380,7 +380,13 @@ def load_training_subset(prepared_dir: str | Path, n: int, seed: int) -> tuple[t
     Raises:
         FileNotFoundError: the folder holds no prepared training split (run prepare).
     """
-    x, y = load_tensors(prepared_dir, "train")
+    return seeded_subset(*load_tensors(prepared_dir, "train"), n, seed)
+
+
+def seeded_subset(x: torch.Tensor, y: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` of ``x`` (N, ...) and ``y`` (N,) in the order ``torch.randperm(N)`` seeded
+    with ``seed`` gives (all N, permuted, when ``n >= N``); contiguous copies. The draw of
+    :func:`load_training_subset`, for images already in memory (:func:`pipeline.api.evaluate_model`)."""
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
     return x[idx].contiguous(), y[idx].contiguous()
 
