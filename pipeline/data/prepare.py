@@ -229,7 +229,7 @@ def prepare_dataset(cfg: DataConfig, out_dir: str | Path, seed: int, mapper: Map
     channels = _channels(cfg, listings["train"], keep["train"])
     mode, shape = _storage_mode(listings["train"], np.concatenate([keep["train"], keep["val"]]), len(keep["test"]),
                                 cfg.lazy_threshold_mb, cfg.image_size, channels)
-    if info is None and mode == "lazy" and cfg.mean is None:
+    if info is None and mode == "lazy" and cfg.mean is None:  # stats would stay unknown
         raise DatasetError(f"{root}: too large to hold decoded (data.lazy_threshold_mb), so its mean / std cannot be "
                            "computed at prepare; give data.mean and data.std (one value a channel, in [0, 1])")
     out_dir = Path(out_dir)
@@ -237,6 +237,9 @@ def prepare_dataset(cfg: DataConfig, out_dir: str | Path, seed: int, mapper: Map
     shutil.rmtree(tmp, ignore_errors=True)
     created = [p for p in tmp.parents if not p.exists()]  # e.g. data/prepared/: removed again on failure
     tmp.mkdir(parents=True)
+    # per-channel (mean, std): the known dataset's, data.mean / data.std, or computed on the decoded training split
+    stats = ((list(info.mean), list(info.std)) if info is not None else
+             (list(cfg.mean), list(cfg.std)) if cfg.mean is not None else None)
     try:
         counts = {}
         for s in (*SPLITS, "val"):
@@ -257,24 +260,20 @@ def prepare_dataset(cfg: DataConfig, out_dir: str | Path, seed: int, mapper: Map
             else:
                 x = (_decode_split(listing, idx, cfg.num_shards, mapper, cfg.image_size, channels) if len(idx)
                      else np.zeros((0, *shape), np.uint8))
-                if s == "train" and info is None and cfg.mean is None:
-                    mean, std = channel_mean_std(x)
+                if s == "train" and stats is None:
+                    stats = channel_mean_std(x)
                 save_torch({"x": torch.from_numpy(x), "y": torch.from_numpy(y)}, tmp / f"{s}.pt")
             counts[s] = {
                 "n_images": int(len(idx)),
                 "per_class": {names[c]: int((y == c).sum()) for c in range(len(names))},
             }
-        if info is not None:
-            mean, std = list(info.mean), list(info.std)
-        elif cfg.mean is not None:
-            mean, std = list(cfg.mean), list(cfg.std)
         meta = {
             "dataset": cfg.dataset,
             "name": cfg.dataset if info is not None else _folder_name(root),
             "classes": names,
             "channels": channels,
-            "mean": mean,
-            "std": std,
+            "mean": stats[0],
+            "std": stats[1],
             "horizontal_flip": info.horizontal_flip if info is not None else False,
             "image_shape": list(shape),
             "mode": mode,
