@@ -263,9 +263,7 @@ class FNCConfig(AdjustmentConfig):
 
     def as_defended(self) -> DefendedConfig:
         """The section ``{init: baseline, insert_after: [{name: fnc, alpha, eps[, block_types]}], adjustment ...}``."""
-        fnc = {"name": "fnc", "alpha": self.alpha, "eps": self.eps}
-        if self.block_types is not None:
-            fnc["block_types"] = self.block_types
+        fnc = {"name": "fnc", "alpha": self.alpha, "eps": self.eps, "block_types": self.block_types}  # null: dropped
         return DefendedConfig(insert_after=[fnc], **self.model_dump(include=set(AdjustmentConfig.model_fields)))
 
 

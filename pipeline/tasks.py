@@ -175,9 +175,8 @@ def fnc_tradeoff_task(item: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"node_id": node_id()}
     if item["alpha"] is not None:
         device = default_device()
-        fnc = {"name": "fnc", "alpha": float(item["alpha"]), "eps": float(item["eps"])}
-        if item.get("block_types"):
-            fnc["block_types"] = list(item["block_types"])
+        fnc = {"name": "fnc", "alpha": float(item["alpha"]), "eps": float(item["eps"]),
+               "block_types": item.get("block_types")}  # null: FNC's own rule (pipeline.models.find_blocks)
         model = apply_defenses(build_from_spec(spec), [fnc]).to(device).eval()
         x_train, y_train = _get(item["train"]) if item["adjustment"] != "none" else (None, None)
         out.update(adjust_after_insertion(
